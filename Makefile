@@ -1,0 +1,54 @@
+# volplane — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
+
+.PHONY: setup venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench demo
+
+setup: venv controlplane
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, etcd and kwok
+# from upstream Go modules into ~/.cache/volplane (a no-op when cached).
+controlplane:
+	hack/build-controlplane.sh
+
+cluster: setup
+	$(VPY) hack/cluster.py up
+
+cluster-down: venv
+	$(VPY) hack/cluster.py down
+
+cluster-status: venv
+	$(VPY) hack/cluster.py status
+
+crds: cluster
+	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -f crds/
+
+# The operator in the foreground against the local cluster, with a demo workload.
+run: crds
+	$(VPY) hack/demo.py --kubeconfig $(KUBECONFIG_LOCAL) &
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/volplane run
+
+unit: venv
+	$(VPY) -m pytest tests/unit -q
+
+# The e2e suite starts (or reuses) the local control plane itself; set
+# VOLPLANE_E2E_KUBECONFIG to use another cluster, or pass PYTEST_ARGS=--kind.
+e2e: setup
+	$(VPY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+test: unit e2e
+
+lint: venv
+	$(VENV)/bin/ruff check operator tests hack
+
+bench: setup
+	$(VPY) hack/bench/run.py $(if $(QUICK),--quick,)

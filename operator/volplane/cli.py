@@ -1,0 +1,97 @@
+"""`volplane` command line: run, version, explain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from . import __version__
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    from . import logs, runtime
+    from .cache import Cache
+    from .context import Context, Options
+    from .events import EventRecorder
+    from .kube import Kube
+
+    logs.configure(args.log_format, args.log_level)
+    log = logs.get("cli")
+    try:
+        enabled = runtime.parse_controllers(args.controllers)
+    except ValueError as e:
+        log.error("bad --controllers", error=str(e))
+        return 2
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
+    kube = Kube(args.kubeconfig, qps=args.kube_api_qps, burst=args.kube_api_burst,
+                workers=args.api_workers)
+    ctx = Context(kube=kube, cache=Cache(),
+                  events=EventRecorder(kube, "persistentvolume-controller"),
+                  options=Options(resync_period=args.resync_period, workers=args.workers))
+    registry = runtime.build(ctx, enabled)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.bind_address)
+    log.info("starting", version=__version__, controllers=enabled,
+             metrics_port=args.metrics_port, health_port=args.health_port)
+    liveness = (f"http://{args.bind_address}:{args.health_port}/healthz"
+                if args.health_port else None)
+    kopf.run(registry=registry, clusterwide=True, standalone=True,
+             liveness_endpoint=liveness)
+    log.info("stopped")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain_claim
+
+    ns, _, name = args.claim.partition("/")
+    if not name:
+        ns, name = "default", ns
+    text = asyncio.run(explain_claim(args.kubeconfig, ns, name))
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="volplane", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the operator against the current kubeconfig")
+    r.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster, "
+                   "then $KUBECONFIG / ~/.kube/config)")
+    r.add_argument("--controllers", default="*",
+                   help="controllers to run, kube-controller-manager style: '*' for all, "
+                        "'name' to enable, '-name' to disable (e.g. '*,-attachdetach')")
+    r.add_argument("--metrics-port", type=int, default=8080, help="0 disables")
+    r.add_argument("--health-port", type=int, default=8081, help="0 disables")
+    r.add_argument("--bind-address", default="0.0.0.0")
+    r.add_argument("--resync-period", type=float, default=15.0)
+    r.add_argument("--workers", type=int, default=16, help="concurrent syncs per controller")
+    r.add_argument("--api-workers", type=int, default=16, help="concurrent API requests")
+    r.add_argument("--kube-api-qps", type=float, default=200.0)
+    r.add_argument("--kube-api-burst", type=int, default=400)
+    r.add_argument("--log-format", choices=["json", "console"], default="json")
+    r.add_argument("--log-level", default="INFO")
+    r.set_defaults(fn=_run)
+
+    v = sub.add_parser("version", help="print the version")
+    v.set_defaults(fn=lambda a: print(f"volplane {__version__}") or 0)
+
+    e = sub.add_parser("explain", help="why is a claim Pending? (read-only dry run)")
+    e.add_argument("what", choices=["pvc"])
+    e.add_argument("claim", help="NAMESPACE/NAME")
+    e.add_argument("--kubeconfig", default=None)
+    e.set_defaults(fn=_explain)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

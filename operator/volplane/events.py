@@ -1,0 +1,127 @@
+"""Kubernetes Events, posted the way client-go's recorder does, deduplicated.
+
+Controllers call `recorder.emit(obj, type, reason, message)`; posting is done
+by a background task so a decision never waits for its event. The same
+(object, type, reason, message) again within `quiet_period` seconds is
+suppressed entirely (a Pending claim re-synced every 15 s posts nothing new);
+after that the existing Event's count and lastTimestamp are bumped, as
+client-go's EventCorrelator does, instead of creating a new object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+from . import logs, metrics
+from .kube import ApiError, Kube
+
+log = logs.get("events")
+
+
+def _now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Seen:
+    name: str
+    namespace: str
+    count: int
+    posted_at: float
+
+
+class EventRecorder:
+    def __init__(self, kube: Kube, component: str, *, quiet_period: float = 300.0,
+                 clock=time.monotonic, max_cache: int = 20000):
+        self.kube = kube
+        self.component = component
+        self.quiet_period = quiet_period
+        self.clock = clock
+        self.max_cache = max_cache
+        self.seen: dict[tuple, _Seen] = {}
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(), name="event-recorder")
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+    def emit(self, obj: dict, type_: str, reason: str, message: str,
+             component: str | None = None) -> bool:
+        """Queue an Event about obj. Returns False when it was deduplicated."""
+        md = obj.get("metadata", {})
+        key = (md.get("uid"), type_, reason, message)
+        now = self.clock()
+        prev = self.seen.get(key)
+        if prev and now - prev.posted_at < self.quiet_period:
+            return False
+        if len(self.seen) > self.max_cache:
+            self.seen.clear()
+        try:
+            self.queue.put_nowait((obj, type_, reason, message, key, now, component))
+        except asyncio.QueueFull:
+            return False
+        # Reserve the slot now so bursts of the same event before posting collapse too.
+        self.seen[key] = prev or _Seen("", md.get("namespace") or "default", 0, now)
+        self.seen[key].posted_at = now
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            item = await self.queue.get()
+            try:
+                await self._post(*item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # an event is never worth crashing a controller for
+                log.warning("event post failed", reason=item[2], error=str(e))
+
+    async def _post(self, obj, type_, reason, message, key, now, component) -> None:
+        component = component or self.component
+        md = obj.get("metadata", {})
+        ns = md.get("namespace") or "default"
+        seen = self.seen.get(key)
+        ts = _now_rfc3339()
+        if seen and seen.name:
+            seen.count += 1
+            try:
+                await self.kube.merge_patch(
+                    f"/api/v1/namespaces/{seen.namespace}/events/{seen.name}",
+                    {"count": seen.count, "lastTimestamp": ts})
+                return
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+        name = f"{md.get('name')}.{time.time_ns():x}"
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name, "namespace": ns},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", "v1"),
+                "kind": obj.get("kind"),
+                "name": md.get("name"),
+                "namespace": md.get("namespace"),
+                "uid": md.get("uid"),
+                "resourceVersion": md.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "source": {"component": component},
+            "reportingComponent": f"volplane.io/{component}",
+            "reportingInstance": component,
+            "firstTimestamp": ts,
+            "lastTimestamp": ts,
+            "count": 1,
+        }
+        await self.kube.create(f"/api/v1/namespaces/{ns}/events", body)
+        self.seen[key] = _Seen(name, ns, 1, now)
+        metrics.events_posted.labels(type_, reason).inc()

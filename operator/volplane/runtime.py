@@ -1,0 +1,130 @@
+"""Wires the controllers to Kopf: which resources are watched, and when controllers start.
+
+The watch layer uses only `@kopf.index` and `@kopf.on.event`, which write
+nothing to the watched objects. Each watched kind gets:
+
+- an indexer that upserts the object into our cache (Store). Kopf runs
+  indexers for the initial listing *before* any handler, so when the first
+  handler runs anywhere, every store is fully populated;
+- an event handler that applies deletions (Kopf does not call indexers for
+  DELETED events; it runs them for every other event, listing included).
+
+The "caches synced" barrier: Kopf holds every handler until all indexes are
+populated. Namespaces always exist ("default", "kube-system"), so the first
+namespace event handler call is proof that all stores are complete. Only then
+do the controllers' loops start, so no controller decides on a partial view
+(e.g. provisioning a new PV because the existing match was not listed yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from dataclasses import dataclass
+
+import kopf
+
+from . import logs, settings
+from .cache import key_of
+from .context import Context
+
+log = logs.get("runtime")
+
+
+@dataclass(frozen=True)
+class Watch:
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+
+PVS = Watch("", "v1", "persistentvolumes", "PersistentVolume")
+PVCS = Watch("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+CLASSES = Watch("storage.k8s.io", "v1", "storageclasses", "StorageClass")
+
+# name -> "module:Class", in start order. All are on by default ("*").
+CONTROLLERS: dict[str, str] = {
+    "pv-binder": "volplane.pv.controller:PVController",
+}
+
+
+def parse_controllers(spec: str, known=CONTROLLERS) -> list[str]:
+    """kube-controller-manager's --controllers syntax: '*', 'name', '-name'."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    enabled: set[str] = set()
+    disabled: set[str] = set()
+    for item in items:
+        name = item.lstrip("-")
+        if item == "*":
+            enabled |= set(known)
+            continue
+        if name not in known:
+            raise ValueError(f"unknown controller {name!r}; known: {', '.join(known)}")
+        (disabled if item.startswith("-") else enabled).add(name)
+    return [n for n in known if n in enabled and n not in disabled]
+
+
+def load(name: str):
+    mod, cls = CONTROLLERS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def build(ctx: Context, enabled: list[str]) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    controllers = [load(n)(ctx) for n in enabled]
+    watches: dict[str, Watch] = {}
+    for c in controllers:
+        for w in c.watches:
+            watches[w.plural] = w
+    for w in watches.values():
+        _register_watch(registry, ctx, w)
+    tasks: list[asyncio.Task] = []
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_):
+        _configure(settings)
+        ctx.events.start()
+
+        async def start_when_synced():
+            await ctx.synced.wait()
+            counts = {p: len(ctx.cache.stores[p]) for p in watches}
+            log.info("caches synced", controllers=enabled, objects=counts)
+            for c in controllers:
+                tasks.append(asyncio.create_task(c.run(), name=f"controller-{c.name}"))
+
+        tasks.append(asyncio.create_task(start_when_synced(), name="start-when-synced"))
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_):
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ctx.events.stop()
+        ctx.kube.close()
+
+    @kopf.on.event("", "v1", "namespaces", registry=registry)
+    async def barrier(**_):
+        if not ctx.synced.is_set():
+            ctx.synced.set()
+
+    return registry
+
+
+def _configure(s: kopf.OperatorSettings) -> None:
+    settings.configure(s)
+
+
+def _register_watch(registry: kopf.OperatorRegistry, ctx: Context, w: Watch) -> None:
+    store = ctx.cache.add_store(w.plural, w.kind)
+
+    @kopf.index(w.group, w.version, w.plural, registry=registry, id=f"cache-{w.plural}")
+    async def indexer(body, **_):
+        store.upsert(body)
+        return {}
+
+    @kopf.on.event(w.group, w.version, w.plural, registry=registry, id=f"watch-{w.plural}")
+    async def on_event(type, body, **_):
+        # Kopf runs the indexer above for every other event, before handlers.
+        if type == "DELETED":
+            store.remove(key_of(body))

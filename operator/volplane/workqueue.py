@@ -1,0 +1,99 @@
+"""A work queue with client-go's guarantees, for asyncio.
+
+- A key queued many times before a worker takes it is processed once.
+- A key is never processed by two workers at once: a key re-added while it is
+  being processed is parked and queued again when the worker calls done().
+- add_after() delays a key (resync, conflicts); add_rate_limited() backs off
+  exponentially per key until forget() is called.
+The clock is injected so tests need no sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Hashable
+
+
+class WorkQueue:
+    def __init__(self, name: str, *, base_delay: float = 0.05, max_delay: float = 30.0,
+                 clock=time.monotonic):
+        self.name = name
+        self.clock = clock
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._dirty: set[Hashable] = set()
+        self._processing: set[Hashable] = set()
+        self._failures: dict[Hashable, int] = {}
+        self._delayed: list[tuple[float, int, Hashable]] = []
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._timer: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self._dirty)
+
+    def add(self, key: Hashable) -> None:
+        if key in self._dirty:
+            return
+        self._dirty.add(key)
+        if key not in self._processing:
+            self._queue.put_nowait(key)
+
+    async def get(self) -> Hashable:
+        key = await self._queue.get()
+        self._dirty.discard(key)
+        self._processing.add(key)
+        return key
+
+    def done(self, key: Hashable) -> None:
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._queue.put_nowait(key)
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        if delay <= 0:
+            self.add(key)
+            return
+        heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), key))
+        self._wakeup.set()
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.create_task(self._pump(), name=f"{self.name}-delays")
+
+    def add_rate_limited(self, key: Hashable) -> float:
+        n = self._failures.get(key, 0)
+        self._failures[key] = n + 1
+        delay = min(self.base_delay * (2 ** n), self.max_delay)
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: Hashable) -> None:
+        self._failures.pop(key, None)
+
+    def failures(self, key: Hashable) -> int:
+        return self._failures.get(key, 0)
+
+    def pop_due(self) -> list[Hashable]:
+        """Move delayed keys whose time has come into the queue (also used by tests)."""
+        now = self.clock()
+        due = []
+        while self._delayed and self._delayed[0][0] <= now:
+            due.append(heapq.heappop(self._delayed)[2])
+        for key in due:
+            self.add(key)
+        return due
+
+    async def _pump(self) -> None:
+        while self._delayed:
+            self.pop_due()
+            if not self._delayed:
+                break
+            wait = max(0.0, self._delayed[0][0] - self.clock())
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+            except TimeoutError:
+                pass
