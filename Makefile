@@ -34,8 +34,10 @@ crds: cluster
 
 # The operator in the foreground against the local cluster, with a demo workload.
 run: crds
-	$(VPY) hack/demo.py --kubeconfig $(KUBECONFIG_LOCAL) &
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/volplane run
+	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -f hack/demo.yaml
+	@echo "demo applied; watch: kubectl --kubeconfig .local/kubeconfig get pv,pvc -A"
+	@echo "why is a claim pending: .venv/bin/volplane explain pvc volplane-demo/too-big --kubeconfig .local/kubeconfig"
+	$(VENV)/bin/volplane run --kubeconfig $(KUBECONFIG_LOCAL) --log-format console
 
 unit: venv
 	$(VPY) -m pytest tests/unit -q

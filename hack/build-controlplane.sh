@@ -25,7 +25,7 @@ built=0
 build() { # module output package [ldflags]
   local mod=$1 out=$2 pkg=$3 ldflags=${4:-}
   if [ -x "$bin/$out" ]; then return; fi
-  echo "building $out from $pkg ($(basename "$bin" | tr - ' '))" >&2
+  echo "building $out from $pkg" >&2
   (cd "$here/$mod" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$out.tmp" "$pkg")
   mv "$bin/$out.tmp" "$bin/$out"
   built=1

@@ -204,7 +204,18 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise ClusterError(f"openssl {' '.join(args)} failed: {proc.stderr.strip()}")
 
 
-def _client_or_server_cert(pki: Path, name: str, subject: str, ext: str) -> None:
+def _self_signed_ca(pki: Path, name: str, subject: str) -> None:
+    _openssl("genrsa", "-out", f"{name}.key", "2048", cwd=pki)
+    _openssl(
+        "req", "-x509", "-new", "-nodes", "-key", f"{name}.key", "-sha256", "-days", "3650",
+        "-subj", subject,
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        "-out", f"{name}.crt", cwd=pki,
+    )
+
+
+def _client_or_server_cert(pki: Path, name: str, subject: str, ext: str, ca: str = "ca") -> None:
     if (pki / f"{name}.crt").exists() and (pki / f"{name}.key").exists():
         return
     ext_file = pki / f"{name}.ext"
@@ -212,7 +223,7 @@ def _client_or_server_cert(pki: Path, name: str, subject: str, ext: str) -> None
     _openssl("genrsa", "-out", f"{name}.key", "2048", cwd=pki)
     _openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=pki)
     _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
         "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", ext_file.name,
         "-out", f"{name}.crt", cwd=pki,
     )
@@ -242,15 +253,11 @@ def ensure_pki(layout: Layout) -> None:
     os.chmod(pki, 0o700)
     if not (pki / "ca.crt").exists() or not (pki / "ca.key").exists():
         for stale in pki.iterdir():  # a new CA invalidates everything signed by the old one
-            stale.unlink()
-        _openssl("genrsa", "-out", "ca.key", "2048", cwd=pki)
-        _openssl(
-            "req", "-x509", "-new", "-nodes", "-key", "ca.key", "-sha256", "-days", "3650",
-            "-subj", "/CN=volplane-local-ca",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-            "-out", "ca.crt", cwd=pki,
-        )
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        _self_signed_ca(pki, "ca", "/CN=volplane-local-ca")
     sans = ",".join([
         "IP:127.0.0.1", f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes",
         "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
@@ -265,6 +272,14 @@ def ensure_pki(layout: Layout) -> None:
     )
     for name, subject in CLIENTS.items():
         _client_or_server_cert(pki, name, subject, CLIENT_EXT)
+    # The front proxy (aggregation layer) gets its own CA, as upstream recommends; the
+    # apiserver publishes it in kube-system/extension-apiserver-authentication, where
+    # the controller manager and scheduler expect to find it.
+    if not (pki / "front-proxy-ca.crt").exists() or not (pki / "front-proxy-ca.key").exists():
+        (pki / "front-proxy-client.crt").unlink(missing_ok=True)
+        _self_signed_ca(pki, "front-proxy-ca", "/CN=volplane-front-proxy-ca")
+    _client_or_server_cert(pki, "front-proxy-client", "/CN=front-proxy-client", CLIENT_EXT,
+                           ca="front-proxy-ca")
     if not (pki / "sa.key").exists() or not (pki / "sa.pub").exists():
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
@@ -496,6 +511,13 @@ def _component_argv(layout: Layout, bin_dir: Path, p: dict[str, int]) -> dict[st
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
             "--v=1",
         ],
         "kube-controller-manager": [
@@ -513,6 +535,9 @@ def _component_argv(layout: Layout, bin_dir: Path, p: dict[str, int]) -> dict[st
             f"--cluster-signing-key-file={pki / 'ca.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--leader-elect=false",
+            # client-side rate limits (default 20 QPS) slow its startup, which creates
+            # a ServiceAccount and token per controller, by seconds
+            "--kube-api-qps=200", "--kube-api-burst=400",
             "--v=1",
         ],
         "kube-scheduler": [
@@ -558,30 +583,34 @@ def is_healthy(repo_root: Path | str | None = None, state: dict | None = None) -
         return False
 
 
-def _stop_pids(pids: dict[str, int], bin_dir: str, grace: float = 10.0) -> None:
-    """SIGTERM each component's process group, newest first; SIGKILL what remains."""
-    live = {
-        name: pid for name, pid in pids.items()
-        if pid_alive(pid, str(Path(bin_dir) / name) if bin_dir else None)
-    }
-    for name in reversed(COMPONENTS):
-        if name in live:
-            try:
-                os.killpg(live[name], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace
-    while live and time.monotonic() < deadline:
-        live = {n: p for n, p in live.items() if pid_alive(p)}
-        time.sleep(0.1)
-    for pid in live.values():
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 5
-    while any(pid_alive(p) for p in live.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def _stop_pids(pids: dict[str, int], bin_dir: str, grace: float = 5.0) -> None:
+    """Stops components in reverse dependency order: the API clients, then the
+    apiserver, then etcd. Each tier gets SIGTERM (to its process groups) and `grace`
+    seconds, then SIGKILL. (etcd and the apiserver stopped together can take >10 s:
+    each waits for the other's connections to drain.)"""
+    tiers = [
+        ("kwok", "kube-scheduler", "kube-controller-manager"),
+        ("kube-apiserver",),
+        ("etcd",),
+    ]
+    for tier in tiers:
+        live = {
+            name: pids[name] for name in tier
+            if name in pids and pid_alive(pids[name], str(Path(bin_dir) / name) if bin_dir else None)
+        }
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            for pid in live.values():
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while live and time.monotonic() < deadline:
+                live = {n: p for n, p in live.items() if pid_alive(p)}
+                if live:
+                    time.sleep(0.05)
+            if not live:
+                break
 
 
 def down(repo_root: Path | str | None = None, quiet: bool = False) -> None:
@@ -614,7 +643,16 @@ def up(repo_root: Path | str | None = None, nodes: int | None = None, quiet: boo
     bin_dir = build_controlplane(layout)
     nodes = node_count() if nodes is None else nodes
     p = ports()
-    busy = [f"{name}={port}" for name, port in p.items() if not _port_free(port)]
+
+    def busy_ports() -> list[str]:
+        return [f"{name}={port}" for name, port in p.items() if not _port_free(port)]
+
+    busy = busy_ports()
+    if busy and state:  # just stopped: the kernel may take a moment to release them
+        deadline = time.monotonic() + 5
+        while busy and time.monotonic() < deadline:
+            time.sleep(0.1)
+            busy = busy_ports()
     if busy:
         raise ClusterError(
             "ports in use (another cluster? set VOLPLANE_*_PORT): " + ", ".join(busy))
@@ -667,12 +705,14 @@ def up(repo_root: Path | str | None = None, nodes: int | None = None, quiet: boo
             items = (api.get_json("/api/v1/nodes") or {}).get("items", [])
             return sum(1 for n in items if node_ready(n)) >= nodes
 
+        wait_until(nodes_ready, 60, f"{nodes} kwok nodes Ready", check=check_alive)
+        t_nodes = time.monotonic() - t0
         wait_until(lambda: api.get_json("/api/v1/namespaces/default"), 60,
                    "namespace default", check=check_alive)
         wait_until(lambda: api.get_json("/api/v1/namespaces/default/serviceaccounts/default"),
                    60, "serviceaccount default/default (kube-controller-manager)",
                    check=check_alive)
-        wait_until(nodes_ready, 60, f"{nodes} kwok nodes Ready", check=check_alive)
+        t_sa = time.monotonic() - t0
     except BaseException:
         # leave the logs for diagnosis, stop what was started
         _stop_pids(state["pids"], str(bin_dir))
@@ -681,7 +721,8 @@ def up(repo_root: Path | str | None = None, nodes: int | None = None, quiet: boo
 
     state["started_at"] = time.time()
     _save_state(layout, state)
-    say(f"kube-apiserver ready after {t_api:.1f} s")
+    say(f"kube-apiserver ready after {t_api:.1f} s, {nodes} nodes Ready after {t_nodes:.1f} s, "
+        f"default ServiceAccount after {t_sa:.1f} s")
     say(f"control plane up in {time.monotonic() - t0:.1f} s")
     return layout.kubeconfig
 

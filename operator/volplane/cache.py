@@ -47,13 +47,15 @@ def key_of(obj: Mapping) -> str:
 
 
 Listener = Callable[[str, dict | None, dict | None], None]
+Slimmer = Callable[[Mapping], dict]
 
 
 class Store(Mapping[str, dict]):
     """key -> slim object, with change listeners called as (key, old, new)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, slimmer: Slimmer | None = None):
         self.kind = kind
+        self.slimmer = slimmer  # a projection for kinds with many objects (Pods, Nodes)
         self._items: dict[str, dict] = {}
         self._listeners: list[Listener] = []
 
@@ -70,7 +72,7 @@ class Store(Mapping[str, dict]):
         self._listeners.append(fn)
 
     def upsert(self, body: Mapping, *, slimmed: bool = False) -> bool:
-        obj = dict(body) if slimmed else slim(body)
+        obj = dict(body) if slimmed else (self.slimmer or slim)(body)
         key = key_of(obj)
         old = self._items.get(key)
         if old is not None and rv_int(obj) and rv_int(obj) <= rv_int(old):
@@ -123,6 +125,7 @@ class Cache:
             "storageclasses": self.classes,
         }
 
-    def add_store(self, plural: str, kind: str) -> Store:
-        store = self.stores.setdefault(plural, Store(kind))
+    def add_store(self, plural: str, kind: str, slimmer: Slimmer | None = None) -> Store:
+        """The store for `plural`; the first caller's `slimmer` (projection) wins."""
+        store = self.stores.setdefault(plural, Store(kind, slimmer))
         return store

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 
 from . import __version__
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.kubeconfig:
+        # Before the kubernetes package is imported: it reads $KUBECONFIG at import
+        # time, and Kopf's login (login_via_client) uses that default.
+        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
     import kopf
     from prometheus_client import start_http_server
 
@@ -27,16 +32,27 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("bad --controllers", error=str(e))
         return 2
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
     kube = Kube(args.kubeconfig, qps=args.kube_api_qps, burst=args.kube_api_burst,
                 workers=args.api_workers)
     ctx = Context(kube=kube, cache=Cache(),
                   events=EventRecorder(kube, "persistentvolume-controller"),
                   options=Options(resync_period=args.resync_period, workers=args.workers))
-    registry = runtime.build(ctx, enabled)
+    elector = None
+    if args.leader_elect:
+        from .leader import LeaderElector, LeaseConfig
+        elector = LeaderElector(kube, LeaseConfig(
+            namespace=args.leader_elect_namespace, name=args.leader_elect_name,
+            lease_duration=args.leader_elect_lease_duration,
+            renew_deadline=args.leader_elect_renew_deadline,
+            retry_period=args.leader_elect_retry_period,
+            identity=args.leader_elect_identity))
+    registry = runtime.build(ctx, enabled, elector)
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.bind_address)
+        try:
+            start_http_server(args.metrics_port, addr=args.bind_address)
+        except OSError as e:
+            log.error("cannot serve metrics", port=args.metrics_port, error=str(e))
+            return 2
     log.info("starting", version=__version__, controllers=enabled,
              metrics_port=args.metrics_port, health_port=args.health_port)
     liveness = (f"http://{args.bind_address}:{args.health_port}/healthz"
@@ -76,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--api-workers", type=int, default=16, help="concurrent API requests")
     r.add_argument("--kube-api-qps", type=float, default=200.0)
     r.add_argument("--kube-api-burst", type=int, default=400)
+    r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                   help="take a coordination.k8s.io Lease before acting (default on)")
+    r.add_argument("--leader-elect-namespace", default="volplane-system")
+    r.add_argument("--leader-elect-name", default="volplane")
+    r.add_argument("--leader-elect-lease-duration", type=float, default=15.0)
+    r.add_argument("--leader-elect-renew-deadline", type=float, default=10.0)
+    r.add_argument("--leader-elect-retry-period", type=float, default=2.0)
+    r.add_argument("--leader-elect-identity",
+                   default=os.environ.get("POD_NAME") or socket.gethostname(),
+                   help="unique per replica; stable across restarts of one replica so a "
+                        "restarted leader re-takes its lease at once (default: $POD_NAME "
+                        "or the hostname)")
     r.add_argument("--log-format", choices=["json", "console"], default="json")
     r.add_argument("--log-level", default="INFO")
     r.set_defaults(fn=_run)

@@ -46,6 +46,7 @@ CLASSES = Watch("storage.k8s.io", "v1", "storageclasses", "StorageClass")
 # name -> "module:Class", in start order. All are on by default ("*").
 CONTROLLERS: dict[str, str] = {
     "pv-binder": "volplane.pv.controller:PVController",
+    "pool-provisioner": "volplane.pools.provisioner:PoolProvisioner",
 }
 
 
@@ -70,7 +71,12 @@ def load(name: str):
     return getattr(importlib.import_module(mod), cls)
 
 
-def build(ctx: Context, enabled: list[str]) -> kopf.OperatorRegistry:
+def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegistry:
+    """A Kopf registry that feeds the cache and starts `enabled` controllers.
+
+    Followers (elector given, lease not held) keep their caches warm but run no
+    controller, so a failover costs no re-list.
+    """
     registry = kopf.OperatorRegistry()
     controllers = [load(n)(ctx) for n in enabled]
     watches: dict[str, Watch] = {}
@@ -81,12 +87,22 @@ def build(ctx: Context, enabled: list[str]) -> kopf.OperatorRegistry:
         _register_watch(registry, ctx, w)
     tasks: list[asyncio.Task] = []
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs):
+        # A custom registry has none of Kopf's default login handlers; use the
+        # kubernetes client's (in-cluster, then $KUBECONFIG), same as our writes.
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_):
         _configure(settings)
         ctx.events.start()
 
         async def start_when_synced():
+            if elector is not None:
+                await elector.ensure_namespace()
+                tasks.append(asyncio.create_task(elector.run(), name="leader-election"))
+                await elector.leading.wait()
             await ctx.synced.wait()
             counts = {p: len(ctx.cache.stores[p]) for p in watches}
             log.info("caches synced", controllers=enabled, objects=counts)

@@ -45,8 +45,8 @@ from .index import VolumeIndex
 log = logs.get("pv-binder")
 COMPONENT = "persistentvolume-controller"
 
-Provisioner = Callable[[dict, object], Awaitable[None]]   # (claim, decision)
-Deleter = Callable[[dict], Awaitable[bool]]                # pv -> done?
+Provisioner = Callable[[dict, object], Awaitable[None]]  # (claim, decision)
+Deleter = Callable[[dict], Awaitable[bool]]  # pv -> done?
 
 
 def _claim_key_of_ref(ref: dict | None) -> str | None:
@@ -124,10 +124,13 @@ class PVController:
     # -- loops -------------------------------------------------------------------------------
     async def run(self) -> None:
         n = max(1, self.ctx.options.workers)
-        tasks = [asyncio.create_task(self._worker(self.claims, self._sync_claim_key))
-                 for _ in range(n)]
-        tasks += [asyncio.create_task(self._worker(self.volumes, self._sync_volume_key))
-                  for _ in range(max(1, n // 2))]
+        tasks = [
+            asyncio.create_task(self._worker(self.claims, self._sync_claim_key)) for _ in range(n)
+        ]
+        tasks += [
+            asyncio.create_task(self._worker(self.volumes, self._sync_volume_key))
+            for _ in range(max(1, n // 2))
+        ]
         tasks.append(asyncio.create_task(self._resync()))
         try:
             await asyncio.gather(*tasks)
@@ -174,16 +177,20 @@ class PVController:
         if claim is None:
             self._explained.pop(key, None)
             return None
-        if claim["metadata"].get("deletionTimestamp") and not (
-                claim.get("spec") or {}).get("volumeName"):
+        if claim["metadata"].get("deletionTimestamp") and not (claim.get("spec") or {}).get(
+            "volumeName"
+        ):
             return None
         d = sync_claim(claim, index=self.index, classes=self.cache.classes, now=time.time())
         a = d.action
         if a == ClaimAction.BIND:
             await self.bind(claim, d.volume_name)
         elif a in (ClaimAction.SET_PENDING, ClaimAction.SET_LOST, ClaimAction.SET_BOUND):
-            phase = {ClaimAction.SET_PENDING: "Pending", ClaimAction.SET_LOST: "Lost",
-                     ClaimAction.SET_BOUND: "Bound"}[a]
+            phase = {
+                ClaimAction.SET_PENDING: "Pending",
+                ClaimAction.SET_LOST: "Lost",
+                ClaimAction.SET_BOUND: "Bound",
+            }[a]
             await self._set_claim_phase(claim, phase)
         elif a == ClaimAction.ANNOTATE_PROVISIONER:
             await self._annotate_provisioner(claim, d.provisioner)
@@ -226,7 +233,8 @@ class PVController:
         md = claim["metadata"]
         new = await self.ctx.kube.merge_patch(
             pvc_path(md["namespace"], md["name"], "status"),
-            {"metadata": {"resourceVersion": md["resourceVersion"]}, "status": {"phase": phase}})
+            {"metadata": {"resourceVersion": md["resourceVersion"]}, "status": {"phase": phase}},
+        )
         self._written("persistentvolumeclaims", "patch-status", new)
         if phase == "Lost":
             log.info("claim lost", namespace=md["namespace"], name=md["name"], action="set-lost")
@@ -234,14 +242,23 @@ class PVController:
     async def _annotate_provisioner(self, claim: dict, provisioner: str) -> None:
         md = claim["metadata"]
         ann = md.get("annotations") or {}
-        if (ann.get(C.ANN_STORAGE_PROVISIONER) == provisioner
-                and ann.get(C.ANN_BETA_STORAGE_PROVISIONER) == provisioner):
+        if (
+            ann.get(C.ANN_STORAGE_PROVISIONER) == provisioner
+            and ann.get(C.ANN_BETA_STORAGE_PROVISIONER) == provisioner
+        ):
             return
         new = await self.ctx.kube.merge_patch(
             pvc_path(md["namespace"], md["name"]),
-            {"metadata": {"resourceVersion": md["resourceVersion"], "annotations": {
-                C.ANN_STORAGE_PROVISIONER: provisioner,
-                C.ANN_BETA_STORAGE_PROVISIONER: provisioner}}})
+            {
+                "metadata": {
+                    "resourceVersion": md["resourceVersion"],
+                    "annotations": {
+                        C.ANN_STORAGE_PROVISIONER: provisioner,
+                        C.ANN_BETA_STORAGE_PROVISIONER: provisioner,
+                    },
+                }
+            },
+        )
         self._written("persistentvolumeclaims", "patch", new)
 
     def _written(self, resource: str, verb: str, obj: dict | None) -> None:
@@ -262,14 +279,28 @@ class PVController:
 
         # 1. PV spec.claimRef
         ref = (pv.get("spec") or {}).get("claimRef") or {}
-        if not (ref.get("name") == cname and (ref.get("namespace") or "") == ns
-                and ref.get("uid") == cuid):
-            by_controller = not (ref.get("name") == cname and (ref.get("namespace") or "") == ns
-                                 and ref.get("uid") in (None, "", cuid))
-            new_ref = {"kind": "PersistentVolumeClaim", "apiVersion": "v1", "namespace": ns,
-                       "name": cname, "uid": cuid, "resourceVersion": cmd.get("resourceVersion")}
-            patch: dict = {"metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
-                           "spec": {"claimRef": new_ref}}
+        if not (
+            ref.get("name") == cname
+            and (ref.get("namespace") or "") == ns
+            and ref.get("uid") == cuid
+        ):
+            by_controller = not (
+                ref.get("name") == cname
+                and (ref.get("namespace") or "") == ns
+                and ref.get("uid") in (None, "", cuid)
+            )
+            new_ref = {
+                "kind": "PersistentVolumeClaim",
+                "apiVersion": "v1",
+                "namespace": ns,
+                "name": cname,
+                "uid": cuid,
+                "resourceVersion": cmd.get("resourceVersion"),
+            }
+            patch: dict = {
+                "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
+                "spec": {"claimRef": new_ref},
+            }
             if by_controller:
                 patch["metadata"]["annotations"] = {C.ANN_BOUND_BY_CONTROLLER: "yes"}
             assumed = copy.deepcopy(pv)
@@ -288,9 +319,13 @@ class PVController:
 
         # 2. PV status.phase = Bound
         if (pv.get("status") or {}).get("phase") != "Bound":
-            pv = await kube.merge_patch(pv_path(volume_name, "status"), {
-                "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
-                "status": {"phase": "Bound", "message": None, "reason": None}})
+            pv = await kube.merge_patch(
+                pv_path(volume_name, "status"),
+                {
+                    "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
+                    "status": {"phase": "Bound", "message": None, "reason": None},
+                },
+            )
             self._written("persistentvolumes", "patch-status", pv)
             faults.point("bind-2")
 
@@ -302,9 +337,16 @@ class PVController:
             if not vname:
                 anns[C.ANN_BOUND_BY_CONTROLLER] = "yes"
             try:
-                claim = await kube.merge_patch(pvc_path(ns, cname), {
-                    "metadata": {"resourceVersion": cmd["resourceVersion"], "annotations": anns},
-                    "spec": {"volumeName": volume_name}})
+                claim = await kube.merge_patch(
+                    pvc_path(ns, cname),
+                    {
+                        "metadata": {
+                            "resourceVersion": cmd["resourceVersion"],
+                            "annotations": anns,
+                        },
+                        "spec": {"volumeName": volume_name},
+                    },
+                )
             except ApiError as e:
                 if e.conflict:
                     metrics.conflicts.labels(self.name, "persistentvolumeclaims").inc()
@@ -316,21 +358,38 @@ class PVController:
         # 4. PVC status Bound with the PV's capacity and access modes
         st = claim.get("status") or {}
         pvspec = pv.get("spec") or {}
-        if (st.get("phase") != "Bound" or st.get("capacity") != pvspec.get("capacity")
-                or st.get("accessModes") != pvspec.get("accessModes")):
-            claim = await kube.merge_patch(pvc_path(ns, cname, "status"), {
-                "metadata": {"resourceVersion": claim["metadata"]["resourceVersion"]},
-                "status": {"phase": "Bound", "capacity": pvspec.get("capacity"),
-                           "accessModes": pvspec.get("accessModes")}})
+        if (
+            st.get("phase") != "Bound"
+            or st.get("capacity") != pvspec.get("capacity")
+            or st.get("accessModes") != pvspec.get("accessModes")
+        ):
+            claim = await kube.merge_patch(
+                pvc_path(ns, cname, "status"),
+                {
+                    "metadata": {"resourceVersion": claim["metadata"]["resourceVersion"]},
+                    "status": {
+                        "phase": "Bound",
+                        "capacity": pvspec.get("capacity"),
+                        "accessModes": pvspec.get("accessModes"),
+                    },
+                },
+            )
             self._written("persistentvolumeclaims", "patch-status", claim)
             faults.point("bind-4")
             created = _ts(cmd.get("creationTimestamp"))
             if created:
                 metrics.claim_bind_seconds.labels(pvspec.get("storageClassName") or "").observe(
-                    max(0.0, time.time() - created))
-        log.info("bound", kind="PersistentVolumeClaim", namespace=ns, name=cname,
-                 volume=volume_name, action="bind",
-                 duration_ms=round((time.monotonic() - t0) * 1000, 1))
+                    max(0.0, time.time() - created)
+                )
+        log.info(
+            "bound",
+            kind="PersistentVolumeClaim",
+            namespace=ns,
+            name=cname,
+            volume=volume_name,
+            action="bind",
+            duration_ms=round((time.monotonic() - t0) * 1000, 1),
+        )
 
     async def _reread_pv(self, name: str) -> None:
         try:
@@ -351,8 +410,13 @@ class PVController:
         pv = self.cache.pvs.get(name)
         if pv is None:
             return None
-        d = sync_volume(pv, claims=self.cache.pvcs, classes=self.cache.classes,
-                        deleters=set(self.deleters), recyclers=set(self.recyclers))
+        d = sync_volume(
+            pv,
+            claims=self.cache.pvcs,
+            classes=self.cache.classes,
+            deleters=set(self.deleters),
+            recyclers=set(self.recyclers),
+        )
         a = d.action
         if a == VolumeAction.SET_PHASE:
             await self._set_volume_phase(pv, d.phase, d.message)
@@ -369,8 +433,9 @@ class PVController:
             if recycler is not None:
                 await recycler(pv)
         if d.event:
-            self.ctx.events.emit(pv, d.event.type, d.event.reason, d.event.message,
-                                 component=COMPONENT)
+            self.ctx.events.emit(
+                pv, d.event.type, d.event.reason, d.event.message, component=COMPONENT
+            )
         metrics.sync_total.labels(self.name, "volumes", a.name.lower()).inc()
         return None
 
@@ -378,12 +443,21 @@ class PVController:
         st = pv.get("status") or {}
         if st.get("phase") == phase and (message is None or st.get("message") == message):
             return pv
-        new = await self.ctx.kube.merge_patch(pv_path(pv["metadata"]["name"], "status"), {
-            "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
-            "status": {"phase": phase, "message": message}})
+        new = await self.ctx.kube.merge_patch(
+            pv_path(pv["metadata"]["name"], "status"),
+            {
+                "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
+                "status": {"phase": phase, "message": message},
+            },
+        )
         self._written("persistentvolumes", "patch-status", new)
-        log.info("volume phase", kind="PersistentVolume", name=pv["metadata"]["name"],
-                 action="set-phase", phase=phase)
+        log.info(
+            "volume phase",
+            kind="PersistentVolume",
+            name=pv["metadata"]["name"],
+            action="set-phase",
+            phase=phase,
+        )
         return new
 
     async def _unbind(self, pv: dict) -> None:
@@ -391,12 +465,18 @@ class PVController:
         md = pv["metadata"]
         ann = md.get("annotations") or {}
         if ann.get(C.ANN_BOUND_BY_CONTROLLER):
-            patch = {"metadata": {"resourceVersion": md["resourceVersion"],
-                                  "annotations": {C.ANN_BOUND_BY_CONTROLLER: None}},
-                     "spec": {"claimRef": None}}
+            patch = {
+                "metadata": {
+                    "resourceVersion": md["resourceVersion"],
+                    "annotations": {C.ANN_BOUND_BY_CONTROLLER: None},
+                },
+                "spec": {"claimRef": None},
+            }
         else:
-            patch = {"metadata": {"resourceVersion": md["resourceVersion"]},
-                     "spec": {"claimRef": {"uid": None, "resourceVersion": None}}}
+            patch = {
+                "metadata": {"resourceVersion": md["resourceVersion"]},
+                "spec": {"claimRef": {"uid": None, "resourceVersion": None}},
+            }
         new = await self.ctx.kube.merge_patch(pv_path(md["name"]), patch)
         self._written("persistentvolumes", "patch", new)
         faults.point("unbind-1")

@@ -1,0 +1,500 @@
+"""Attach/Detach controller effect layer: indexes, the per-volume reconcile, the writes.
+
+Gather, decide, act:
+- gather: the cache (Pods, Nodes, PVs, PVCs, VolumeAttachments, CSIDrivers) and the
+  indexes kept beside it by store listeners: which pods need which volume on which
+  node (the desired state, kept per pod), and which attachments exist per volume and
+  per node (the actual state is the VolumeAttachments themselves);
+- decide: `state.reconcile`, pure, run for one volume at a time (every entry of that
+  volume on every node, so "detach from the old node before attaching to the new one"
+  and the multi-attach rule are decided in one place);
+- act: here. Event-driven: a change to any input queues the volumes it touches; a
+  work queue hands each volume to one worker at a time, so two attaches of one
+  volume never race. A slow full resync is only a safety net.
+
+Writes, each safe to repeat after a crash:
+- attach: create the VolumeAttachment under upstream's name (AlreadyExists = done);
+- detach: first report the volume as no longer attached in node.status.volumesAttached
+  (upstream's order: the kubelet must not start a new mount of it), then delete the
+  VolumeAttachment; the attacher's finalizer holds it until the volume is detached.
+  A crash between the two leaves an attached VolumeAttachment, which the next sync
+  reports again and detaches again;
+- node.status.volumesAttached: recomputed from the VolumeAttachments, patched only when
+  it differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from .. import faults, logs, metrics
+from ..context import Context
+from ..kube import ApiError
+from ..runtime import PVCS, PVS, Watch
+from ..workqueue import WorkQueue
+from . import state as S
+
+log = logs.get("attachdetach")
+COMPONENT = "attachdetach-controller"
+
+PODS = Watch("", "v1", "pods", "Pod")
+NODES = Watch("", "v1", "nodes", "Node")
+VOLUME_ATTACHMENTS = Watch("storage.k8s.io", "v1", "volumeattachments", "VolumeAttachment")
+CSI_DRIVERS = Watch("storage.k8s.io", "v1", "csidrivers", "CSIDriver")
+
+VA_PATH = "/apis/storage.k8s.io/v1/volumeattachments"
+
+forced_detaches = Counter(
+    "attachdetach_controller_forced_detaches",
+    "Number of times the A/D Controller performed a forced detach", ["reason"])
+operation_seconds = Histogram(
+    "storage_operation_duration_seconds",
+    "Storage operation duration (attach: VolumeAttachment created -> attached; detach: "
+    "deleted -> gone)",
+    ["volume_plugin", "operation_name", "status", "migrated"], buckets=metrics.LATENCY_BUCKETS)
+operation_errors = Counter(
+    "attachdetach_controller_operation_errors_total",
+    "Attach/detach operations the attacher reported failed", ["volume_plugin", "operation_name"])
+
+
+def _node_view(node: dict | None) -> tuple:
+    """The parts of a Node the reconcile reads (a change elsewhere re-syncs nothing)."""
+    if node is None:
+        return (None,)
+    return (S.node_managed(node), S.node_ready(node), S.node_out_of_service(node),
+            tuple(sorted(S.volumes_in_use(node))))
+
+
+class AttachDetachController:
+    name = "attachdetach"
+    watches = (PODS, NODES, PVS, PVCS, VOLUME_ATTACHMENTS, CSI_DRIVERS)
+
+    def __init__(self, ctx: Context, *, clock=time.monotonic):
+        self.ctx = ctx
+        self.clock = clock
+        c = ctx.cache
+        self.pods = c.add_store("pods", "Pod", S.slim_pod)
+        self.nodes = c.add_store("nodes", "Node", S.slim_node)
+        self.vas = c.add_store("volumeattachments", "VolumeAttachment")
+        self.drivers = c.add_store("csidrivers", "CSIDriver")
+        self.pvs = c.pvs
+        self.pvcs = c.pvcs
+        env_wait = os.environ.get("VOLPLANE_UNMOUNT_MAX_WAIT")
+        self.max_wait = float(env_wait) if env_wait else ctx.options.unmount_max_wait
+
+        # desired state, per pod: pod key -> (node, volumes, PodRef)
+        self.pod_desired: dict[str, tuple[str, tuple[S.VolumeRef, ...], S.PodRef]] = {}
+        self.vol_pods: dict[str, set[str]] = {}       # pv -> pod keys needing it
+        self.claim_pods: dict[str, set[str]] = {}     # "ns/claim" -> pod keys naming it
+        self.pod_claims: dict[str, tuple[str, ...]] = {}
+        self.node_pods: dict[str, set[str]] = {}      # node -> pod keys scheduled there
+        self.pod_node: dict[str, str] = {}
+        # actual state indexes
+        self.va_by_pv: dict[str, set[str]] = {}
+        self.va_by_node: dict[str, set[str]] = {}
+        # reconcile memory
+        self.detach_requested: dict[tuple[str, str], float] = {}
+        self.detaching: set[tuple[str, str]] = set()  # detach started (not reported)
+        self.multi_reported: set[tuple[str, str]] = set()
+        self.attach_started: dict[str, float] = {}    # VA name -> clock
+        self.detach_started: dict[str, float] = {}
+        self.node_locks: dict[str, asyncio.Lock] = {}
+
+        self.volumes = WorkQueue("attachdetach-volumes")
+        self.node_queue = WorkQueue("attachdetach-nodes")
+        self.running = False
+
+        self.pods.listen(self._on_pod)
+        self.pvcs.listen(self._on_claim)
+        self.pvs.listen(self._on_volume)
+        self.nodes.listen(self._on_node)
+        self.vas.listen(self._on_attachment)
+        self.drivers.listen(self._on_driver)
+        metrics.register_collector("attachdetach", _Collector(self))
+
+    # -- gather: the desired state, kept per pod ------------------------------------------
+    def _recompute_pod(self, key: str) -> None:
+        pod = self.pods.get(key)
+        old = self.pod_desired.pop(key, None)
+        new = None
+        if pod is not None:
+            node, vols = S.pod_volumes(pod, pvcs=self.pvcs, pvs=self.pvs,
+                                       drivers=self.drivers, nodes=self.nodes)
+            if vols:
+                new = (node, tuple(vols), S.PodRef.of(pod))
+                self.pod_desired[key] = new
+        if old == new:
+            return
+        for entry in (old, new):
+            if entry is None:
+                continue
+            for v in entry[1]:
+                self.volumes.add(v.pv_name)
+        for v in old[1] if old else ():
+            pods = self.vol_pods.get(v.pv_name)
+            if pods is not None:
+                pods.discard(key)
+                if not pods:
+                    del self.vol_pods[v.pv_name]
+        for v in new[1] if new else ():
+            self.vol_pods.setdefault(v.pv_name, set()).add(key)
+
+    @staticmethod
+    def _index_move(index: dict[str, set[str]], key: str, old: Iterable[str],
+                    new: Iterable[str]) -> None:
+        old, new = set(old), set(new)
+        for k in old - new:
+            members = index.get(k)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del index[k]
+        for k in new - old:
+            index.setdefault(k, set()).add(key)
+
+    def _on_pod(self, key: str, old: dict | None, new: dict | None) -> None:
+        claims: tuple[str, ...] = ()
+        node = None
+        if new is not None:
+            ns = new["metadata"].get("namespace") or ""
+            claims = tuple(
+                f"{ns}/{name}" for v in (new.get("spec") or {}).get("volumes") or ()
+                if (name := S._claim_name(new, v)[0]))
+            node = (new.get("spec") or {}).get("nodeName")
+        self._index_move(self.claim_pods, key, self.pod_claims.pop(key, ()), claims)
+        if claims:
+            self.pod_claims[key] = claims
+        old_node = self.pod_node.pop(key, None)
+        self._index_move(self.node_pods, key, [old_node] if old_node else [],
+                         [node] if node else [])
+        if node:
+            self.pod_node[key] = node
+        self._recompute_pod(key)
+
+    def _on_claim(self, key: str, old: dict | None, new: dict | None) -> None:
+        for pod_key in list(self.claim_pods.get(key, ())):
+            self._recompute_pod(pod_key)
+
+    def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
+        self.volumes.add(name)
+        for obj in (old, new):
+            ref = ((obj or {}).get("spec") or {}).get("claimRef") or {}
+            if ref.get("name"):
+                self._on_claim(f"{ref.get('namespace') or ''}/{ref['name']}", None, None)
+        for va in self.va_by_pv.get(name, ()):
+            node = ((self.vas.get(va) or {}).get("spec") or {}).get("nodeName")
+            if node:
+                self.node_queue.add(node)
+
+    def _on_node(self, name: str, old: dict | None, new: dict | None) -> None:
+        before, after = _node_view(old), _node_view(new)
+        if before[:1] != after[:1]:  # managed / existence changed: pods there count or not
+            for pod_key in list(self.node_pods.get(name, ())):
+                self._recompute_pod(pod_key)
+        if before != after:
+            for va in self.va_by_node.get(name, ()):
+                pv = (((self.vas.get(va) or {}).get("spec") or {}).get("source") or {}).get(
+                    "persistentVolumeName")
+                if pv:
+                    self.volumes.add(pv)
+        if new is not None:
+            self.node_queue.add(name)
+
+    def _on_driver(self, name: str, old: dict | None, new: dict | None) -> None:
+        for pod_key in list(self.pods):
+            self._recompute_pod(pod_key)
+
+    def _on_attachment(self, name: str, old: dict | None, new: dict | None) -> None:
+        def where(obj):
+            spec = (obj or {}).get("spec") or {}
+            return (spec.get("source") or {}).get("persistentVolumeName"), spec.get("nodeName")
+
+        (opv, onode), (npv, nnode) = where(old), where(new)
+        self._index_move(self.va_by_pv, name, [opv] if opv else [], [npv] if npv else [])
+        self._index_move(self.va_by_node, name, [onode] if onode else [],
+                         [nnode] if nnode else [])
+        for pv in {opv, npv} - {None}:
+            self.volumes.add(pv)
+        for node in {onode, nnode} - {None}:
+            self.node_queue.add(node)
+        now = self.clock()
+        was = bool(((old or {}).get("status") or {}).get("attached"))
+        is_ = bool(((new or {}).get("status") or {}).get("attached"))
+        plugin = S.plugin_name(((new or old or {}).get("spec") or {}).get("attacher") or "")
+        if new is not None and is_ and not was:
+            started = self.attach_started.pop(name, None)
+            if started is not None:
+                operation_seconds.labels(plugin, "volume_attach", "success", "false").observe(
+                    now - started)
+            self._attach_succeeded(npv, nnode)
+        if new is None:
+            self.detaching.discard((opv, onode))
+            self.attach_started.pop(name, None)
+            started = self.detach_started.pop(name, None)
+            if started is not None:
+                operation_seconds.labels(plugin, "volume_detach", "success", "false").observe(
+                    now - started)
+        elif old is not None and old["metadata"].get("uid") != new["metadata"].get("uid"):
+            self.detaching.discard((npv, nnode))  # a new attachment under the same name
+            self.detach_started.pop(name, None)
+
+    def _attach_succeeded(self, pv: str | None, node: str | None) -> None:
+        if not self.running or not pv:
+            return
+        d = self._desired_for(pv).get((pv, node))
+        if d is None:
+            return
+        msg = f'AttachVolume.Attach succeeded for volume "{pv}" '
+        for p in d.pods:
+            self.ctx.events.emit(p.as_object(), "Normal", S.SUCCESSFUL_ATTACH, msg,
+                                 component=COMPONENT)
+
+    # -- views for one volume -------------------------------------------------------------
+    def _desired_for(self, pv: str) -> S.DSW:
+        acc: dict[tuple[str, str], tuple[S.VolumeRef, list[S.PodRef]]] = {}
+        for pod_key in self.vol_pods.get(pv, ()):
+            entry = self.pod_desired.get(pod_key)
+            if entry is None:
+                continue
+            node, vols, ref = entry
+            for v in vols:
+                if v.pv_name == pv:
+                    acc.setdefault((pv, node), (v, []))[1].append(ref)
+        return {k: S.Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
+
+    def _actual_for(self, pv: str) -> S.ASW:
+        return S.build_asw((self.vas[n] for n in self.va_by_pv.get(pv, ()) if n in self.vas),
+                           pvs=self.pvs, nodes=self.nodes)
+
+    def _actual_on_node(self, node: str) -> list[S.Actual]:
+        out = []
+        for n in self.va_by_node.get(node, ()):
+            va = self.vas.get(n)
+            a = S.actual_of(va, pvs=self.pvs, nodes=self.nodes) if va else None
+            if a is not None:
+                out.append(a)
+        return out
+
+    def desired_state(self) -> S.DSW:
+        out: S.DSW = {}
+        for pv in list(self.vol_pods):
+            out.update(self._desired_for(pv))
+        return out
+
+    def actual_state(self) -> S.ASW:
+        return S.build_asw(list(self.vas.values()), pvs=self.pvs, nodes=self.nodes)
+
+    # -- loops ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.running = True
+        for key in list(self.pods):
+            self._recompute_pod(key)
+        for pv in set(self.vol_pods) | set(self.va_by_pv):
+            self.volumes.add(pv)
+        for node in list(self.nodes):
+            self.node_queue.add(node)
+        log.info("attach/detach controller started", pods=len(self.pods),
+                 desired=sum(len(v) for v in self.vol_pods.values()), attachments=len(self.vas),
+                 max_wait_for_unmount=self.max_wait)
+        n = max(1, self.ctx.options.workers)
+        tasks = [asyncio.create_task(self._worker(self.volumes, self._sync_volume))
+                 for _ in range(n)]
+        tasks += [asyncio.create_task(self._worker(self.node_queue, self._sync_node))
+                  for _ in range(max(2, n // 4))]
+        tasks.append(asyncio.create_task(self._resync()))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _resync(self) -> None:
+        """A safety net only: every change already queues what it touches."""
+        period = max(60.0, self.ctx.options.resync_period * 4)
+        while True:
+            await asyncio.sleep(period)
+            for pv in set(self.vol_pods) | set(self.va_by_pv):
+                self.volumes.add(pv)
+            metrics.queue_depth.labels("attachdetach-volumes").set(len(self.volumes))
+
+    async def _worker(self, queue: WorkQueue, sync) -> None:
+        while True:
+            key = await queue.get()
+            try:
+                retry = await sync(key)
+                queue.forget(key)
+                if retry is not None:
+                    queue.add_after(key, retry)
+            except ApiError as e:
+                metrics.sync_total.labels(self.name, queue.name,
+                                          "conflict" if e.conflict else "error").inc()
+                if not e.conflict:
+                    log.warning("sync failed", key=key, queue=queue.name, error=str(e))
+                queue.add_rate_limited(key)
+            except Exception as e:  # never let one object kill a worker
+                log.exception("sync crashed", key=key, queue=queue.name, error=str(e))
+                queue.add_rate_limited(key)
+            finally:
+                queue.done(key)
+
+    # -- act: one volume ------------------------------------------------------------------
+    async def _sync_volume(self, pv: str) -> float | None:
+        dsw = self._desired_for(pv)
+        asw = self._actual_for(pv)
+        for key in [k for k in self.detaching if k[0] == pv and k not in asw]:
+            self.detaching.discard(key)
+        now = self.clock()
+        requested = {k: t for k, t in self.detach_requested.items() if k[0] == pv}
+        ops = S.reconcile(dsw, asw, self.nodes, now, self.max_wait, requested)
+        for k in requested:
+            self.detach_requested.pop(k, None)
+        retry: float | None = None
+        multi_now: set[tuple[str, str]] = set()
+        for op in ops:
+            if op.kind is S.OpKind.DETACH:
+                if op.va_name in self.detach_started:
+                    continue  # deleted already; the watch has not caught up yet
+                await self._detach(op, asw[op.key])
+            elif op.kind is S.OpKind.WAIT_UNMOUNT:
+                self.detach_requested[op.key] = op.since
+                if op.retry_at is not None:
+                    wait = max(0.05, op.retry_at - now + 0.05)
+                    retry = wait if retry is None else min(retry, wait)
+            elif op.kind is S.OpKind.ATTACH:
+                await self._attach(op)
+            elif op.kind is S.OpKind.MULTI_ATTACH:
+                multi_now.add(op.key)
+                if op.key not in self.multi_reported:
+                    self.multi_reported.add(op.key)
+                    self._post(op.events, S.FAILED_ATTACH)
+                    log.info("multi-attach error", volume=pv, node=op.node,
+                             pods=[p.key for p, _ in op.events])
+            elif op.kind is S.OpKind.ATTACH_FAILED:
+                self._post(op.events, S.FAILED_ATTACH)
+            elif op.kind is S.OpKind.DETACH_FAILED:
+                pv_obj = self.pvs.get(pv)
+                if pv_obj is not None:
+                    self.ctx.events.emit(pv_obj, "Warning", S.FAILED_DETACH, op.reason,
+                                         component=COMPONENT)
+        for key in [k for k in self.multi_reported if k[0] == pv and k not in multi_now]:
+            self.multi_reported.discard(key)
+        metrics.sync_total.labels(self.name, "volumes", "ok").inc()
+        return retry
+
+    def _post(self, events: Iterable[tuple[S.PodRef, str]], reason: str) -> None:
+        for pod, message in events:
+            self.ctx.events.emit(pod.as_object(), "Warning", reason, message,
+                                 component=COMPONENT)
+
+    async def _attach(self, op: S.Op) -> None:
+        body = S.volume_attachment_body(op.volume, op.node)
+        name = body["metadata"]["name"]
+        try:
+            va = await self.ctx.kube.create(VA_PATH, body)
+            metrics.api_writes.labels(self.name, "volumeattachments", "create").inc()
+        except ApiError as e:
+            if not e.already_exists:
+                raise
+            va = await self.ctx.kube.get(f"{VA_PATH}/{name}")
+        self.attach_started.setdefault(name, self.clock())
+        faults.point("attach-1")
+        self.vas.upsert(va)
+        log.info("attach", volume=op.pv_name, node=op.node, attachment=name,
+                 attacher=op.volume.driver, action="attach")
+
+    async def _detach(self, op: S.Op, actual: S.Actual) -> None:
+        self.detaching.add(op.key)
+        try:
+            await self._sync_node(op.node)  # report it detached first (upstream's order)
+        except Exception:
+            self.detaching.discard(op.key)
+            raise
+        faults.point("detach-1")
+        try:
+            gone = await self.ctx.kube.delete(f"{VA_PATH}/{op.va_name}")
+            metrics.api_writes.labels(self.name, "volumeattachments", "delete").inc()
+        except ApiError as e:
+            if not e.not_found:
+                self.detaching.discard(op.key)
+                raise
+            gone = None
+        self.detach_started.setdefault(op.va_name, self.clock())
+        if isinstance(gone, dict) and (gone.get("metadata") or {}).get("deletionTimestamp"):
+            self.vas.upsert(gone)  # held by the attacher's finalizer: now DETACHING
+        faults.point("detach-2")
+        if op.forced:
+            forced_detaches.labels(op.forced).inc()
+        log.info("detach", volume=op.pv_name, node=op.node, attachment=op.va_name,
+                 reason=op.reason, forced=op.forced, action="detach")
+        if actual.detach_error:
+            operation_errors.labels(S.plugin_name(actual.attacher), "volume_detach").inc()
+
+    # -- act: node status -----------------------------------------------------------------
+    async def _sync_node(self, name: str) -> None:
+        lock = self.node_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            node = self.nodes.get(name)
+            if node is None:
+                self.node_locks.pop(name, None)
+                return None
+            want = S.node_volumes_attached(self._actual_on_node(name), name, self.detaching)
+            have = sorted(({"name": e.get("name"), "devicePath": e.get("devicePath") or ""}
+                           for e in (node.get("status") or {}).get("volumesAttached") or ()),
+                          key=lambda e: e["name"] or "")
+            if want == have:
+                return None
+            try:
+                new = await self.ctx.kube.merge_patch(f"/api/v1/nodes/{name}/status",
+                                                      {"status": {"volumesAttached": want}})
+            except ApiError as e:
+                if e.not_found:
+                    return None
+                raise
+            metrics.api_writes.labels(self.name, "nodes", "patch-status").inc()
+            self.nodes.upsert(new)
+            log.info("node volumesAttached", node=name, count=len(want), action="report")
+            return None
+
+
+class _Collector:
+    """attachdetach_controller_total_volumes{plugin_name,state} (upstream's name and
+    labels) and storage_count_attachable_volumes_in_use{node,volume_plugin}, computed
+    at scrape time from the controller's state."""
+
+    def __init__(self, ctl: AttachDetachController):
+        self.ctl = ctl
+
+    def collect(self):
+        ctl = self.ctl
+        total = GaugeMetricFamily("attachdetach_controller_total_volumes",
+                                  "Number of volumes in A/D Controller",
+                                  labels=["plugin_name", "state"])
+        in_use = GaugeMetricFamily("storage_count_attachable_volumes_in_use",
+                                   "Measure number of volumes in use",
+                                   labels=["node", "volume_plugin"])
+        desired: dict[str, int] = {}
+        per_node: dict[tuple[str, str], int] = {}
+        for node, vols, _ in list(ctl.pod_desired.values()):
+            for v in vols:
+                per_node[(node, v.plugin)] = per_node.get((node, v.plugin), 0) + 1
+        for d in ctl.desired_state().values():
+            desired[d.volume.plugin] = desired.get(d.volume.plugin, 0) + 1
+        actual: dict[str, int] = {}
+        for a in ctl.actual_state().values():
+            if a.state is S.AState.ATTACHED:
+                p = S.plugin_name(a.attacher)
+                actual[p] = actual.get(p, 0) + 1
+        for p, n in desired.items():
+            total.add_metric([p, "desired_state_of_world"], n)
+        for p, n in actual.items():
+            total.add_metric([p, "actual_state_of_world"], n)
+        for (node, p), n in per_node.items():
+            in_use.add_metric([node, p], n)
+        yield total
+        yield in_use

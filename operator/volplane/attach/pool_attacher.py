@@ -1,0 +1,377 @@
+"""The external-attacher of volplane's own CSI driver, `pool.volplane.io`.
+
+For each VolumeAttachment with ``spec.attacher: pool.volplane.io``:
+
+attach (no deletionTimestamp)
+    1. check: the PV exists and is a pool volume (handle ``<pool>/<pv>``), the pool
+       exists, and the node is one the pool reaches; otherwise ``status.attachError``
+       says which of these failed;
+    2. write the device slot and our finalizer, in one metadata patch guarded by the
+       attachment's resourceVersion: annotations ``volplane.io/pool`` and
+       ``volplane.io/slot``, finalizer ``volplane.io/attacher``;
+    3. write ``status.attached: true`` and ``attachmentMetadata.devicePath``
+       (``/dev/volplane/<pool>/slot-<n>``) through the status subresource.
+detach (deletionTimestamp set, our finalizer present)
+    1. ``status.attached: false`` (the device is gone);
+    2. remove the finalizer: the attachment disappears and its slot with it.
+
+The slot ledger is the VolumeAttachments themselves (``state.slots_in_use``): a slot is
+held from write 2 until the attachment is gone. Crash safety:
+- a crash after attach write 2 leaves the slot recorded: the restart finds it on the
+  attachment and reuses it, so no slot leaks and none is handed out twice;
+- a crash before write 2 recorded nothing: the restart allocates afresh;
+- a crash during detach leaves the finalizer: the restart finishes the detach;
+- write 2 carries the resourceVersion the decision was made on, and allocation is
+  serialized per (node, pool) and written through to the cache before the next
+  allocation on that node and pool reads it, so two attachments never get one slot.
+  Should a write's answer be lost (timeout), the attachment is re-read before the lock
+  is released.
+
+A node out of slots leaves ``status.attachError`` saying so ("node X has no free device
+slot (16/16 in use on pool P)") and an event; the first slot freed on that node and
+pool (an attachment gone) queues the waiting attachments again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from prometheus_client.core import GaugeMetricFamily
+
+from .. import faults, logs, metrics
+from ..context import Context
+from ..kube import ApiError
+from ..runtime import PVS, Watch
+from ..workqueue import WorkQueue
+from . import state as S
+from .controller import NODES, VA_PATH, VOLUME_ATTACHMENTS
+
+log = logs.get("pool-attacher")
+COMPONENT = "pool-attacher"
+
+POOLS = Watch("volplane.io", "v1alpha1", "storagepools", "StoragePool")
+
+try:  # the pool engineers' definition of "the nodes a pool reaches"
+    from ..pools.ledger import pool_nodes as _pool_nodes
+except ImportError:  # pragma: no cover - before pools/ledger.py exists
+    _pool_nodes = None
+
+
+def pool_reaches(pool: dict, node_name: str, nodes) -> bool:
+    """Whether `pool` is attached to the (existing, not deleting) node `node_name`."""
+    node = nodes.get(node_name)
+    if node is None:
+        return False
+    if _pool_nodes is not None:
+        return bool(_pool_nodes(pool, {node_name: node}))
+    from ..selectors import match_label_selector
+    spec = (pool.get("spec") or {}).get("nodes") or {}
+    if (node.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    if node_name in (spec.get("names") or ()):
+        return True
+    sel = spec.get("selector")
+    if sel and (sel.get("matchLabels") or sel.get("matchExpressions")):
+        return match_label_selector(sel, (node.get("metadata") or {}).get("labels") or {})
+    return False
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class PoolAttacher:
+    name = "pool-attacher"
+    watches = (VOLUME_ATTACHMENTS, PVS, NODES, POOLS)
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        c = ctx.cache
+        self.vas = c.add_store("volumeattachments", "VolumeAttachment")
+        self.nodes = c.add_store("nodes", "Node", S.slim_node)
+        self.pools = c.add_store("storagepools", "StoragePool")
+        self.pvs = c.pvs
+        self.queue = WorkQueue("pool-attacher")
+        self.ours_by_node: dict[str, set[str]] = {}   # node -> our VolumeAttachments
+        self.ours_by_pv: dict[str, set[str]] = {}
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.vas.listen(self._on_attachment)
+        self.pvs.listen(self._on_volume)
+        self.nodes.listen(self._on_node)
+        self.pools.listen(self._on_pool)
+        metrics.register_collector("pool-attacher", _SlotCollector(self))
+
+    # -- gather -----------------------------------------------------------------------------
+    @staticmethod
+    def _ours(va: dict | None) -> bool:
+        return bool(va) and (va.get("spec") or {}).get("attacher") == S.POOL_DRIVER
+
+    def _on_attachment(self, name: str, old: dict | None, new: dict | None) -> None:
+        for obj, add in ((old, False), (new, True)):
+            if not self._ours(obj):
+                continue
+            spec = obj.get("spec") or {}
+            node = spec.get("nodeName") or ""
+            pv = (spec.get("source") or {}).get("persistentVolumeName") or ""
+            for index, k in ((self.ours_by_node, node), (self.ours_by_pv, pv)):
+                if add:
+                    index.setdefault(k, set()).add(name)
+                elif k in index:
+                    index[k].discard(name)
+                    if not index[k]:
+                        del index[k]
+        if self._ours(new):
+            self.queue.add(name)
+        # A slot freed (attachment gone, or its slot dropped): wake the ones waiting there.
+        if self._ours(old) and S.slot_of(old) and (new is None or not S.slot_of(new)):
+            self._wake_node(old["spec"].get("nodeName"))
+
+    def _wake_node(self, node: str | None) -> None:
+        for n in list(self.ours_by_node.get(node or "", ())):
+            va = self.vas.get(n)
+            if va is not None and not (va.get("status") or {}).get("attached"):
+                self.queue.add(n)
+
+    def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
+        for n in list(self.ours_by_pv.get(name, ())):
+            self.queue.add(n)
+
+    def _on_node(self, name: str, old: dict | None, new: dict | None) -> None:
+        if (old or {}).get("metadata", {}).get("labels") != (new or {}).get(
+                "metadata", {}).get("labels") or (old is None) != (new is None):
+            self._wake_node(name)
+
+    def _on_pool(self, name: str, old: dict | None, new: dict | None) -> None:
+        if (old or {}).get("spec") == (new or {}).get("spec"):
+            return
+        for names in list(self.ours_by_node.values()):
+            for n in list(names):
+                va = self.vas.get(n)
+                if va is not None and not (va.get("status") or {}).get("attached"):
+                    self.queue.add(n)
+
+    # -- loops ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        for name, va in list(self.vas.items()):
+            if self._ours(va):
+                self.queue.add(name)
+        n = max(1, self.ctx.options.workers // 2)
+        tasks = [asyncio.create_task(self._worker()) for _ in range(n)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _worker(self) -> None:
+        q = self.queue
+        while True:
+            key = await q.get()
+            try:
+                await self.sync(key)
+                q.forget(key)
+            except ApiError as e:
+                metrics.sync_total.labels(self.name, "volumeattachments",
+                                          "conflict" if e.conflict else "error").inc()
+                if e.conflict:
+                    await self._reread(key)
+                else:
+                    log.warning("sync failed", attachment=key, error=str(e))
+                q.add_rate_limited(key)
+            except Exception as e:  # never let one object kill a worker
+                log.exception("sync crashed", attachment=key, error=str(e))
+                q.add_rate_limited(key)
+            finally:
+                q.done(key)
+
+    async def _reread(self, name: str) -> dict | None:
+        try:
+            va = await self.ctx.kube.get(f"{VA_PATH}/{name}")
+        except ApiError as e:
+            if e.not_found:
+                self.vas.remove(name)
+                return None
+            raise
+        self.vas.upsert(va)
+        return self.vas.get(name)
+
+    # -- decide + act -----------------------------------------------------------------------
+    async def sync(self, name: str) -> None:
+        va = self.vas.get(name)
+        if not self._ours(va):
+            return
+        if va["metadata"].get("deletionTimestamp"):
+            await self._detach(va)
+            return
+        st = va.get("status") or {}
+        slot = S.slot_of(va)
+        if st.get("attached") and slot and S.ATTACHER_FINALIZER in (
+                va["metadata"].get("finalizers") or ()):
+            return  # attached: a pool or node change later does not undo it
+        spec = va["spec"]
+        node = spec.get("nodeName") or ""
+        pv_name = (spec.get("source") or {}).get("persistentVolumeName") or ""
+        pool_name, problem = self._check(pv_name, node)
+        if problem:
+            await self._fail(va, problem, "AttachFailed")
+            return
+        pool = self.pools[pool_name]
+        if slot is None or slot[0] != pool_name or self._holder(node, slot) != name:
+            async with self.locks.setdefault((node, pool_name), asyncio.Lock()):
+                va = self.vas.get(name)
+                if va is None or va["metadata"].get("deletionTimestamp"):
+                    return
+                used = S.slots_in_use(self.vas.values(), node, pool_name)
+                mine = [s for s, holder in used.items() if holder == name]
+                if mine:
+                    slot = (pool_name, mine[0])
+                else:
+                    total = S.slots_per_node(pool)
+                    free = S.free_slot(used, total)
+                    if free is None:
+                        await self._fail(va, S.no_slot_message(node, len(used), total,
+                                                               pool_name), "NoFreeDeviceSlot")
+                        return
+                    va = await self._record_slot(va, pool_name, free)
+                    if va is None:
+                        return
+                    slot = (pool_name, free)
+        await self._mark_attached(va, slot)
+
+    def _holder(self, node: str, slot: tuple[str, int]) -> str | None:
+        return S.slots_in_use(
+            (self.vas[n] for n in self.ours_by_node.get(node, ()) if n in self.vas),
+            node, slot[0]).get(slot[1])
+
+    def _check(self, pv_name: str, node: str) -> tuple[str, str | None]:
+        pv = self.pvs.get(pv_name)
+        if pv is None:
+            return "", f"PersistentVolume {pv_name} not found"
+        csi = (pv.get("spec") or {}).get("csi") or {}
+        pool_name = S.pool_of_handle(csi.get("volumeHandle"))
+        if csi.get("driver") != S.POOL_DRIVER or not pool_name:
+            return "", (f"PersistentVolume {pv_name} is not a {S.POOL_DRIVER} volume "
+                        f"(volumeHandle <pool>/<name>)")
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            return pool_name, f"StoragePool {pool_name} of volume {pv_name} not found"
+        if node not in self.nodes:
+            return pool_name, f"node {node} not found"
+        if not pool_reaches(pool, node, self.nodes):
+            return pool_name, (f"node {node} is not attached to StoragePool {pool_name} "
+                               f"(volume {pv_name} can only attach to the pool's nodes)")
+        return pool_name, None
+
+    async def _fail(self, va: dict, message: str, reason: str) -> None:
+        st = va.get("status") or {}
+        if (st.get("attachError") or {}).get("message") != message or st.get("attached"):
+            new = await self.ctx.kube.merge_patch(
+                f"{VA_PATH}/{va['metadata']['name']}/status",
+                {"metadata": {"resourceVersion": va["metadata"]["resourceVersion"]},
+                 "status": {"attached": False,
+                            "attachError": {"time": _now(), "message": message}}})
+            metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
+            self.vas.upsert(new)
+            log.info("attach failed", attachment=va["metadata"]["name"], error=message)
+        self.ctx.events.emit(va, "Warning", reason, message, component=COMPONENT)
+
+    async def _record_slot(self, va: dict, pool: str, slot: int) -> dict | None:
+        """Write 2: slot + finalizer, one patch, guarded by resourceVersion."""
+        md = va["metadata"]
+        finalizers = list(md.get("finalizers") or ())
+        if S.ATTACHER_FINALIZER not in finalizers:
+            finalizers.append(S.ATTACHER_FINALIZER)
+        patch = {"metadata": {"resourceVersion": md["resourceVersion"],
+                              "finalizers": finalizers,
+                              "annotations": {S.POOL_ANNOTATION: pool,
+                                              S.SLOT_ANNOTATION: str(slot)}}}
+        try:
+            new = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}", patch)
+        except ApiError as e:
+            if e.not_found:
+                self.vas.remove(md["name"])
+                return None
+            if e.conflict:
+                await self._reread(md["name"])
+            raise
+        except Exception:
+            await self._reread(md["name"])  # the write may have landed: learn it first
+            raise
+        metrics.api_writes.labels(self.name, "volumeattachments", "patch").inc()
+        self.vas.upsert(new)
+        faults.point("pool-attach-1")
+        return self.vas.get(md["name"]) or new
+
+    async def _mark_attached(self, va: dict, slot: tuple[str, int]) -> None:
+        """Write 3: status.attached with the device path."""
+        md = va["metadata"]
+        path = S.device_path(slot[0], slot[1])
+        st = va.get("status") or {}
+        if st.get("attached") and (st.get("attachmentMetadata") or {}).get("devicePath") == path:
+            return
+        new = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
+            "metadata": {"resourceVersion": md["resourceVersion"]},
+            "status": {"attached": True, "attachError": None,
+                       "attachmentMetadata": {"devicePath": path, "pool": slot[0],
+                                              "slot": str(slot[1])}}})
+        metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
+        self.vas.upsert(new)
+        faults.point("pool-attach-2")
+        log.info("attached", attachment=md["name"], node=va["spec"].get("nodeName"),
+                 volume=(va["spec"].get("source") or {}).get("persistentVolumeName"),
+                 device=path, action="attach")
+
+    async def _detach(self, va: dict) -> None:
+        md = va["metadata"]
+        finalizers = list(md.get("finalizers") or ())
+        if S.ATTACHER_FINALIZER not in finalizers:
+            return
+        if (va.get("status") or {}).get("attached"):
+            va = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
+                "metadata": {"resourceVersion": md["resourceVersion"]},
+                "status": {"attached": False, "attachmentMetadata": None,
+                           "detachError": None}})
+            metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
+            self.vas.upsert(va)
+            faults.point("pool-detach-1")
+            md = va["metadata"]
+        rest = [f for f in md.get("finalizers") or () if f != S.ATTACHER_FINALIZER]
+        try:
+            await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}", {
+                "metadata": {"resourceVersion": md["resourceVersion"], "finalizers": rest}})
+        except ApiError as e:
+            if not e.not_found:
+                raise
+        metrics.api_writes.labels(self.name, "volumeattachments", "patch").inc()
+        faults.point("pool-detach-2")
+        # The object is gone now (or goes with the last foreign finalizer); the watch's
+        # DELETED event removes it from the cache and wakes attachments waiting for a slot.
+        log.info("detached", attachment=md["name"], node=va["spec"].get("nodeName"),
+                 slot=(md.get("annotations") or {}).get(S.SLOT_ANNOTATION), action="detach")
+
+
+class _SlotCollector:
+    """volplane_node_device_slots{node,pool,state=used|total}, computed at scrape time."""
+
+    def __init__(self, ctl: PoolAttacher):
+        self.ctl = ctl
+
+    def collect(self):
+        g = GaugeMetricFamily("volplane_node_device_slots",
+                              "Device slots of pool.volplane.io attachments per node and pool",
+                              labels=["node", "pool", "state"])
+        used: dict[tuple[str, str], int] = {}
+        for va in list(self.ctl.vas.values()):
+            if not self.ctl._ours(va):
+                continue
+            s = S.slot_of(va)
+            if s:
+                k = (va["spec"].get("nodeName") or "", s[0])
+                used[k] = used.get(k, 0) + 1
+        for (node, pool), n in sorted(used.items()):
+            g.add_metric([node, pool, "used"], n)
+            g.add_metric([node, pool, "total"],
+                         S.slots_per_node(self.ctl.pools.get(pool)))
+        yield g
+

@@ -1,0 +1,168 @@
+"""Leader election with a coordination.k8s.io Lease, as upstream controllers do.
+
+Kopf's peering is not leader election (no per-object locks; equal priorities
+freeze everyone), so volplane uses client-go's protocol instead:
+
+- a candidate acquires the Lease when it is free or its holder has not renewed
+  it for leaseDurationSeconds; every write carries the Lease's resourceVersion,
+  so of two candidates racing for an expired lease exactly one wins;
+- the leader renews every retry period; if it cannot renew within the renew
+  deadline it has lost the lease and stops acting at once — like
+  kube-controller-manager, by exiting the process (a fresh start re-syncs
+  caches as a follower; nothing is left half-done because every multi-write
+  operation is idempotent and resumed by whichever replica leads next).
+
+The decision part (`decide`) is pure and takes the clock as an argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+from . import logs, metrics
+from .kube import ApiError, Kube
+
+log = logs.get("leader-election")
+
+
+@dataclass
+class LeaseConfig:
+    namespace: str = "volplane-system"
+    name: str = "volplane"
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    identity: str = ""
+
+    def __post_init__(self):
+        if not self.identity:
+            self.identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+
+
+def _micro(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_micro(s: str | None) -> float | None:
+    if not s:
+        return None
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return dt.datetime.strptime(s, fmt).replace(tzinfo=dt.UTC).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def decide(lease: dict | None, identity: str, now: float, observed: dict) -> str:
+    """'acquire' | 'renew' | 'wait' for a candidate looking at the current Lease.
+
+    `observed` remembers (holder, renewTime) and the local time it was first seen,
+    so expiry is measured on our own clock, as client-go does (clock skew safe).
+    """
+    if lease is None:
+        return "acquire"
+    spec = lease.get("spec") or {}
+    holder = spec.get("holderIdentity") or ""
+    if holder == identity:
+        return "renew"
+    if not holder:
+        return "acquire"
+    marker = (holder, spec.get("renewTime"), spec.get("leaseTransitions"))
+    if observed.get("marker") != marker:
+        observed["marker"] = marker
+        observed["since"] = now
+        return "wait"
+    duration = spec.get("leaseDurationSeconds") or 15
+    return "acquire" if now - observed["since"] >= duration else "wait"
+
+
+class LeaderElector:
+    def __init__(self, kube: Kube, cfg: LeaseConfig, clock=time.time):
+        self.kube = kube
+        self.cfg = cfg
+        self.clock = clock
+        self.leading = asyncio.Event()
+        self._observed: dict = {}
+
+    @property
+    def path(self) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{self.cfg.namespace}/leases/{self.cfg.name}"
+
+    async def _try(self) -> bool:
+        now = self.clock()
+        try:
+            lease = await self.kube.get(self.path)
+        except ApiError as e:
+            if not e.not_found:
+                raise
+            lease = None
+        action = decide(lease, self.cfg.identity, now, self._observed)
+        if action == "wait":
+            return False
+        spec = {
+            "holderIdentity": self.cfg.identity,
+            "leaseDurationSeconds": int(self.cfg.lease_duration),
+            "renewTime": _micro(now),
+        }
+        if lease is None:
+            spec.update(acquireTime=_micro(now), leaseTransitions=0)
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.cfg.name, "namespace": self.cfg.namespace},
+                    "spec": spec}
+            await self.kube.create(self.path.rsplit("/", 1)[0], body)
+            return True
+        old = lease.get("spec") or {}
+        if action == "acquire":
+            spec.update(acquireTime=_micro(now),
+                        leaseTransitions=int(old.get("leaseTransitions") or 0) + 1)
+        await self.kube.merge_patch(self.path, {
+            "metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
+            "spec": spec})
+        return True
+
+    async def run(self) -> None:
+        """Acquire, then renew forever; exit the process if the lease is lost."""
+        while not self.leading.is_set():
+            try:
+                if await self._try():
+                    self.leading.set()
+                    metrics.leader.set(1)
+                    log.info("became leader", identity=self.cfg.identity,
+                             lease=f"{self.cfg.namespace}/{self.cfg.name}")
+                    break
+            except ApiError as e:
+                if not (e.conflict or e.already_exists):
+                    log.warning("lease acquire failed", error=str(e))
+            await asyncio.sleep(self.cfg.retry_period)
+        last_renew = self.clock()
+        while True:
+            await asyncio.sleep(self.cfg.retry_period)
+            try:
+                if await asyncio.wait_for(self._try(), timeout=self.cfg.renew_deadline):
+                    last_renew = self.clock()
+                    continue
+            except (ApiError, TimeoutError, OSError) as e:
+                log.warning("lease renew failed", error=str(e))
+            if self.clock() - last_renew >= self.cfg.renew_deadline:
+                self.lost()
+
+    def lost(self) -> None:
+        metrics.leader.set(0)
+        log.error("leader lease lost, stopping at once", identity=self.cfg.identity)
+        os._exit(1)
+
+    async def ensure_namespace(self) -> None:
+        try:
+            await self.kube.create("/api/v1/namespaces", {
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": self.cfg.namespace}})
+        except ApiError as e:
+            if not (e.already_exists or e.status == 403):
+                raise

@@ -1,0 +1,299 @@
+"""Fixtures for volplane's end-to-end tests.
+
+The cluster, in order of precedence:
+  1. VOLPLANE_E2E_KUBECONFIG=<path>: any cluster, used as is ("external");
+  2. `--kind`: a kind cluster made from hack/kind-config.yaml (pytest-kind, "volplane-e2e");
+  3. otherwise the local upstream control plane of hack/cluster.py, started or reused
+     (and left running for the next session; `make cluster-down` stops it).
+
+The operator never starts by itself: request `operator` and call start(), or use
+`operator_running`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pykube
+import pytest
+
+from .helpers import delete_quietly, wait_for
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOG_DIR = REPO_ROOT / ".local" / "logs"
+KIND_CLUSTER_NAME = "volplane-e2e"
+
+
+def load_cluster_module():
+    """hack/cluster.py as a module (hack/ is not a package)."""
+    name = "volplane_hack_cluster"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "hack" / "cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kubeconfig: Path
+    flavor: str  # "local" (hack/cluster.py), "kind" or "external"
+
+    @property
+    def local(self) -> bool:
+        return self.flavor == "local"
+
+
+@pytest.fixture(scope="session")
+def cluster(request) -> Cluster:
+    external = os.environ.get("VOLPLANE_E2E_KUBECONFIG")
+    if external:
+        yield Cluster(Path(external).expanduser().resolve(), "external")
+        return
+
+    if request.config.getoption("kind"):
+        from pytest_kind import KindCluster
+
+        kind_dir = REPO_ROOT / ".local" / "kind"
+        kind_dir.mkdir(parents=True, exist_ok=True)
+        kind_bin = request.config.getoption("kind_bin", None) or shutil.which("kind")
+        image = request.config.getoption("kind_image", None) or os.environ.get("VOLPLANE_KIND_IMAGE")
+        kind = KindCluster(
+            KIND_CLUSTER_NAME,
+            kubeconfig=kind_dir / "kubeconfig",
+            image=image,
+            kind_path=Path(kind_bin) if kind_bin else None,
+            kubectl_path=Path(shutil.which("kubectl")) if shutil.which("kubectl") else None,
+        )
+        kind.create(config_file=REPO_ROOT / "hack" / "kind-config.yaml")
+        yield Cluster(Path(kind.kubeconfig_path).resolve(), "kind")
+        if not request.config.getoption("keep_cluster", False):
+            kind.delete()
+        return
+
+    cluster_module = load_cluster_module()
+    try:
+        kubeconfig = cluster_module.up(REPO_ROOT)
+    except cluster_module.ClusterError as exc:
+        pytest.exit(f"local control plane failed to start: {exc}", returncode=3)
+    yield Cluster(Path(kubeconfig), "local")
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster) -> str:
+    return str(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def api(kubeconfig) -> pykube.HTTPClient:
+    client = pykube.HTTPClient(pykube.KubeConfig.from_file(kubeconfig), timeout=30)
+    yield client
+    client.session.close()
+
+
+@pytest.fixture
+def namespace(api) -> str:
+    """A fresh namespace `e2e-<random>`, deleted (without waiting) after the test.
+
+    Waits for its `default` ServiceAccount, without which Pods are refused."""
+    name = f"e2e-{secrets.token_hex(3)}"
+    ns = pykube.Namespace(api, {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"volplane.io/e2e": "true"}},
+    })
+    ns.create()
+    wait_for(
+        lambda: pykube.ServiceAccount.objects(api, namespace=name).get_or_none(name="default"),
+        timeout=30,
+        message=f"ServiceAccount {name}/default",
+    )
+    yield name
+    delete_quietly(ns)
+
+
+# ----------------------------------------------------------------------------- operator
+
+
+def _volplane_executable() -> str:
+    beside_python = Path(sys.executable).parent / "volplane"
+    if beside_python.exists():
+        return str(beside_python)
+    venv = REPO_ROOT / ".venv" / "bin" / "volplane"
+    if venv.exists():
+        return str(venv)
+    found = shutil.which("volplane")
+    if found:
+        return found
+    raise RuntimeError("no `volplane` executable (pip install -e . in the venv)")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:100] or "test"
+
+
+class Operator:
+    """`volplane run` as a subprocess, one log file per start.
+
+    Logs go to .local/logs/operator-<test>-<n>.log (stdout and stderr together)."""
+
+    def __init__(self, kubeconfig: str, test_name: str, instance: str = ""):
+        self.kubeconfig = kubeconfig
+        self.test_name = _safe(test_name) + (f"-{instance}" if instance else "")
+        self.proc: subprocess.Popen | None = None
+        self.args: tuple[str, ...] = ()
+        self.env: dict[str, str] | None = None
+        self.starts = 0
+        self.log_path: Path | None = None
+        self.log_paths: list[Path] = []
+        self._others: list[Operator] = []
+
+    # -- lifecycle
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Operator:
+        if self.running:
+            raise RuntimeError(f"operator already running (pid {self.proc.pid})")
+        self.args = tuple(args)
+        self.env = dict(env) if env else None
+        self.starts += 1
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"operator-{self.test_name}-{self.starts}.log"
+        self.log_paths.append(self.log_path)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        argv = [_volplane_executable(), "run", "--kubeconfig", self.kubeconfig, *self.args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=full_env, cwd=REPO_ROOT, start_new_session=True,
+            )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def wait_ready(self, timeout: float = 60) -> Operator:
+        """Waits for the `"caches synced"` log line of the current run."""
+        if self.proc is None:
+            raise RuntimeError("operator not started")
+        deadline = time.monotonic() + timeout
+        while True:
+            if any('"caches synced"' in line for line in self.raw_lines()):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"operator exited with {self.proc.returncode} before its caches synced; "
+                    f"{self.log_path}:\n{self.tail()}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"operator not ready after {timeout} s; {self.log_path}:\n{self.tail()}")
+            time.sleep(0.1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` to the operator's process group (no waiting unless SIGKILL)."""
+        if not self.running:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            return
+        if sig == signal.SIGKILL:
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, wait for exit; returns the exit code (SIGKILL after `timeout`: -9)."""
+        if self.proc is None:
+            raise RuntimeError("operator not started")
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+        # anything the operator left in its session goes too
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.returncode
+
+    def restart(self, *args: str, env: dict[str, str] | None = None) -> Operator:
+        """stop() then start() again, with the previous arguments unless new ones are given."""
+        if self.running:
+            self.stop()
+        return self.start(*(args or self.args), env=env if env is not None else self.env)
+
+    def another(self, name: str = "") -> Operator:
+        """An independent second operator for the same test (also stopped at teardown)."""
+        other = Operator(self.kubeconfig, self.test_name,
+                         instance=name or f"i{len(self._others) + 2}")
+        self._others.append(other)
+        return other
+
+    def teardown(self) -> None:
+        for op in [self, *self._others]:
+            if op.proc is not None:
+                op.stop(timeout=15)
+
+    # -- logs
+
+    def raw_lines(self, all_runs: bool = False) -> list[str]:
+        paths = self.log_paths if all_runs else [self.log_path] if self.log_path else []
+        lines: list[str] = []
+        for path in paths:
+            try:
+                lines.extend(path.read_text(errors="replace").splitlines())
+            except FileNotFoundError:
+                pass
+        return lines
+
+    def log_lines(self, all_runs: bool = False) -> list[dict]:
+        """The JSON log lines of the current run (or of every run); other lines skipped."""
+        parsed = []
+        for line in self.raw_lines(all_runs):
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                continue
+        return parsed
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.raw_lines()[-n:])
+
+
+@pytest.fixture
+def operator(kubeconfig, request) -> Operator:
+    op = Operator(kubeconfig, request.node.name)
+    yield op
+    op.teardown()
+
+
+@pytest.fixture
+def operator_running(operator) -> Operator:
+    operator.start()
+    operator.wait_ready()
+    return operator
