@@ -27,6 +27,8 @@ VOLPLANE_SCHEDULER_PORT (36259).
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -65,13 +67,25 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def instance() -> str:
+    """VOLPLANE_CLUSTER names a second, independent local cluster (own dir and ports),
+    so that e.g. a benchmark and the e2e suite never share one API server."""
+    return os.environ.get("VOLPLANE_CLUSTER", "").strip()
+
+
+def _port_offset() -> int:
+    name = instance()
+    return 0 if not name else 100 * (1 + sum(name.encode()) % 50)
+
+
 def ports() -> dict[str, int]:
+    off = _port_offset()
     return {
-        "etcd": _env_int("VOLPLANE_ETCD_PORT", 23790),
-        "etcd-peer": _env_int("VOLPLANE_ETCD_PEER_PORT", 23800),
-        "kube-apiserver": _env_int("VOLPLANE_APISERVER_PORT", 36443),
-        "kube-controller-manager": _env_int("VOLPLANE_KCM_PORT", 36257),
-        "kube-scheduler": _env_int("VOLPLANE_SCHEDULER_PORT", 36259),
+        "etcd": _env_int("VOLPLANE_ETCD_PORT", 23790 + off),
+        "etcd-peer": _env_int("VOLPLANE_ETCD_PEER_PORT", 23800 + off),
+        "kube-apiserver": _env_int("VOLPLANE_APISERVER_PORT", 36443 + off),
+        "kube-controller-manager": _env_int("VOLPLANE_KCM_PORT", 36257 + off),
+        "kube-scheduler": _env_int("VOLPLANE_SCHEDULER_PORT", 36259 + off),
     }
 
 
@@ -98,6 +112,8 @@ class Layout:
     def __init__(self, repo_root: Path | str | None = None):
         self.root = Path(repo_root or REPO_ROOT).resolve()
         self.local = self.root / ".local"
+        if instance():
+            self.local = self.local / "clusters" / instance()
         self.pki = self.local / "pki"
         self.etcd = self.local / "etcd"
         self.logs = self.local / "logs"
@@ -613,8 +629,26 @@ def _stop_pids(pids: dict[str, int], bin_dir: str, grace: float = 5.0) -> None:
                 break
 
 
+@contextlib.contextmanager
+def _locked(layout: Layout):
+    """Serialises up/down across processes (two test sessions starting at once)."""
+    layout.local.mkdir(parents=True, exist_ok=True)
+    with open(layout.local / "cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def down(repo_root: Path | str | None = None, quiet: bool = False) -> None:
+    """Stops every component and wipes etcd's data (certificates are kept)."""
     layout = Layout(repo_root)
+    with _locked(layout):
+        _down(layout, quiet)
+
+
+def _down(layout: Layout, quiet: bool) -> None:
     state = load_state(layout)
     if state:
         _stop_pids(state.get("pids", {}), state.get("bin_dir", ""))
@@ -628,8 +662,13 @@ def down(repo_root: Path | str | None = None, quiet: bool = False) -> None:
 
 def up(repo_root: Path | str | None = None, nodes: int | None = None, quiet: bool = False) -> Path:
     """Starts the local control plane (or reuses a healthy one); returns the admin kubeconfig."""
-    t0 = time.monotonic()
     layout = Layout(repo_root)
+    with _locked(layout):
+        return _up(layout, nodes, quiet)
+
+
+def _up(layout: Layout, nodes: int | None, quiet: bool) -> Path:
+    t0 = time.monotonic()
     say = (lambda msg: None) if quiet else log
 
     state = load_state(layout)
@@ -638,7 +677,7 @@ def up(repo_root: Path | str | None = None, nodes: int | None = None, quiet: boo
         return layout.kubeconfig
     if state:
         say("stale control plane state: cleaning up and starting fresh")
-        down(layout.root, quiet=True)
+        _down(layout, quiet=True)
 
     bin_dir = build_controlplane(layout)
     nodes = node_count() if nodes is None else nodes

@@ -108,23 +108,26 @@ class Kube:
 
     def _call(self, method: str, path: str, body: Any, query: dict | None,
               content_type: str) -> Any:
+        # kubernetes>=35 (openapi-generator v7): serialize (auth, host), send, read.
+        _, url, headers, payload, _ = self.api.param_serialize(
+            method, path,
+            query_params=list((query or {}).items()) or None,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
         try:
-            resp = self.api.call_api(
-                path, method,
-                query_params=list((query or {}).items()),
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-            )
+            resp = self.api.call_api(method, url, header_params=headers, body=payload,
+                                     _request_timeout=60)
         except ApiException as e:
+            raise ApiError(e.status or 0, e.reason or "", e.body) from None
+        data = resp.read()
+        if not 200 <= resp.status < 300:
             try:
-                parsed = json.loads(e.body) if e.body else None
+                parsed = json.loads(data) if data else None
             except ValueError:
-                parsed = e.body
-            raise ApiError(e.status or 0, e.reason or "", parsed) from None
-        data = resp.data
+                parsed = data
+            raise ApiError(resp.status, resp.reason or "", parsed)
         return json.loads(data) if data else None
 
     async def request(self, method: str, path: str, body: Any = None, *,

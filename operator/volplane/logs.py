@@ -46,13 +46,13 @@ def configure(fmt: str = "json", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     # Kopf is chatty at INFO about every handler it runs; keep its warnings.
-    logging.getLogger("kopf").setLevel(max(lvl, logging.WARNING))
+    logging.getLogger("kopf").setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
     logging.getLogger("kopf.activities.startup").setLevel(lvl)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def get(controller: str | None = None, **bind):
-    log = structlog.get_logger("volplane")
+    """A lazy logger: safe to create at import time, before configure() runs."""
     if controller:
-        log = log.bind(controller=controller)
-    return log.bind(**bind) if bind else log
+        bind["controller"] = controller
+    return structlog.get_logger("volplane", **bind)

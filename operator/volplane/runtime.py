@@ -47,6 +47,8 @@ CLASSES = Watch("storage.k8s.io", "v1", "storageclasses", "StorageClass")
 CONTROLLERS: dict[str, str] = {
     "pv-binder": "volplane.pv.controller:PVController",
     "pool-provisioner": "volplane.pools.provisioner:PoolProvisioner",
+    "attachdetach": "volplane.attach.controller:AttachDetachController",
+    "pool-attacher": "volplane.attach.pool_attacher:PoolAttacher",
 }
 
 
@@ -101,15 +103,15 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
         async def start_when_synced():
             if elector is not None:
                 await elector.ensure_namespace()
-                tasks.append(asyncio.create_task(elector.run(), name="leader-election"))
+                tasks.append(_guarded(elector.run(), "leader-election"))
                 await elector.leading.wait()
             await ctx.synced.wait()
             counts = {p: len(ctx.cache.stores[p]) for p in watches}
             log.info("caches synced", controllers=enabled, objects=counts)
             for c in controllers:
-                tasks.append(asyncio.create_task(c.run(), name=f"controller-{c.name}"))
+                tasks.append(_guarded(c.run(), f"controller-{c.name}"))
 
-        tasks.append(asyncio.create_task(start_when_synced(), name="start-when-synced"))
+        tasks.append(_guarded(start_when_synced(), "start-when-synced"))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_):
@@ -125,6 +127,23 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
             ctx.synced.set()
 
     return registry
+
+
+def _guarded(coro, name: str) -> asyncio.Task:
+    """A task whose crash is logged, not silently dropped. A controller loop that dies
+    is a bug; the process exits so that its supervisor restarts it from a clean state."""
+
+    async def run():
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("task crashed", task=name, error=str(e))
+            import os
+            os._exit(70)
+
+    return asyncio.create_task(run(), name=name)
 
 
 def _configure(s: kopf.OperatorSettings) -> None:

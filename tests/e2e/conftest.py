@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import pytest
 from .helpers import delete_quietly, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOG_DIR = REPO_ROOT / ".local" / "logs"
+LOG_DIR = REPO_ROOT / ".local" / (f"clusters/{os.environ['VOLPLANE_CLUSTER']}/logs" if os.environ.get("VOLPLANE_CLUSTER") else "logs")
 KIND_CLUSTER_NAME = "volplane-e2e"
 
 
@@ -141,6 +142,12 @@ def _volplane_executable() -> str:
     raise RuntimeError("no `volplane` executable (pip install -e . in the venv)")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:100] or "test"
 
@@ -160,6 +167,8 @@ class Operator:
         self.log_path: Path | None = None
         self.log_paths: list[Path] = []
         self._others: list[Operator] = []
+        self.metrics_port: int | None = None
+        self.health_port: int | None = None
 
     # -- lifecycle
 
@@ -173,7 +182,17 @@ class Operator:
         self.log_path = LOG_DIR / f"operator-{self.test_name}-{self.starts}.log"
         self.log_paths.append(self.log_path)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        argv = [_volplane_executable(), "run", "--kubeconfig", self.kubeconfig, *self.args]
+        extra: list[str] = []
+        # Free ports unless the test chose them: several operators (HA tests, parallel
+        # runs) must not fight over 8080/8081.
+        if "--metrics-port" not in self.args:
+            self.metrics_port = _free_port()
+            extra += ["--metrics-port", str(self.metrics_port)]
+        if "--health-port" not in self.args:
+            self.health_port = _free_port()
+            extra += ["--health-port", str(self.health_port)]
+        argv = [_volplane_executable(), "run", "--kubeconfig", self.kubeconfig, *extra,
+                *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -51,11 +51,14 @@ def holds_for(
     interval: float = 0.5,
     message: str = "condition",
 ) -> None:
-    """Asserts predicate stays truthy for `duration` seconds (checked every `interval`)."""
+    """Asserts predicate stays truthy for `duration` seconds (checked every `interval`).
+
+    The predicate may itself raise AssertionError with a more precise message."""
     deadline = time.monotonic() + duration
+    start = time.monotonic()
     while True:
         value = predicate()
-        assert value, f"{message} stopped holding: {value!r}"
+        assert value, f"{message} stopped holding after {time.monotonic() - start:.1f} s: {value!r}"
         if time.monotonic() >= deadline:
             return
         time.sleep(interval)

@@ -177,10 +177,10 @@ def test_matching_pv_and_pvc_stay_unbound_without_volplane(matching_pair):
             problems.append(f"PVC volumeName {pvc.obj['spec']['volumeName']}")
         if "pv.kubernetes.io/bind-completed" in pvc.obj["metadata"].get("annotations", {}):
             problems.append("PVC bind-completed annotation")
-        return not problems or problems
+        assert not problems, "something bound them (is a PV binder running?): " + "; ".join(problems)
+        return True
 
-    holds_for(lambda: still_unbound() is True, duration=20, interval=1,
-              message="PV/PVC unbound (no binder running)")
+    holds_for(still_unbound, duration=20, interval=1, message="PV/PVC unbound")
 
 
 def test_scheduler_reports_unbound_immediate_claim(api, cluster, namespace, matching_pair):
@@ -192,6 +192,9 @@ def test_scheduler_reports_unbound_immediate_claim(api, cluster, namespace, matc
 
     def unschedulable():
         pod.reload()
+        if pod.obj["spec"].get("nodeName"):
+            pytest.fail(f"pod scheduled to {pod.obj['spec']['nodeName']}: "
+                        "its claim got bound (by a PV binder?)")
         cond = condition(pod.obj, "PodScheduled")
         return cond if cond and cond.get("status") == "False" else None
 
@@ -199,6 +202,15 @@ def test_scheduler_reports_unbound_immediate_claim(api, cluster, namespace, matc
     assert cond["reason"] == "Unschedulable"
     assert "unbound immediate PersistentVolumeClaims" in cond["message"]
     assert not pod.obj["spec"].get("nodeName")
+
+    def still_pending():
+        pod.reload()
+        assert not pod.obj["spec"].get("nodeName"), (
+            f"scheduled to {pod.obj['spec']['nodeName']}: the claim got bound (by a PV binder?)")
+        return True
+
+    # With a PV binder the claim binds within a second and the retry schedules the pod.
+    holds_for(still_pending, duration=5, interval=0.5, message="pod consumer unscheduled")
     failed = wait_for(
         lambda: [e for e in events_for(api, namespace, "consumer", kind="Pod")
                  if e.get("reason") == "FailedScheduling"],

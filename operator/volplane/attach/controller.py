@@ -471,6 +471,16 @@ class _Collector:
         self.ctl = ctl
 
     def collect(self):
+        # Scrapes run in prometheus-client's thread while the event loop mutates the
+        # indexes: a "changed size during iteration" just means "read again".
+        for _ in range(5):
+            try:
+                return list(self._collect())
+            except RuntimeError:
+                continue
+        return []
+
+    def _collect(self):
         ctl = self.ctl
         total = GaugeMetricFamily("attachdetach_controller_total_volumes",
                                   "Number of volumes in A/D Controller",

@@ -338,15 +338,21 @@ class PoolAttacher:
             md = va["metadata"]
         rest = [f for f in md.get("finalizers") or () if f != S.ATTACHER_FINALIZER]
         try:
-            await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}", {
+            new = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}", {
                 "metadata": {"resourceVersion": md["resourceVersion"], "finalizers": rest}})
         except ApiError as e:
             if not e.not_found:
                 raise
+            self.vas.remove(md["name"])
+            return
         metrics.api_writes.labels(self.name, "volumeattachments", "patch").inc()
         faults.point("pool-detach-2")
-        # The object is gone now (or goes with the last foreign finalizer); the watch's
-        # DELETED event removes it from the cache and wakes attachments waiting for a slot.
+        # Without finalizers the object is gone: drop it now (its slot is free, and the
+        # attachments waiting for one are woken) rather than when the watch says so.
+        if isinstance(new, dict) and not (new.get("metadata") or {}).get("finalizers"):
+            self.vas.remove(md["name"])
+        elif isinstance(new, dict):
+            self.vas.upsert(new)
         log.info("detached", attachment=md["name"], node=va["spec"].get("nodeName"),
                  slot=(md.get("annotations") or {}).get(S.SLOT_ANNOTATION), action="detach")
 
@@ -358,6 +364,14 @@ class _SlotCollector:
         self.ctl = ctl
 
     def collect(self):
+        for _ in range(5):  # scraped from another thread: retry a torn read
+            try:
+                return list(self._collect())
+            except RuntimeError:
+                continue
+        return []
+
+    def _collect(self):
         g = GaugeMetricFamily("volplane_node_device_slots",
                               "Device slots of pool.volplane.io attachments per node and pool",
                               labels=["node", "pool", "state"])

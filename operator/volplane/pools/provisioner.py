@@ -186,6 +186,16 @@ def build_pv(claim: dict, storage_class: dict, pool: str, size: int, affinity: d
     }
 
 
+def _node_slimmer():
+    """The attach controllers' Node projection (it keeps labels and deletionTimestamp,
+    all we read). The first store creator's projection wins, so use the same one."""
+    try:
+        from ..attach.state import slim_node
+    except ImportError:  # pragma: no cover - attach controllers not installed
+        return None
+    return slim_node
+
+
 class PoolCollector:
     """volplane_pool_* gauges computed at scrape time from the ledger."""
 
@@ -228,7 +238,7 @@ class PoolProvisioner:
         self.clock = clock
         self.pools = self.cache.add_store(POOLS.plural, POOLS.kind)
         self.allocations = self.cache.add_store(ALLOCATIONS.plural, ALLOCATIONS.kind)
-        self.nodes = self.cache.add_store(NODES.plural, NODES.kind)
+        self.nodes = self.cache.add_store(NODES.plural, NODES.kind, _node_slimmer())
         self.ledger = Ledger()
         self.namespace = (os.environ.get("VOLPLANE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
                           or "volplane-system")

@@ -31,6 +31,7 @@ import calendar
 import copy
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from .. import faults, logs, metrics
 from ..cache import key_of
@@ -39,8 +40,22 @@ from ..kube import ApiError, pv_path, pvc_path
 from ..runtime import CLASSES, PVCS, PVS
 from ..workqueue import WorkQueue
 from . import constants as C
-from .decide import ClaimAction, VolumeAction, sync_claim, sync_volume
-from .index import VolumeIndex
+from .decide import (
+    BindStep,
+    ClaimAction,
+    Event,
+    VolumeAction,
+    claim_bind_patch,
+    claim_status_patch,
+    is_volume_released,
+    missing_bind_steps,
+    sync_claim,
+    sync_volume,
+    volume_bind_patch,
+    volume_phase_patch,
+    volume_unbind_patch,
+)
+from .index import VolumeIndex, claim_class, volume_class
 
 log = logs.get("pv-binder")
 COMPONENT = "persistentvolume-controller"
@@ -53,6 +68,14 @@ def _claim_key_of_ref(ref: dict | None) -> str | None:
     if not ref or not ref.get("name"):
         return None
     return f"{ref.get('namespace') or ''}/{ref['name']}"
+
+
+def _became_available(old: dict | None, new: dict) -> bool:
+    if (new.get("status") or {}).get("phase") != "Available" or (new.get("spec") or {}).get(
+            "claimRef"):
+        return False
+    return old is None or (old.get("status") or {}).get("phase") != "Available" or bool(
+        (old.get("spec") or {}).get("claimRef"))
 
 
 def _ts(s: str | None) -> float | None:
@@ -79,7 +102,9 @@ class PVController:
         self.deleters: dict[str, Deleter] = {}
         self.recyclers: dict[str, Deleter] = {}
         self._explained: dict[str, tuple[float, str]] = {}
-        self._by_claim: dict[str, set[str]] = {}  # claim key -> PVs whose claimRef names it
+        self._by_claim: dict[str, set[str]] = {}
+        self._reclaiming: set[str] = set()
+        self._pending_by_class: dict[str, set[str]] = {}  # unbound claims by class  # claim key -> PVs whose claimRef names it
         self.cache.pvs.listen(self._on_volume)
         self.cache.pvcs.listen(self._on_claim)
         self.cache.classes.listen(self._on_class)
@@ -92,6 +117,12 @@ class PVController:
         else:
             self.index.upsert(new)
         self.volumes.add(name)
+        if new is not None and _became_available(old, new):
+            # A volume just became matchable: Pending claims of its class retry now
+            # rather than at the next resync (upstream waits for the 15 s resync).
+            cls = volume_class(new)
+            for key in self._pending_by_class.get(cls, ()):
+                self.claims.add(key)
         old_ck = _claim_key_of_ref(((old or {}).get("spec") or {}).get("claimRef"))
         new_ck = _claim_key_of_ref(((new or {}).get("spec") or {}).get("claimRef"))
         if old_ck and old_ck != new_ck:
@@ -107,6 +138,10 @@ class PVController:
 
     def _on_claim(self, key: str, old: dict | None, new: dict | None) -> None:
         self.claims.add(key)
+        if old is not None:
+            self._pending_by_class.get(claim_class(old), set()).discard(key)
+        if new is not None and (new.get("status") or {}).get("phase") != "Bound":
+            self._pending_by_class.setdefault(claim_class(new), set()).add(key)
         obj = new or old
         vol = (obj.get("spec") or {}).get("volumeName")
         if vol:
@@ -177,89 +212,102 @@ class PVController:
         if claim is None:
             self._explained.pop(key, None)
             return None
-        if claim["metadata"].get("deletionTimestamp") and not (claim.get("spec") or {}).get(
-            "volumeName"
-        ):
-            return None
         d = sync_claim(claim, index=self.index, classes=self.cache.classes, now=time.time())
         a = d.action
         if a == ClaimAction.BIND:
             await self.bind(claim, d.volume_name)
-        elif a in (ClaimAction.SET_PENDING, ClaimAction.SET_LOST, ClaimAction.SET_BOUND):
-            phase = {
-                ClaimAction.SET_PENDING: "Pending",
-                ClaimAction.SET_LOST: "Lost",
-                ClaimAction.SET_BOUND: "Bound",
-            }[a]
-            await self._set_claim_phase(claim, phase)
+        elif a == ClaimAction.SET_BOUND:
+            volume = self.cache.pvs.get(d.volume_name or claim["spec"].get("volumeName"))
+            await self._patch_claim(claim, claim_status_patch(claim, C.CLAIM_BOUND, volume),
+                                    status=True)
+        elif a in (ClaimAction.SET_PENDING, ClaimAction.SET_LOST):
+            phase = "Pending" if a == ClaimAction.SET_PENDING else "Lost"
+            await self._patch_claim(claim, claim_status_patch(claim, phase, None), status=True)
+        elif a == ClaimAction.ASSIGN_DEFAULT_CLASS:
+            await self._patch_claim(claim, {"spec": {"storageClassName": d.storage_class}})
         elif a == ClaimAction.ANNOTATE_PROVISIONER:
-            await self._annotate_provisioner(claim, d.provisioner)
+            claim = await self._annotate_provisioner(claim, d.provisioner)
         elif a == ClaimAction.PROVISION:
             plugin = self.provisioners.get(d.provisioner or C.POOL_PROVISIONER)
-            if plugin is not None:
+            if plugin is None:
+                # The pool provisioner is not running (--controllers): say so once.
+                d = replace(d, event=Event(C.WARNING, C.PROVISIONING_FAILED,
+                    f'provisioner "{d.provisioner}" is not enabled in this volplane'))
+            else:
+                claim = await self._annotate_provisioner(claim, d.provisioner)
                 await plugin(claim, d)
         self._emit_claim_event(claim, d)
         metrics.sync_total.labels(self.name, "claims", a.name.lower()).inc()
-        if a == ClaimAction.WAIT or (a == ClaimAction.NOOP and d.event):
-            return None  # the resync loop comes back for Pending claims
         return None
 
     def _emit_claim_event(self, claim: dict, d) -> None:
         ev = d.event
         if not ev:
             return
-        message = ev.message
-        if ev.reason == C.FAILED_BINDING and getattr(d, "explain", False):
-            message = self._explanation(claim, d)
+        message = self._explanation(claim, d) if d.explain else ev.message
         self.ctx.events.emit(claim, ev.type, ev.reason, message, component=COMPONENT)
 
     def _explanation(self, claim: dict, d) -> str:
-        """The detailed 'why no PV matched' text, computed at most once per quiet period."""
+        """The event message plus why no PV matched, computed at most once a minute."""
         key = key_of(claim)
         now = time.monotonic()
         hit = self._explained.get(key)
         if hit and now - hit[0] < 60:
             return hit[1]
-        res = self.index.explain(claim, delay_binding=getattr(d, "delay_binding", False))
-        text = res.reason
-        if d.event and d.event.message and d.event.message not in text:
-            text = f"{d.event.message}; {text}"
+        res = self.index.explain(claim, delay_binding=d.delay_binding)
+        text = f"{d.event.message}; {res.reason}" if d.event else res.reason
         self._explained[key] = (now, text)
         return text
 
-    async def _set_claim_phase(self, claim: dict, phase: str) -> None:
-        if (claim.get("status") or {}).get("phase") == phase:
-            return
+    async def _patch_claim(self, claim: dict, patch: dict | None, *, status: bool = False,
+                           point: str | None = None) -> dict:
+        """One merge patch with claim's resourceVersion as precondition; None = nothing."""
+        if not patch:
+            return claim
         md = claim["metadata"]
-        new = await self.ctx.kube.merge_patch(
-            pvc_path(md["namespace"], md["name"], "status"),
-            {"metadata": {"resourceVersion": md["resourceVersion"]}, "status": {"phase": phase}},
-        )
-        self._written("persistentvolumeclaims", "patch-status", new)
-        if phase == "Lost":
-            log.info("claim lost", namespace=md["namespace"], name=md["name"], action="set-lost")
+        body = {**patch, "metadata": {**(patch.get("metadata") or {}),
+                                      "resourceVersion": md["resourceVersion"]}}
+        try:
+            new = await self.ctx.kube.merge_patch(
+                pvc_path(md["namespace"], md["name"], "status" if status else ""), body)
+        except ApiError as e:
+            if e.conflict:
+                metrics.conflicts.labels(self.name, "persistentvolumeclaims").inc()
+                await self._reread_claim(md["namespace"], md["name"])
+            raise
+        self._written("persistentvolumeclaims", "patch-status" if status else "patch", new)
+        if point:
+            faults.point(point)
+        return new
 
-    async def _annotate_provisioner(self, claim: dict, provisioner: str) -> None:
-        md = claim["metadata"]
-        ann = md.get("annotations") or {}
-        if (
-            ann.get(C.ANN_STORAGE_PROVISIONER) == provisioner
-            and ann.get(C.ANN_BETA_STORAGE_PROVISIONER) == provisioner
-        ):
-            return
-        new = await self.ctx.kube.merge_patch(
-            pvc_path(md["namespace"], md["name"]),
-            {
-                "metadata": {
-                    "resourceVersion": md["resourceVersion"],
-                    "annotations": {
-                        C.ANN_STORAGE_PROVISIONER: provisioner,
-                        C.ANN_BETA_STORAGE_PROVISIONER: provisioner,
-                    },
-                }
-            },
-        )
-        self._written("persistentvolumeclaims", "patch", new)
+    async def _patch_volume(self, pv: dict, patch: dict | None, *, status: bool = False,
+                            point: str | None = None) -> dict:
+        if not patch:
+            return pv
+        md = pv["metadata"]
+        body = {**patch, "metadata": {**(patch.get("metadata") or {}),
+                                      "resourceVersion": md["resourceVersion"]}}
+        try:
+            new = await self.ctx.kube.merge_patch(pv_path(md["name"], "status" if status else ""),
+                                                  body)
+        except ApiError as e:
+            if e.conflict:
+                metrics.conflicts.labels(self.name, "persistentvolumes").inc()
+                await self._reread_pv(md["name"])
+            raise
+        self._written("persistentvolumes", "patch-status" if status else "patch", new)
+        if point:
+            faults.point(point)
+        return new
+
+    async def _annotate_provisioner(self, claim: dict, provisioner: str) -> dict:
+        ann = claim["metadata"].get("annotations") or {}
+        if (ann.get(C.ANN_STORAGE_PROVISIONER) == provisioner
+                and ann.get(C.ANN_BETA_STORAGE_PROVISIONER) == provisioner):
+            return claim
+        return await self._patch_claim(claim, {"metadata": {"annotations": {
+            C.ANN_STORAGE_PROVISIONER: provisioner,
+            C.ANN_BETA_STORAGE_PROVISIONER: provisioner}}})
 
     def _written(self, resource: str, verb: str, obj: dict | None) -> None:
         metrics.api_writes.labels(self.name, resource, verb).inc()
@@ -272,124 +320,36 @@ class PVController:
         pv = self.cache.pvs.get(volume_name)
         if pv is None:
             return
-        cmd = claim["metadata"]
-        ns, cname, cuid = cmd["namespace"], cmd["name"], cmd["uid"]
         t0 = time.monotonic()
-        kube = self.ctx.kube
+        steps = missing_bind_steps(pv, claim)
+        was_bound = (claim.get("status") or {}).get("phase") == C.CLAIM_BOUND
 
-        # 1. PV spec.claimRef
-        ref = (pv.get("spec") or {}).get("claimRef") or {}
-        if not (
-            ref.get("name") == cname
-            and (ref.get("namespace") or "") == ns
-            and ref.get("uid") == cuid
-        ):
-            by_controller = not (
-                ref.get("name") == cname
-                and (ref.get("namespace") or "") == ns
-                and ref.get("uid") in (None, "", cuid)
-            )
-            new_ref = {
-                "kind": "PersistentVolumeClaim",
-                "apiVersion": "v1",
-                "namespace": ns,
-                "name": cname,
-                "uid": cuid,
-                "resourceVersion": cmd.get("resourceVersion"),
-            }
-            patch: dict = {
-                "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
-                "spec": {"claimRef": new_ref},
-            }
-            if by_controller:
-                patch["metadata"]["annotations"] = {C.ANN_BOUND_BY_CONTROLLER: "yes"}
+        if BindStep.VOLUME_CLAIM_REF in steps:
+            patch = volume_bind_patch(pv, claim)
+            # Assume the PV taken before the write leaves, so no other worker picks it.
             assumed = copy.deepcopy(pv)
-            assumed["spec"]["claimRef"] = new_ref
+            assumed.setdefault("spec", {}).update(patch.get("spec") or {})
             original = self.cache.pvs.assume(assumed)
             try:
-                pv = await kube.merge_patch(pv_path(volume_name), patch)
-            except ApiError as e:
+                pv = await self._patch_volume(pv, patch, point="bind-1")
+            except BaseException:
                 self.cache.pvs.restore(volume_name, original, assumed)
-                if e.conflict:
-                    metrics.conflicts.labels(self.name, "persistentvolumes").inc()
-                    await self._reread_pv(volume_name)
                 raise
-            self._written("persistentvolumes", "patch", pv)
-            faults.point("bind-1")
-
-        # 2. PV status.phase = Bound
-        if (pv.get("status") or {}).get("phase") != "Bound":
-            pv = await kube.merge_patch(
-                pv_path(volume_name, "status"),
-                {
-                    "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
-                    "status": {"phase": "Bound", "message": None, "reason": None},
-                },
-            )
-            self._written("persistentvolumes", "patch-status", pv)
-            faults.point("bind-2")
-
-        # 3. PVC spec.volumeName + annotations
-        ann = cmd.get("annotations") or {}
-        vname = (claim.get("spec") or {}).get("volumeName")
-        if vname != volume_name or ann.get(C.ANN_BIND_COMPLETED) != "yes":
-            anns = {C.ANN_BIND_COMPLETED: "yes"}
-            if not vname:
-                anns[C.ANN_BOUND_BY_CONTROLLER] = "yes"
-            try:
-                claim = await kube.merge_patch(
-                    pvc_path(ns, cname),
-                    {
-                        "metadata": {
-                            "resourceVersion": cmd["resourceVersion"],
-                            "annotations": anns,
-                        },
-                        "spec": {"volumeName": volume_name},
-                    },
-                )
-            except ApiError as e:
-                if e.conflict:
-                    metrics.conflicts.labels(self.name, "persistentvolumeclaims").inc()
-                    await self._reread_claim(ns, cname)
-                raise
-            self._written("persistentvolumeclaims", "patch", claim)
-            faults.point("bind-3")
-
-        # 4. PVC status Bound with the PV's capacity and access modes
-        st = claim.get("status") or {}
-        pvspec = pv.get("spec") or {}
-        if (
-            st.get("phase") != "Bound"
-            or st.get("capacity") != pvspec.get("capacity")
-            or st.get("accessModes") != pvspec.get("accessModes")
-        ):
-            claim = await kube.merge_patch(
-                pvc_path(ns, cname, "status"),
-                {
-                    "metadata": {"resourceVersion": claim["metadata"]["resourceVersion"]},
-                    "status": {
-                        "phase": "Bound",
-                        "capacity": pvspec.get("capacity"),
-                        "accessModes": pvspec.get("accessModes"),
-                    },
-                },
-            )
-            self._written("persistentvolumeclaims", "patch-status", claim)
-            faults.point("bind-4")
-            created = _ts(cmd.get("creationTimestamp"))
+        if BindStep.VOLUME_PHASE in steps or BindStep.VOLUME_CLAIM_REF in steps:
+            pv = await self._patch_volume(pv, volume_phase_patch(pv, C.VOLUME_BOUND),
+                                          status=True, point="bind-2")
+        claim = await self._patch_claim(claim, claim_bind_patch(claim, pv), point="bind-3")
+        claim = await self._patch_claim(claim, claim_status_patch(claim, C.CLAIM_BOUND, pv),
+                                        status=True, point="bind-4")
+        md = claim["metadata"]
+        if not was_bound:
+            created = _ts(md.get("creationTimestamp"))
             if created:
-                metrics.claim_bind_seconds.labels(pvspec.get("storageClassName") or "").observe(
-                    max(0.0, time.time() - created)
-                )
-        log.info(
-            "bound",
-            kind="PersistentVolumeClaim",
-            namespace=ns,
-            name=cname,
-            volume=volume_name,
-            action="bind",
-            duration_ms=round((time.monotonic() - t0) * 1000, 1),
-        )
+                metrics.claim_bind_seconds.labels(claim_class(claim)).observe(
+                    max(0.0, time.time() - created))
+        log.info("bound", kind="PersistentVolumeClaim", namespace=md["namespace"],
+                 name=md["name"], volume=volume_name, action="bind", steps=len(steps),
+                 duration_ms=round((time.monotonic() - t0) * 1000, 1))
 
     async def _reread_pv(self, name: str) -> None:
         try:
@@ -410,74 +370,57 @@ class PVController:
         pv = self.cache.pvs.get(name)
         if pv is None:
             return None
-        d = sync_volume(
-            pv,
-            claims=self.cache.pvcs,
-            classes=self.cache.classes,
-            deleters=set(self.deleters),
-            recyclers=set(self.recyclers),
-        )
+        d = self._decide_volume(pv)
+        if d.verify_claim:
+            # Upstream's stale-cache guard: never release a volume because our cache
+            # missed its claim; ask the API server before acting.
+            ref = pv["spec"]["claimRef"]
+            await self._reread_claim(ref.get("namespace") or "", ref["name"])
+            d = self._decide_volume(pv)
         a = d.action
         if a == VolumeAction.SET_PHASE:
-            await self._set_volume_phase(pv, d.phase, d.message)
+            await self._patch_volume(pv, volume_phase_patch(pv, d.phase, d.status_message),
+                                     status=True)
         elif a == VolumeAction.UNBIND:
-            await self._unbind(pv)
-        elif a == VolumeAction.RECLAIM_DELETE:
-            await self._set_volume_phase(pv, "Released", None)
-            deleter = self.deleters.get(d.provisioner)
-            if deleter is not None:
-                await deleter(pv)
-        elif a == VolumeAction.RECLAIM_RECYCLE:
-            await self._set_volume_phase(pv, "Released", None)
-            recycler = self.recyclers.get(d.provisioner)
-            if recycler is not None:
-                await recycler(pv)
+            pv = await self._patch_volume(pv, volume_unbind_patch(pv), point="unbind-1")
+            await self._patch_volume(pv, volume_phase_patch(pv, C.VOLUME_AVAILABLE),
+                                     status=True)
+        elif a in (VolumeAction.RECLAIM_DELETE, VolumeAction.RECLAIM_RECYCLE):
+            await self._reclaim(pv, d)
         if d.event:
-            self.ctx.events.emit(
-                pv, d.event.type, d.event.reason, d.event.message, component=COMPONENT
-            )
+            self.ctx.events.emit(pv, d.event.type, d.event.reason, d.event.message,
+                                 component=COMPONENT)
+        if d.claim_event and d.enqueue_claim is None:
+            ref = (pv.get("spec") or {}).get("claimRef") or {}
+            claim = self.cache.pvcs.get(_claim_key_of_ref(ref) or "")
+            if claim:
+                self.ctx.events.emit(claim, d.claim_event.type, d.claim_event.reason,
+                                     d.claim_event.message, component=COMPONENT)
+        if d.enqueue_claim:
+            self.claims.add(d.enqueue_claim)
         metrics.sync_total.labels(self.name, "volumes", a.name.lower()).inc()
         return None
 
-    async def _set_volume_phase(self, pv: dict, phase: str, message: str | None) -> dict:
-        st = pv.get("status") or {}
-        if st.get("phase") == phase and (message is None or st.get("message") == message):
-            return pv
-        new = await self.ctx.kube.merge_patch(
-            pv_path(pv["metadata"]["name"], "status"),
-            {
-                "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
-                "status": {"phase": phase, "message": message},
-            },
-        )
-        self._written("persistentvolumes", "patch-status", new)
-        log.info(
-            "volume phase",
-            kind="PersistentVolume",
-            name=pv["metadata"]["name"],
-            action="set-phase",
-            phase=phase,
-        )
-        return new
+    def _decide_volume(self, pv: dict):
+        return sync_volume(pv, claims=self.cache.pvcs, classes=self.cache.classes,
+                           deleters=set(self.deleters), recyclers=set(self.recyclers))
 
-    async def _unbind(self, pv: dict) -> None:
-        """Upstream unbindVolume: undo our own bind entirely; keep a user's pre-bind name."""
-        md = pv["metadata"]
-        ann = md.get("annotations") or {}
-        if ann.get(C.ANN_BOUND_BY_CONTROLLER):
-            patch = {
-                "metadata": {
-                    "resourceVersion": md["resourceVersion"],
-                    "annotations": {C.ANN_BOUND_BY_CONTROLLER: None},
-                },
-                "spec": {"claimRef": None},
-            }
-        else:
-            patch = {
-                "metadata": {"resourceVersion": md["resourceVersion"]},
-                "spec": {"claimRef": {"uid": None, "resourceVersion": None}},
-            }
-        new = await self.ctx.kube.merge_patch(pv_path(md["name"]), patch)
-        self._written("persistentvolumes", "patch", new)
-        faults.point("unbind-1")
-        await self._set_volume_phase(new, "Available", None)
+    async def _reclaim(self, pv: dict, d) -> None:
+        """Hand a Released volume to its deleter/recycler, once at a time per volume."""
+        name = pv["metadata"]["name"]
+        if name in self._reclaiming:
+            return
+        plugins = self.deleters if d.action == VolumeAction.RECLAIM_DELETE else self.recyclers
+        plugin = plugins.get(d.provisioner)
+        if plugin is None:
+            return
+        # Re-check on fresh objects right before the irreversible step.
+        await self._reread_pv(name)
+        fresh = self.cache.pvs.get(name)
+        if fresh is None or not is_volume_released(fresh, self.cache.pvcs):
+            return
+        self._reclaiming.add(name)
+        try:
+            await plugin(fresh)
+        finally:
+            self._reclaiming.discard(name)

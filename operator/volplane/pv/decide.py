@@ -30,6 +30,7 @@ and any inconsistency means data loss (``_sync_bound_claim`` marks the claim Los
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
@@ -544,7 +545,8 @@ def _provision(
     if storage_class is None:
         text = f'storageclass.storage.k8s.io "{class_name}" not found'
         return ClaimDecision(
-            ClaimAction.WAIT, text, event=Event(c.WARNING, c.PROVISIONING_FAILED, text)
+            ClaimAction.WAIT, text, event=Event(c.WARNING, c.PROVISIONING_FAILED, text),
+            explain=True,
         )
     provisioner = storage_class.get("provisioner") or ""
     if provisioner == c.POOL_PROVISIONER:
@@ -561,7 +563,8 @@ def _provision(
         # In-tree plugins (and kubernetes.io/no-provisioner) cannot provision here.
         text = f"no volume plugin matched name: {provisioner}"
         return ClaimDecision(
-            ClaimAction.WAIT, text, event=Event(c.WARNING, c.PROVISIONING_FAILED, text)
+            ClaimAction.WAIT, text, event=Event(c.WARNING, c.PROVISIONING_FAILED, text),
+            explain=True,
         )
     message = (
         f"Waiting for a volume to be created either by the external provisioner '{provisioner}' "
@@ -655,8 +658,8 @@ def sync_volume(
     *,
     claims: Mapping[str, Mapping[str, Any]],
     classes: Mapping[str, Mapping[str, Any]],
-    deleters: set[str] | frozenset[str],
-    recyclers: set[str] | frozenset[str],
+    deleters: AbstractSet[str],
+    recyclers: AbstractSet[str],
 ) -> VolumeDecision:
     """Decide the next step for a PV (upstream syncVolume).
 
@@ -738,8 +741,8 @@ def _claim_binding_in_progress(
 
 def _claim_bound_elsewhere(
     volume: Mapping[str, Any],
-    deleters: set[str] | frozenset[str],
-    recyclers: set[str] | frozenset[str],
+    deleters: AbstractSet[str],
+    recyclers: AbstractSet[str],
     key: str,
     bound_to: str,
 ) -> VolumeDecision:
@@ -776,8 +779,8 @@ def _volume_phase(volume: Mapping[str, Any], phase: str, message: str) -> Volume
 
 def _release(
     volume: Mapping[str, Any],
-    deleters: set[str] | frozenset[str],
-    recyclers: set[str] | frozenset[str],
+    deleters: AbstractSet[str],
+    recyclers: AbstractSet[str],
     message: str,
     verify: bool,
 ) -> VolumeDecision:
@@ -804,7 +807,7 @@ def _with_verify(decision: VolumeDecision) -> VolumeDecision:
     return replace(decision, verify_claim=True)
 
 
-def _plugin_for(volume: Mapping[str, Any], names: set[str] | frozenset[str]) -> str | None:
+def _plugin_for(volume: Mapping[str, Any], names: AbstractSet[str]) -> str | None:
     """The provisioner/driver among ``names`` that handles this PV, if any."""
     provisioned_by = _annotations(volume).get(c.ANN_PROVISIONED_BY) or ""
     if provisioned_by in names:
@@ -817,8 +820,8 @@ def _plugin_for(volume: Mapping[str, Any], names: set[str] | frozenset[str]) -> 
 
 def _reclaim(
     volume: Mapping[str, Any],
-    deleters: set[str] | frozenset[str],
-    recyclers: set[str] | frozenset[str],
+    deleters: AbstractSet[str],
+    recyclers: AbstractSet[str],
 ) -> VolumeDecision:
     """Upstream reclaimVolume: act on spec.persistentVolumeReclaimPolicy."""
     if _annotations(volume).get(c.ANN_MIGRATED_TO):
@@ -842,7 +845,7 @@ def _reclaim(
     )
 
 
-def _delete(volume: Mapping[str, Any], deleters: set[str] | frozenset[str]) -> VolumeDecision:
+def _delete(volume: Mapping[str, Any], deleters: AbstractSet[str]) -> VolumeDecision:
     """Delete policy: find who deletes the volume (upstream findDeletablePlugin).
 
     provisioned-by names the provisioner: ours -> delete; an external one -> it deletes
