@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: setup venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench demo
+.PHONY: setup venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench image
 
 setup: venv controlplane
 
@@ -30,7 +30,7 @@ cluster-status: venv
 	$(VPY) hack/cluster.py status
 
 crds: cluster
-	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -f crds/
+	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -k crds/
 
 # The operator in the foreground against the local cluster, with a demo workload.
 run: crds
@@ -54,3 +54,7 @@ lint: venv
 
 bench: setup
 	$(VPY) hack/bench/run.py $(if $(QUICK),--quick,)
+
+IMAGE ?= volplane:dev
+image:
+	docker build -t $(IMAGE) .

@@ -17,9 +17,8 @@ def _run(args: argparse.Namespace) -> int:
         # time, and Kopf's login (login_via_client) uses that default.
         os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
     import kopf
-    from prometheus_client import start_http_server
 
-    from . import logs, runtime
+    from . import logs, runtime, serving
     from .cache import Cache
     from .context import Context, Options
     from .events import EventRecorder
@@ -49,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     registry = runtime.build(ctx, enabled, elector)
     if args.metrics_port:
         try:
-            start_http_server(args.metrics_port, addr=args.bind_address)
+            serving.serve(args.metrics_port, args.bind_address)
         except OSError as e:
             log.error("cannot serve metrics", port=args.metrics_port, error=str(e))
             return 2

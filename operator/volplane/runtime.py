@@ -27,6 +27,7 @@ import kopf
 from . import logs, settings
 from .cache import key_of
 from .context import Context
+from .serving import state as readiness
 
 log = logs.get("runtime")
 
@@ -101,15 +102,21 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
         ctx.events.start()
 
         async def start_when_synced():
+            readiness.leader_election = elector is not None
+            readiness.controllers = {c.name: False for c in controllers}
             if elector is not None:
                 await elector.ensure_namespace()
                 tasks.append(_guarded(elector.run(), "leader-election"))
-                await elector.leading.wait()
             await ctx.synced.wait()
+            readiness.synced = True
+            if elector is not None:
+                await elector.leading.wait()
+                readiness.leading = True
             counts = {p: len(ctx.cache.stores[p]) for p in watches}
             log.info("caches synced", controllers=enabled, objects=counts)
             for c in controllers:
                 tasks.append(_guarded(c.run(), f"controller-{c.name}"))
+                readiness.controllers[c.name] = True
 
         tasks.append(_guarded(start_when_synced(), "start-when-synced"))
 
