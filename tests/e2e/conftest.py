@@ -304,9 +304,67 @@ class Operator:
         return "\n".join(self.raw_lines()[-n:])
 
 
+def kubectl(kubeconfig: str, *args: str, input: str | None = None) -> str:
+    out = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], input=input,
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+INSTALL_FILES = ("namespace.yaml", "rbac.yaml", "csidriver.yaml")
+
+
+def install_prerequisites(kubeconfig: str) -> None:
+    """What the operator needs from manifests/ except its Deployment: CRDs, namespace,
+    ServiceAccount and least-privilege RBAC, the CSIDriver."""
+    kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-k",
+            str(REPO_ROOT / "crds"))
+    args = ["apply", "--server-side", "--force-conflicts"]
+    for f in INSTALL_FILES:
+        args += ["-f", str(REPO_ROOT / "manifests" / f)]
+    kubectl(kubeconfig, *args)
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
+            "crd/storagepools.volplane.io", "crd/storageallocations.volplane.io")
+
+
+def serviceaccount_kubeconfig(admin_kubeconfig: str, path: Path,
+                              namespace: str = "volplane-system", name: str = "volplane") -> Path:
+    """A kubeconfig that authenticates as the operator's ServiceAccount (token request)."""
+    import yaml
+
+    token = kubectl(admin_kubeconfig, "create", "token", name, "-n", namespace,
+                    "--duration=12h").strip()
+    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    ctx_name = admin.get("current-context")
+    ctx = next(c["context"] for c in admin["contexts"] if c["name"] == ctx_name)
+    cluster = next(c["cluster"] for c in admin["clusters"] if c["name"] == ctx["cluster"])
+    cfg = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "volplane",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": f"system:serviceaccount:{namespace}:{name}", "user": {"token": token}}],
+        "contexts": [{"name": "volplane", "context": {
+            "cluster": "c", "user": f"system:serviceaccount:{namespace}:{name}"}}],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(kubeconfig) -> str:
+    """The operator runs as manifests/' ServiceAccount in every e2e test, so the whole
+    suite proves the RBAC is sufficient. VOLPLANE_E2E_OPERATOR_IDENTITY=admin opts out."""
+    install_prerequisites(kubeconfig)
+    if os.environ.get("VOLPLANE_E2E_OPERATOR_IDENTITY") == "admin":
+        return kubeconfig
+    return str(serviceaccount_kubeconfig(kubeconfig, LOG_DIR.parent / "operator.kubeconfig"))
+
+
 @pytest.fixture
-def operator(kubeconfig, request) -> Operator:
-    op = Operator(kubeconfig, request.node.name)
+def operator(operator_kubeconfig, request) -> Operator:
+    op = Operator(operator_kubeconfig, request.node.name)
     yield op
     op.teardown()
 

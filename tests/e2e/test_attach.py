@@ -253,7 +253,7 @@ def crds(api):
     crd_cls = kind_class(api, "apiextensions.k8s.io/v1", "CustomResourceDefinition")
     for path in sorted(Path(REPO_ROOT / "crds").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if not doc:
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
                 continue
             existing = get_or_none(api, "apiextensions.k8s.io/v1", "CustomResourceDefinition",
                                    doc["metadata"]["name"])
