@@ -225,10 +225,14 @@ class World:
         for name in self.pvs:
             obj = get_or_none(api, "v1", "PersistentVolume", name)
             if obj is not None:
-                if obj.obj["metadata"].get("finalizers"):
+                # delete first: pv-protection would re-add its finalizer to a live PV, and
+                # with no PV binder running here the PV stays Bound, so it never lets go
+                delete_quietly(obj)
+                try:
                     patch(api, f"/api/v1/persistentvolumes/{name}",
                           {"metadata": {"finalizers": None}})
-                delete_quietly(obj)
+                except requests.HTTPError:
+                    pass
         for name in self.pools:
             obj = get_or_none(api, "volplane.io/v1alpha1", "StoragePool", name)
             if obj is not None:
@@ -656,11 +660,16 @@ def test_kill_9_during_a_burst_of_pod_starts_and_deletes(api, world, operator, c
         for f in futures:
             f.result()
     start(operator, *args)
-    # delete every other pod, with a second kill -9 in the middle of the detaches
+    # let it catch up a little, then delete every other pod, with a second kill -9 in
+    # the middle of the detaches
+    wait_for(lambda: sum(1 for v in world.my_vas().values()
+                         if (v.get("status") or {}).get("attached")) >= 60,
+             timeout=60, message="most volumes attached again")
     gone = [f"p{i}" for i in range(0, n_pods, 2)]
     with ThreadPoolExecutor(16) as ex:
         futures = [ex.submit(world.delete_pod, p) for p in gone]
-        time.sleep(0.5)
+        wait_for(lambda: len(world.my_vas()) <= n_pods - 10, timeout=60, interval=0.05,
+                 message="the detaches under way")
         operator.kill(signal.SIGKILL)
         for f in futures:
             f.result()

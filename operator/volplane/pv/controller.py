@@ -109,6 +109,7 @@ class PVController:
         self.cache.pvcs.listen(self._on_claim)
         self.cache.classes.listen(self._on_class)
         ctx.pv_controller = self  # so plugins can find us
+        metrics.register_collector("pv-collector", metrics.PVCollector(self.cache))
 
     # -- gather: store listeners (called synchronously on every change) ----------------------
     def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:

@@ -1,0 +1,245 @@
+"""Install with kubectl apply, least privilege, a real Prometheus, leader election (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pykube
+import pytest
+import yaml
+
+from .conftest import REPO_ROOT, kubectl
+from .helpers import create, wait_for
+
+SA = "system:serviceaccount:volplane-system:volplane"
+
+
+def rendered_manifests() -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(REPO_ROOT / "manifests")],
+                         capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api):
+    docs = rendered_manifests()
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole",
+            "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service",
+            "CSIDriver"} <= kinds
+    first = kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-k",
+                    str(REPO_ROOT / "manifests"))
+    assert first.count("serverside-applied") == len(docs), first
+    # Every object exists on the server.
+    for d in docs:
+        ns = d["metadata"].get("namespace")
+        args = ["get", f"{d['kind'].lower()}.{d['apiVersion'].split('/')[0]}"
+                if "/" in d["apiVersion"] else d["kind"].lower(), d["metadata"]["name"]]
+        if ns:
+            args += ["-n", ns]
+        kubectl(kubeconfig, *args, "-o", "name")
+    # Re-apply changes nothing: same resourceVersions before and after.
+    def versions():
+        return {(d["kind"], d["metadata"]["name"]): json.loads(kubectl(
+            kubeconfig, "get", d["kind"].lower() if "/" not in d["apiVersion"] else
+            f"{d['kind'].lower()}.{d['apiVersion'].split('/')[0]}", d["metadata"]["name"],
+            *(["-n", d["metadata"]["namespace"]] if d["metadata"].get("namespace") else []),
+            "-o", "json"))["metadata"]["resourceVersion"] for d in docs
+            if d["kind"] not in ("Namespace", "Deployment")}  # status churn is not ours
+    before = versions()
+    kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-k",
+            str(REPO_ROOT / "manifests"))
+    assert versions() == before
+    # Delete removes everything but what other tests need; re-install those after.
+    deletable = [d for d in docs if d["kind"] not in ("CustomResourceDefinition", "Namespace")]
+    out = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "delete", "--wait=false",
+                          "-f", "-"], input=yaml.safe_dump_all(deletable), capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("deleted") == len(deletable)
+    wait_for(lambda: subprocess.run(
+        ["kubectl", "--kubeconfig", kubeconfig, "get", "clusterrole", "volplane"],
+        capture_output=True).returncode != 0, timeout=30, message="ClusterRole deleted")
+    # The whole-kustomization delete works too (CRDs included), then put it all back.
+    kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-k",
+            str(REPO_ROOT / "manifests"))
+    kubectl(kubeconfig, "delete", "--wait=false", "--ignore-not-found", "-k",
+            str(REPO_ROOT / "manifests"))
+    wait_for(lambda: subprocess.run(
+        ["kubectl", "--kubeconfig", kubeconfig, "get", "crd", "storagepools.volplane.io"],
+        capture_output=True).returncode != 0, timeout=60, message="CRD deleted")
+    wait_for(lambda: subprocess.run(
+        ["kubectl", "--kubeconfig", kubeconfig, "get", "ns", "volplane-system"],
+        capture_output=True).returncode != 0, timeout=90, message="namespace deleted")
+    from .conftest import install_prerequisites
+    install_prerequisites(kubeconfig)
+
+
+def test_rbac_has_no_wildcards_and_is_least_privilege(kubeconfig, operator_kubeconfig):
+    for d in rendered_manifests():
+        for rule in d.get("rules", []):
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule.get(key, []), (d["metadata"]["name"], rule)
+    if Path(operator_kubeconfig).resolve() == Path(kubeconfig).resolve():
+        pytest.skip("operator runs as admin (VOLPLANE_E2E_OPERATOR_IDENTITY=admin)")
+
+    def can(*args: str) -> bool:
+        out = subprocess.run(["kubectl", "--kubeconfig", operator_kubeconfig, "auth", "can-i",
+                              *args], capture_output=True, text=True)
+        return out.stdout.strip() == "yes"
+
+    # What it needs:
+    assert can("patch", "persistentvolumes", "--subresource=status")
+    assert can("create", "volumeattachments.storage.k8s.io")
+    assert can("patch", "nodes", "--subresource=status")
+    assert not can("patch", "pods", "--subresource=status", "-A")
+    assert can("update", "leases.coordination.k8s.io", "-n", "volplane-system")
+    # What it must not have:
+    assert not can("get", "secrets", "-A")
+    assert not can("list", "secrets", "-n", "volplane-system")
+    assert not can("delete", "nodes")
+    assert not can("update", "nodes")
+    assert not can("create", "clusterrolebindings")
+    assert not can("escalate", "clusterroles")
+    assert not can("bind", "clusterroles")
+    assert not can("create", "pods", "-n", "default")
+    assert not can("update", "leases.coordination.k8s.io", "-n", "kube-system")
+    assert not can("impersonate", "serviceaccounts")
+
+
+def _claim(ns, name, cls, size="1Gi", **extra):
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
+                     "resources": {"requests": {"storage": size}}, **extra}}
+
+
+def _pv(name, cls, size="1Gi"):
+    return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+            "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
+                     "capacity": {"storage": size}, "persistentVolumeReclaimPolicy": "Retain",
+                     "hostPath": {"path": f"/tmp/{name}"}}}
+
+
+def _bound(api, ns, name):
+    return pykube.PersistentVolumeClaim.objects(api, namespace=ns).get_by_name(
+        name).obj.get("status", {}).get("phase") == "Bound"
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="no prometheus binary (make setup installs Debian's package)")
+def test_prometheus_scrapes_the_operator(api, namespace, operator, tmp_path):
+    operator.start("--controllers", "pv-binder")
+    operator.wait_ready()
+    cls = f"prom-{namespace}"
+    for i in range(3):
+        create(api, _pv(f"{namespace}-pv{i}", cls))
+    for i in range(5):  # 3 bind, 2 stay Pending
+        create(api, _claim(namespace, f"c{i}", cls))
+    wait_for(lambda: sum(_bound(api, namespace, f"c{i}") for i in range(5)) == 3, timeout=60,
+             message="3 claims bound")
+    port = _free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "volplane", "static_configs": [
+            {"targets": [f"127.0.0.1:{operator.metrics_port}"]}]}]}))
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        def query(q):
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = json.load(r)
+            assert body["status"] == "success"
+            return body["data"]["result"]
+
+        def value(q):
+            res = query(q)
+            return float(res[0]["value"][1]) if res else None
+
+        def up():
+            try:
+                return value('up{job="volplane"}') == 1
+            except (OSError, ValueError):  # Prometheus itself still starting
+                return False
+
+        wait_for(up, timeout=60, message="target up")
+        assert wait_for(lambda: value(
+            f'sum(pv_collector_bound_pvc_count{{namespace="{namespace}"}})') == 3,
+            timeout=30, message="bound pvc count 3")
+        assert value(f'sum(pv_collector_unbound_pvc_count{{namespace="{namespace}"}})') == 2
+        assert value(f'sum(pv_collector_bound_pv_count{{storage_class="{cls}"}})') == 3
+        assert value('sum(volplane_api_writes_total{controller="pv-binder"})') >= 12
+        assert value('volplane_leader') == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _leader(kubeconfig) -> str:
+    out = kubectl(kubeconfig, "get", "lease", "volplane", "-n", "volplane-system", "-o", "json")
+    return json.loads(out)["spec"]["holderIdentity"]
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:  # not listening yet
+        return 0, str(e)
+
+
+def test_two_replicas_one_leader_and_failover(api, kubeconfig, namespace, operator):
+    lease = ["--leader-elect-lease-duration", "6", "--leader-elect-renew-deadline", "4",
+             "--leader-elect-retry-period", "1", "--controllers", "pv-binder"]
+    a = operator.start(*lease, "--leader-elect-identity", f"a-{namespace}")
+    wait_for(lambda: _leader(kubeconfig) == f"a-{namespace}", timeout=60,
+             message="a leads")
+    a.wait_ready()
+    b = operator.another("b").start(*lease, "--leader-elect-identity", f"b-{namespace}")
+    wait_for(lambda: _readyz(b.metrics_port)[0] == 200, timeout=60, message="b ready (standby)")
+    assert "standby" in _readyz(b.metrics_port)[1]
+    cls = f"ha-{namespace}"
+    for i in range(10):
+        create(api, _pv(f"{namespace}-pv{i}", cls))
+        create(api, _claim(namespace, f"c{i}", cls))
+    wait_for(lambda: all(_bound(api, namespace, f"c{i}") for i in range(10)), timeout=60,
+             message="10 bound by the leader")
+    bound_by = lambda op: [ln for ln in op.log_lines() if ln.get("event") == "bound"]  # noqa: E731
+    assert len(bound_by(a)) == 10 and bound_by(b) == []  # only the leader acts
+    # Kill the leader: the standby takes over within the lease duration (+ retry).
+    t0 = time.monotonic()
+    a.kill(signal.SIGKILL)
+    wait_for(lambda: _leader(kubeconfig) == f"b-{namespace}", timeout=30, message="b leads")
+    takeover = time.monotonic() - t0
+    assert takeover < 15, takeover
+    for i in range(10, 15):
+        create(api, _pv(f"{namespace}-pv{i}", cls))
+        create(api, _claim(namespace, f"c{i}", cls))
+    wait_for(lambda: all(_bound(api, namespace, f"c{i}") for i in range(15)), timeout=60,
+             message="new claims bound by b")
+    assert len(bound_by(b)) == 5
+    # No claim was bound twice: each PV names exactly one claim, symmetric.
+    pvs = [pv.obj for pv in pykube.PersistentVolume.objects(api)
+           if pv.name.startswith(f"{namespace}-pv")]
+    refs = [pv["spec"]["claimRef"]["name"] for pv in pvs if pv["spec"].get("claimRef")]
+    assert len(refs) == len(set(refs)) == 15
