@@ -5,9 +5,16 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: setup venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench image
+.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench image
 
-setup: venv controlplane
+setup: venv controlplane tools
+
+# A real Prometheus for the observability e2e test (Debian's package); optional elsewhere.
+tools:
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus >/dev/null) ; } \
+	  || echo "note: no prometheus binary; its e2e test will be skipped"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml

@@ -96,12 +96,12 @@ def run(sizes: tuple[int, ...] = (1_000, 10_000, 100_000), quick: bool = False
         # brute force sorts and scans everything for each claim: a handful is plenty
         k = max(3, min(len(cl), (300_000 if not quick else 100_000) // n))
         sample = cl[:k]
-        brute = _per_call(lambda c: brute_force_match(c, vols), sample, repeats=1 if n > 10_000 else 2)
-        mismatches = 0
-        for c in sample:
-            a, b = index.find_best_match(c).volume, brute_force_match(c, vols).volume
-            if (a or {}).get("metadata", {}).get("name") != (b or {}).get("metadata", {}).get("name"):
-                mismatches += 1
+        answers: list = []
+        brute = _per_call(lambda c: answers.append(brute_force_match(c, vols).volume), sample,
+                          repeats=1 if n > 10_000 else 2)
+        name = lambda v: (v or {}).get("metadata", {}).get("name")  # noqa: E731
+        mismatches = sum(1 for c, b in zip(sample, answers)
+                         if name(index.find_best_match(c).volume) != name(b))
         matched = sum(1 for c in cl[:500] if index.find_best_match(c).volume is not None)
         points.append({
             "pvs": n, "index_us_per_claim": round(fast * 1e6, 2),

@@ -243,3 +243,35 @@ def test_two_replicas_one_leader_and_failover(api, kubeconfig, namespace, operat
            if pv.name.startswith(f"{namespace}-pv")]
     refs = [pv["spec"]["claimRef"]["name"] for pv in pvs if pv["spec"].get("claimRef")]
     assert len(refs) == len(set(refs)) == 15
+
+
+def _metric_names_in(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (label names, selectors, functions dropped)."""
+    import re
+    expr = re.sub(r"\b(by|without)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", " ", expr)
+    names = re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", expr)
+    return {n for n in names if "_" in n}
+
+
+def test_alerts_and_dashboard_use_only_exported_metrics(operator, tmp_path):
+    operator.start()  # every controller
+    operator.wait_ready()
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as r:
+        text = r.read().decode()
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    exported |= {f"{n}_bucket" for n in exported} | {f"{n}_total" for n in exported}
+    rules = yaml.safe_load((REPO_ROOT / "manifests/monitoring/prometheusrule.yaml").read_text())
+    exprs = [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
+    dash = json.loads((REPO_ROOT / "manifests/monitoring/volplane-dashboard.json").read_text())
+    exprs += [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = set().union(*(_metric_names_in(e) for e in exprs))
+    assert used, exprs
+    missing = sorted(used - exported)
+    assert not missing, f"not exported by the operator: {missing}"
+    if shutil.which("promtool"):
+        f = tmp_path / "rules.yml"
+        f.write_text(yaml.safe_dump({"groups": rules["spec"]["groups"]}))
+        out = subprocess.run(["promtool", "check", "rules", str(f)], capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
