@@ -5,7 +5,9 @@ PV's name on each claim, annotation bench.volplane.io/pv) and does no matching,
 no caching, no retries beyond the transport. What is left is the cost of the
 writes themselves on this machine: the physical limit for any controller.
 
-    --mode static   per claim, upstream's four bind writes, in order, as merge patches:
+    --mode static   per new PV, the Pending -> Available status write (upstream's volume
+                    worker does it too, and claims only bind to Available PVs); per
+                    claim, upstream's four bind writes, in order, as merge patches:
                     PV spec.claimRef (+ bound-by-controller), PV status Bound,
                     PVC spec.volumeName (+ bind-completed, bound-by-controller),
                     PVC status Bound (capacity, access modes)
@@ -30,6 +32,11 @@ BOUND_BY = "pv.kubernetes.io/bound-by-controller"
 BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
 
 
+async def make_available(api: Api, pv: dict) -> None:
+    await api.merge_patch(f"/api/v1/persistentvolumes/{pv['metadata']['name']}/status",
+                          {"status": {"phase": "Available"}})
+
+
 async def bind_static(api: Api, claim: dict) -> None:
     md = claim["metadata"]
     ns, name = md["namespace"], md["name"]
@@ -52,36 +59,42 @@ async def bind_static(api: Api, claim: dict) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     ssl = client_ssl(Path(args.ca), Path(args.cert), Path(args.key))
-    async with Api(args.server, ssl, limit=args.concurrency + 2) as api:
+    async with Api(args.server, ssl, limit=args.concurrency + 3) as api:
         queue: asyncio.Queue = asyncio.Queue()
         seen: set[str] = set()
         path = f"/api/v1/namespaces/{args.namespace}/persistentvolumeclaims"
 
-        def on_event(kind: str, obj: dict, _t: float) -> None:
+        def on_claim(kind: str, obj: dict, _t: float) -> None:
             md = obj["metadata"]
             if kind == "ADDED" and not (obj.get("spec") or {}).get("volumeName") \
                     and md["name"] not in seen:
                 seen.add(md["name"])
-                queue.put_nowait(obj)
+                queue.put_nowait((bind_static, obj))
 
-        initial = await api.list(path)
-        for item in initial["items"]:
-            on_event("ADDED", item, 0.0)
-        watcher = asyncio.create_task(watch(api, path, initial["metadata"]["resourceVersion"],
-                                            on_event))
-        handler = {"static": bind_static}[args.mode]
+        def on_volume(kind: str, obj: dict, _t: float) -> None:
+            if kind == "ADDED" and (obj.get("status") or {}).get("phase") == "Pending":
+                queue.put_nowait((make_available, obj))
+
+        pv_path, pv_sel = "/api/v1/persistentvolumes", {"labelSelector": args.pv_label}
+        watchers = []
+        for p, sel, fn in ((path, None, on_claim), (pv_path, pv_sel, on_volume)):
+            initial = await api.list(p, sel)
+            for item in initial["items"]:
+                fn("ADDED", item, 0.0)
+            watchers.append(asyncio.create_task(
+                watch(api, p, initial["metadata"]["resourceVersion"], fn, sel)))
 
         async def worker() -> None:
             while True:
-                claim = await queue.get()
+                handler, obj = await queue.get()
                 try:
-                    await handler(api, claim)
+                    await handler(api, obj)
                 except Exception as e:  # report, keep going: the harness checks end state
-                    print(f"floor: {claim['metadata']['name']}: {e}", flush=True)
+                    print(f"floor: {obj['metadata']['name']}: {e}", flush=True)
 
         workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
         print("floor ready", flush=True)
-        await asyncio.gather(watcher, *workers)
+        await asyncio.gather(*watchers, *workers)
     return 0
 
 
@@ -93,5 +106,6 @@ if __name__ == "__main__":
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--namespace", required=True)
+    p.add_argument("--pv-label", default="bench.volplane.io/run")
     p.add_argument("--concurrency", type=int, default=16)
     sys.exit(asyncio.run(main(p.parse_args())))

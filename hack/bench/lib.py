@@ -56,6 +56,7 @@ KCM_SERVICE_ACCOUNTS = ("persistent-volume-binder", "attachdetach-controller")
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 LABEL = "bench.volplane.io/run"
 ANN_PAIR = "bench.volplane.io/pv"
+KEEP_FAILED = os.environ.get("BENCH_KEEP") == "1"  # leave a failed run's objects in place
 
 
 def log(msg: str) -> None:
@@ -136,6 +137,11 @@ class Env:
         os.chmod(path, 0o600)
         return path
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the API server and etcd (for per-run deltas)."""
+        return {name: proc_cpu_seconds(self.state["pids"][name])
+                for name in ("kube-apiserver", "etcd")}
+
     def ssl_context(self, cert: str = "admin") -> ssl.SSLContext:
         if cert == "admin":
             return client_ssl(self.pki / "ca.crt", self.pki / "admin.crt", self.pki / "admin.key")
@@ -198,7 +204,7 @@ class Api:
                         timeout=aiohttp.ClientTimeout(total=120)) as resp:
                     raw = await resp.read()
                     status = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 if attempt == retries:
                     raise ApiError(0, str(e)) from None
                 await asyncio.sleep(0.1 * 2 ** attempt)
@@ -417,6 +423,7 @@ class Controller:
         self._sampler: asyncio.Task | None = None
         self.started = 0.0
         self.ready_after = 0.0
+        self.metrics_url: str | None = None  # the controller's own /metrics, if plain HTTP
 
     async def start(self, timeout: float = 180.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -457,6 +464,24 @@ class Controller:
                 "hwm_mib": round(m.get("VmHWM", 0) / 1024, 1),
                 "peak_sampled_rss_mib": round(self.peak_rss / 1024, 1),
                 "cpu_seconds": round(proc_cpu_seconds(self.proc.pid), 2) if self.proc else 0.0}
+
+    def own_metrics(self, prefixes: tuple[str, ...] = ("volplane_",)) -> dict[str, float]:
+        """Counters from the controller's own /metrics (volplane: writes, conflicts, syncs)."""
+        if not self.metrics_url or not self.alive():
+            return {}
+        import urllib.request
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for name, labels, value in parse_metrics(text, prefixes):
+            if name.endswith(("_bucket", "_created")) or not value:
+                continue
+            key = name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+            out[key] = value
+        return out
 
     def alive(self) -> bool:
         return bool(self.proc) and self.proc.poll() is None
@@ -504,15 +529,18 @@ def kcm(env: Env, controllers: list[str], *, qps: float | None, burst: int | Non
 
 def volplane(env: Env, controllers: str, *, kubeconfig: Path | None = None,
              tag: str = "", extra: list[str] | None = None) -> Controller:
+    port = free_port()
     argv = [str(VOLPLANE), "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
-            "--controllers", controllers, "--metrics-port", str(free_port()),
+            "--controllers", controllers, "--metrics-port", str(port),
             "--health-port", str(free_port()), "--bind-address", "127.0.0.1",
             "--no-leader-elect", *(extra or [])]
 
     def ready(text: str) -> bool:
         return '"caches synced"' in text
 
-    return Controller(f"volplane{tag}", argv, ready, env.logs / f"volplane{tag}.log")
+    c = Controller(f"volplane{tag}", argv, ready, env.logs / f"volplane{tag}.log")
+    c.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    return c
 
 
 def floor(env: Env, mode: str, namespace: str, concurrency: int, tag: str = "") -> Controller:
@@ -541,6 +569,10 @@ def latency_summary(values: list[float]) -> dict[str, float]:
     return {"p50_s": round(percentile(values, 50), 3), "p95_s": round(percentile(values, 95), 3),
             "p99_s": round(percentile(values, 99), 3),
             "max_s": round(max(values), 3) if values else float("nan")}
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
 
 
 def machine() -> dict[str, Any]:

@@ -66,7 +66,7 @@ def table(results: dict) -> str:
         sides = res["sides"]
         n = res.get("n")
 
-        def get(side, path):
+        def get(side, path, sides=sides):
             r = sides.get(side)
             if not r or not r.get("correct"):
                 return None
@@ -83,7 +83,8 @@ def table(results: dict) -> str:
             ("API requests", ("requests", "controller", "total"), False),
             ("API writes", ("requests", "controller", "writes"), False),
             ("RSS MiB (peak)", ("memory", "hwm_mib"), False),
-            ("CPU s", ("memory", "cpu_seconds"), False),
+            ("controller CPU s", ("cpu_s", "controller"), False),
+            ("apiserver CPU s", ("cpu_s", "kube-apiserver"), False),
         ]
         for label, path, is_target in metrics:
             vals = {s: get(s, path) for s in ALL_SIDES}

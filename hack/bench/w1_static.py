@@ -5,15 +5,21 @@ multisets are equal), so smallest-fit matching binds all of them whatever the
 order; the end state is checked for that (all Bound, symmetric, no PV twice).
 
 Timeline of one run: clean slate -> controller started, caches synced -> metrics
-snapshot -> watches on PVs and PVCs -> all PVs created, then all PVCs, as fast as
-one client can -> wait (watch events) until every PV and PVC is Bound -> 2 s
-settle -> metrics snapshot, controller memory -> controller stopped -> end
-state verified from a fresh LIST -> clean slate.
+snapshot -> watches on PVs and PVCs -> all PVs created as fast as one client can
+-> wait until the controller has made every PV Available (a barrier: a claim
+created while its exact PV is still Pending would take a bigger one and strand
+another claim, with any binder) -> all PVCs created -> wait (watch events) until
+every PV and PVC is Bound -> 2 s settle -> metrics snapshot, controller memory ->
+controller stopped -> end state verified from a fresh LIST -> clean slate.
+wall_s runs from the first PV create to the last Bound; bind_wall_s from the
+first PVC create; latencies are per claim, from its POST to the watch event
+that shows it Bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from typing import Any
@@ -84,7 +90,9 @@ class Tracker:
         self.n = n
         self.claim_bound: dict[str, float] = {}
         self.volume_bound: dict[str, float] = {}
+        self.volume_available: dict[str, float] = {}
         self.done = asyncio.Event()
+        self.all_available = asyncio.Event()
 
     def on_claim(self, kind: str, obj: dict, t: float) -> None:
         name = obj["metadata"]["name"]
@@ -94,6 +102,10 @@ class Tracker:
 
     def on_volume(self, kind: str, obj: dict, t: float) -> None:
         name = obj["metadata"]["name"]
+        if kind != "DELETED" and (obj.get("status") or {}).get("phase") in ("Available", "Bound"):
+            self.volume_available.setdefault(name, t)
+            if len(self.volume_available) >= self.n:
+                self.all_available.set()
         if kind != "DELETED" and (obj.get("status") or {}).get("phase") == "Bound":
             self.volume_bound.setdefault(name, t)
             self._check()
@@ -176,30 +188,51 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
                                           tracker.on_volume, sel, stop)),
         ]
         before = await api.metrics()
+        cpu0, ctl_cpu0 = env.cpu(), ctl.memory()["cpu_seconds"]
+        load0 = os.getloadavg()[0]
         api.counts.clear()
         t0 = time.monotonic()
-        _, _ = await lib.create_many(api, lambda b: "/api/v1/persistentvolumes",
-                                     [pv_body(p, run) for p in plan])
+        await lib.create_many(api, lambda b: "/api/v1/persistentvolumes",
+                              [pv_body(p, run) for p in plan])
+        # Barrier: claims only bind to Available PVs (upstream too); creating them
+        # while the controller still moves new PVs from Pending to Available would
+        # let a claim take a bigger PV and strand another claim (for any binder).
+        try:
+            await asyncio.wait_for(tracker.all_available.wait(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"{len(tracker.volume_available)}/{n} PVs Available after "
+                               f"{timeout:.0f} s") from None
+        t1 = time.monotonic()
         sent, _ = await lib.create_many(api, lambda b: claims_path,
                                         [pvc_body(p, run) for p in plan])
         t_created = time.monotonic()
         loadgen = dict(api.counts)
         try:
             await asyncio.wait_for(tracker.done.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result["error"] = (f"timeout after {timeout:.0f} s: {len(tracker.claim_bound)}/{n} "
                                f"claims, {len(tracker.volume_bound)}/{n} volumes Bound")
         t_end = max([*tracker.claim_bound.values(), *tracker.volume_bound.values(), t0])
+        cpu1, ctl_cpu1 = env.cpu(), ctl.memory()["cpu_seconds"]
         await asyncio.sleep(2.0)
         after = await api.metrics()
         result["memory"] = ctl.memory()
+        own = ctl.own_metrics()
+        if own:
+            result["own_metrics"] = {k: v for k, v in own.items()
+                                     if k.startswith(("volplane_api_writes", "volplane_conflicts",
+                                                      "volplane_sync_total", "volplane_events"))}
         stop.set()
         for w in watchers:
             w.cancel()
         lat = [tracker.claim_bound[k] - sent[k] for k in tracker.claim_bound if k in sent]
         result.update({
             "wall_s": round(t_end - t0, 3),
-            "create_s": round(t_created - t0, 3),
+            "pvs_available_s": round(t1 - t0, 3),
+            "bind_wall_s": round(t_end - t1, 3),
+            "claims_created_s": round(t_created - t1, 3),
+            "cpu_s": {"controller": round(ctl_cpu1 - ctl_cpu0, 2), **lib.cpu_delta(cpu0, cpu1)},
+            "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
             "latency": lib.latency_summary(lat),
             "requests": lib.diff_requests(before, after),
             "loadgen_requests": loadgen,
@@ -211,6 +244,8 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
         errors.insert(0, result["error"])
     result["correct"] = not errors
     result["errors"] = errors[:10]
+    if errors and lib.KEEP_FAILED:
+        raise RuntimeError(f"kept the failed state for inspection (BENCH_KEEP=1): {errors[:3]}")
     await lib.clean(api, namespaces=(NS,), pv_label=LABEL)
     return result
 
@@ -241,7 +276,8 @@ async def run(env: lib.Env, n: int, include: set[str]) -> dict[str, Any]:
             except (ApiError, RuntimeError) as e:
                 r = {"side": side, "n": n, "correct": False, "errors": [str(e)[:2000]]}
             results[side] = r
-            lib.log(f"W1 {side}: wall {r.get('wall_s')} s, p50 "
+            lib.log(f"W1 {side}: wall {r.get('wall_s')} s (PVs Available {r.get('pvs_available_s')} s,"
+                    f" bind {r.get('bind_wall_s')} s), cpu {r.get('cpu_s')}, p50 "
                     f"{r.get('latency', {}).get('p50_s')} s, controller requests "
                     f"{r.get('requests', {}).get('controller')}, mem {r.get('memory')}, "
                     f"correct {r['correct']} {r['errors'][:2]}")

@@ -97,10 +97,10 @@ def run(sizes: tuple[int, ...] = (1_000, 10_000, 100_000), quick: bool = False
         k = max(3, min(len(cl), (300_000 if not quick else 100_000) // n))
         sample = cl[:k]
         answers: list = []
-        brute = _per_call(lambda c: answers.append(brute_force_match(c, vols).volume), sample,
-                          repeats=1 if n > 10_000 else 2)
+        brute = _per_call(lambda c, a=answers, v=vols: a.append(brute_force_match(c, v).volume),
+                          sample, repeats=1 if n > 10_000 else 2)
         name = lambda v: (v or {}).get("metadata", {}).get("name")  # noqa: E731
-        mismatches = sum(1 for c, b in zip(sample, answers)
+        mismatches = sum(1 for c, b in zip(sample, answers[:len(sample)], strict=True)
                          if name(index.find_best_match(c).volume) != name(b))
         matched = sum(1 for c in cl[:500] if index.find_best_match(c).volume is not None)
         points.append({

@@ -506,6 +506,41 @@ def test_out_of_service_taint_detaches_at_once(api, world, operator, cluster):
     assert time.monotonic() - t0 < 10
 
 
+def test_not_ready_node_is_force_detached_after_the_max_wait(api, world, operator, cluster):
+    """A node no kubelet (nor kwok) keeps Ready: NotReady + in use + max wait passed."""
+    port = free_port()
+    start(operator, *operator_args(metrics_port=port), env={"VOLPLANE_UNMOUNT_MAX_WAIT": "6"})
+    node = f"{world.tag}-dead"
+    create(api, {"apiVersion": "v1", "kind": "Node",
+                 "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node},
+                              "annotations": {S.MANAGED_ANNOTATION: "true"}},
+                 "spec": {"taints": [{"key": "volplane.io/e2e", "effect": "NoSchedule"}]}})
+    world.nodes.append(node)
+    patch_status(api, f"/api/v1/nodes/{node}", {"status": {"conditions": [
+        {"type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "e2e",
+         "lastHeartbeatTime": "2024-01-01T00:00:00Z",
+         "lastTransitionTime": "2024-01-01T00:00:00Z"}]}})
+    pool = world.pool(nodes=[node])
+    claim, pv, handle = world.volume(0, pool=pool)
+    unique = S.unique_volume_name(POOL_DRIVER, handle)
+    world.pod("p", node, claim)  # no kubelet: stays Pending, but it is scheduled
+    world.wait_attached(pv, node, handle)
+    patch_status(api, f"/api/v1/nodes/{node}", {"status": {"volumesInUse": [unique]}})
+    before = sum(v for k, v in metric_values(
+        port, "attachdetach_controller_forced_detaches_total").items()
+        if 'reason="timeout"' in k)
+    world.delete_pod("p")  # grace 0 on a node with no kubelet: gone at once
+    t0 = time.monotonic()
+    holds_for(lambda: world.va_for(pv, node, handle) is not None, duration=3,
+              message="attachment kept before the max wait for unmount")
+    world.wait_no_va(pv, timeout=20)
+    assert time.monotonic() - t0 >= 5
+    after = sum(v for k, v in metric_values(
+        port, "attachdetach_controller_forced_detaches_total").items()
+        if 'reason="timeout"' in k)
+    assert after == before + 1
+
+
 def test_deleting_a_node_cleans_up_its_attachments_within_seconds(api, world, operator,
                                                                  cluster):
     start(operator)

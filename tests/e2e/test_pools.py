@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from .helpers import create, events_for, holds_for, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CRDS = REPO_ROOT / "crds"
+CRD_FILES = [REPO_ROOT / "crds" / f"{name}.volplane.io.yaml"
+             for name in ("storagepools", "storageallocations")]
 POOL_API = "volplane.io/v1alpha1"
 PROVISIONER = "pool.volplane.io"
 FINALIZER = "volplane.io/allocation"
@@ -130,12 +132,12 @@ def failed_events(api, namespace: str, claim: str) -> list[dict]:
 def crds(kubeconfig, api):
     kubectl = shutil.which("kubectl")
     if kubectl:
+        files = [a for path in CRD_FILES for a in ("-f", str(path))]
         subprocess.run([kubectl, "--kubeconfig", kubeconfig, "apply", "--server-side",
-                        "--force-conflicts", "-f", str(CRDS)], check=True,
-                       capture_output=True, text=True)
+                        "--force-conflicts", *files], check=True, capture_output=True, text=True)
     else:  # the same through the API (server-side apply)
         import yaml
-        for path in sorted(CRDS.glob("*.yaml")):
+        for path in CRD_FILES:
             body = yaml.safe_load(path.read_text())
             r = api.patch(version="apiextensions.k8s.io/v1",
                           url=f"customresourcedefinitions/{body['metadata']['name']}",
@@ -647,13 +649,17 @@ def test_pool_metrics(api, pool_env):
     url = f"http://127.0.0.1:{pool_env.metrics_port}/metrics"
 
     def scraped():
-        text = requests.get(url, timeout=5).text
-        want = [f'volplane_pool_capacity_bytes{{pool="{pool}"}} {float(4 * GI)}',
-                f'volplane_pool_allocated_bytes{{pool="{pool}"}} {float(GI)}',
-                f'volplane_pool_available_bytes{{pool="{pool}"}} {float(3 * GI)}',
-                f'volplane_pool_volumes{{pool="{pool}"}} 1.0',
-                'volplane_pool_provision_duration_seconds_count{result="success"}']
-        return all(w in text for w in want)
+        values = {}
+        for family in text_string_to_metric_families(requests.get(url, timeout=5).text):
+            for sample in family.samples:
+                values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        by_pool = (("pool", pool),)
+        return (values.get(("volplane_pool_capacity_bytes", by_pool)) == 4 * GI
+                and values.get(("volplane_pool_allocated_bytes", by_pool)) == GI
+                and values.get(("volplane_pool_available_bytes", by_pool)) == 3 * GI
+                and values.get(("volplane_pool_volumes", by_pool)) == 1
+                and values.get(("volplane_pool_provision_duration_seconds_count",
+                                (("result", "success"),)), 0) >= 1)
 
     wait_for(scraped, timeout=15, message="pool metrics")
 

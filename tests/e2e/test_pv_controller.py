@@ -454,7 +454,7 @@ class Watcher:
             self.ready.set()
             while not self.stop.is_set():
                 params = {**self.params, "watch": "1", "resourceVersion": rv,
-                          "allowWatchBookmarks": "true", "timeoutSeconds": "60"}
+                          "allowWatchBookmarks": "true", "timeoutSeconds": "3"}
                 with self.client.get(url=self.path, params=params, stream=True) as r:
                     r.raise_for_status()
                     for line in r.iter_lines():
@@ -486,12 +486,15 @@ def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operat
             local.api = pykube.HTTPClient(pykube.KubeConfig.from_file(kubeconfig), timeout=30)
         return local.api
 
+    t_pvs = time.monotonic()
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda n: kcreate(client(), pv_manifest(n, "1Gi", namespace, ns=namespace)),
                       pv_names))
+    pvs_created = time.monotonic() - t_pvs
     wait_for(lambda: sum(phase(v) == "Available" for v in
                          klist(api, "PersistentVolume", labelSelector=f"{LABEL}={namespace}"))
              == n_pvs, timeout=60, message="100 PVs Available")
+    pvs_available = time.monotonic() - t_pvs
 
     claims_of_pv: dict[str, set[str]] = {}   # PV -> every claim uid its claimRef ever had
     pvs_of_claim: dict[str, set[str]] = {}   # claim -> every volumeName it ever had
@@ -529,12 +532,14 @@ def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operat
 
         wait_for(settled, timeout=180, interval=0.5, message="100 claims Bound")
         elapsed = time.monotonic() - t0
-        # Stable: nothing more binds, nothing unbinds.
-        time.sleep(5)
+        # Stable: nothing more binds, nothing unbinds (a timed check).
+        holds_for(settled, 5, message="exactly 100 claims Bound")
         claims = klist(api, "PersistentVolumeClaim", namespace)
         volumes = {v["metadata"]["name"]: v for v in
                    klist(api, "PersistentVolume", labelSelector=f"{LABEL}={namespace}")}
-    print(f"\n200-claim race: created in {created:.1f} s, 100 Bound after {elapsed:.1f} s")
+    print(f"\n200-claim race: 100 PVs created in {pvs_created:.1f} s, Available after "
+          f"{pvs_available:.1f} s; 200 claims created in {created:.1f} s, 100 Bound after "
+          f"{elapsed:.1f} s")
     assert not pv_watch.errors and not pvc_watch.errors, (pv_watch.errors, pvc_watch.errors)
 
     bound = [c for c in claims if phase(c) == "Bound"]
@@ -723,7 +728,7 @@ def test_crash_with_many_claims_never_double_binds(api, namespace, pvs, operator
         return sum(phase(c) == "Bound" for c in claims) == n_pvs and claims
 
     wait_for(settled, timeout=60, message=f"{n_pvs} claims Bound")
-    time.sleep(3)
+    holds_for(settled, 3, message=f"exactly {n_pvs} claims Bound")
     claims = klist(api, "PersistentVolumeClaim", namespace)
     volumes = {v["metadata"]["name"]: v for v in
                klist(api, "PersistentVolume", labelSelector=f"{LABEL}={namespace}")}
@@ -784,9 +789,11 @@ def test_pending_claim_events_are_deduplicated(api, namespace, pvs, operator):
     pvs.pvc("data", "5Gi")
     t0 = time.monotonic()
     wait_for(lambda: claim_events(api, namespace, "data"), timeout=30, message="first event")
+    syncs_before = _claim_syncs(operator)
     # The claim is resynced every 5 s meanwhile (7 times); nothing new may be posted.
     time.sleep(max(0.0, 36 - (time.monotonic() - t0)))
     assert operator.running, operator.tail()
+    assert _claim_syncs(operator) - syncs_before >= 5, "the claim was resynced meanwhile"
     assert_stays_pending(api, namespace, "data", seconds=1)
     events = claim_events(api, namespace, "data")
     warnings = [e for e in events if e["reason"] in ("FailedBinding", "ProvisioningFailed")]
@@ -796,6 +803,14 @@ def test_pending_claim_events_are_deduplicated(api, namespace, pvs, operator):
 
 
 # ============================================================================ metrics
+
+
+def _claim_syncs(operator: Operator) -> float:
+    """volplane_sync_total of the PV binder's claim queue, all outcomes."""
+    return sum(v for (name, labels), v in _scrape(operator).items()
+               if name == "volplane_sync_total"
+               and dict(labels).get("controller") == "pv-binder"
+               and dict(labels).get("kind") == "claims")
 
 
 def _scrape(operator: Operator) -> dict[tuple[str, tuple], float]:

@@ -547,6 +547,7 @@ class FakeKube:
 
     async def merge_patch(self, path, patch):
         self.calls.append(("patch", path))
+        await asyncio.sleep(0.001 * (len(self.calls) % 3))  # let concurrent writes interleave
         parts = path.split("/")
         if parts[1] == "api":  # /api/v1/nodes/<n>/status
             name = parts[4]
@@ -606,6 +607,10 @@ async def settle(kube, ctx, controllers, rounds=30):
             if not name.startswith("node:"):
                 vas.upsert(copy.deepcopy(obj))
         busy = False
+        if any(queue._delayed for queue, _ in controllers):
+            await asyncio.sleep(0.15)  # debounced keys (node status) come due
+            for queue, _ in controllers:
+                queue.pop_due()
         for queue, sync in controllers:
             while len(queue):
                 busy = True
@@ -706,5 +711,39 @@ def test_pool_attacher_rejects_a_node_outside_the_pool():
         assert st["attachError"]["message"].startswith(
             "node n2 is not attached to StoragePool pool-a")
         assert "finalizers" not in kube.objs["va1"]["metadata"]
+
+    asyncio.run(body())
+
+
+def test_pool_attacher_concurrent_allocations_on_one_node_never_share_a_slot():
+    from volplane.attach.pool_attacher import PoolAttacher
+
+    async def body():
+        kube = FakeKube()
+        ctx = make_ctx(kube)
+        pa = PoolAttacher(ctx)
+        c = ctx.cache
+        c.stores["storagepools"].upsert(pool_obj("pool-a", ["n1"], slots=8))
+        c.stores["nodes"].upsert(node("n1"))
+        names = []
+        for i in range(10):
+            c.pvs.upsert(pv(f"pv{i}"))
+            created = await kube.create("/x", {
+                "metadata": {"name": f"va{i}"},
+                "spec": {"attacher": DRIVER, "nodeName": "n1",
+                         "source": {"persistentVolumeName": f"pv{i}"}}})
+            c.stores["volumeattachments"].upsert(created)
+            names.append(f"va{i}")
+        await asyncio.gather(*(pa.sync(n) for n in names))   # all at once
+        await settle(kube, ctx, [(pa.queue, pa.sync)])
+        vas = [kube.objs[n] for n in names]
+        slots = [v["metadata"]["annotations"][S.SLOT_ANNOTATION]
+                 for v in vas if v["status"].get("attached")]
+        assert sorted(slots, key=int) == [str(i) for i in range(8)]
+        failed = [v for v in vas if not v["status"].get("attached")]
+        assert len(failed) == 2
+        assert all("no free device slot (8/8 in use" in v["status"]["attachError"]["message"]
+                   for v in failed)
+        assert pa.reserved == {}
 
     asyncio.run(body())

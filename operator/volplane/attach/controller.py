@@ -49,6 +49,7 @@ VOLUME_ATTACHMENTS = Watch("storage.k8s.io", "v1", "volumeattachments", "VolumeA
 CSI_DRIVERS = Watch("storage.k8s.io", "v1", "csidrivers", "CSIDriver")
 
 VA_PATH = "/apis/storage.k8s.io/v1/volumeattachments"
+NODE_STATUS_DEBOUNCE = 0.1  # seconds
 
 forced_detaches = Counter(
     "attachdetach_controller_forced_detaches",
@@ -105,6 +106,7 @@ class AttachDetachController:
         self.attach_started: dict[str, float] = {}    # VA name -> clock
         self.detach_started: dict[str, float] = {}
         self.node_locks: dict[str, asyncio.Lock] = {}
+        self.node_pending: set[str] = set()           # node status sync due soon
 
         self.volumes = WorkQueue("attachdetach-volumes")
         self.node_queue = WorkQueue("attachdetach-nodes")
@@ -165,7 +167,7 @@ class AttachDetachController:
             ns = new["metadata"].get("namespace") or ""
             claims = tuple(
                 f"{ns}/{name}" for v in (new.get("spec") or {}).get("volumes") or ()
-                if (name := S._claim_name(new, v)[0]))
+                if (name := S.pod_claim_name(new, v)[0]))
             node = (new.get("spec") or {}).get("nodeName")
         self._index_move(self.claim_pods, key, self.pod_claims.pop(key, ()), claims)
         if claims:
@@ -190,7 +192,7 @@ class AttachDetachController:
         for va in self.va_by_pv.get(name, ()):
             node = ((self.vas.get(va) or {}).get("spec") or {}).get("nodeName")
             if node:
-                self.node_queue.add(node)
+                self._node_changed(node)
 
     def _on_node(self, name: str, old: dict | None, new: dict | None) -> None:
         before, after = _node_view(old), _node_view(new)
@@ -204,7 +206,7 @@ class AttachDetachController:
                 if pv:
                     self.volumes.add(pv)
         if new is not None:
-            self.node_queue.add(name)
+            self._node_changed(name)
 
     def _on_driver(self, name: str, old: dict | None, new: dict | None) -> None:
         for pod_key in list(self.pods):
@@ -222,11 +224,17 @@ class AttachDetachController:
         for pv in {opv, npv} - {None}:
             self.volumes.add(pv)
         for node in {onode, nnode} - {None}:
-            self.node_queue.add(node)
+            self._node_changed(node)
         now = self.clock()
         was = bool(((old or {}).get("status") or {}).get("attached"))
         is_ = bool(((new or {}).get("status") or {}).get("attached"))
         plugin = S.plugin_name(((new or old or {}).get("spec") or {}).get("attacher") or "")
+        for field, op_name in (("attachError", "volume_attach"),
+                               ("detachError", "volume_detach")):
+            msg = (((new or {}).get("status") or {}).get(field) or {}).get("message")
+            if msg and msg != (((old or {}).get("status") or {}).get(field) or {}).get(
+                    "message"):
+                operation_errors.labels(plugin, op_name).inc()  # once per new error
         if new is not None and is_ and not was:
             started = self.attach_started.pop(name, None)
             if started is not None:
@@ -243,6 +251,20 @@ class AttachDetachController:
         elif old is not None and old["metadata"].get("uid") != new["metadata"].get("uid"):
             self.detaching.discard((npv, nnode))  # a new attachment under the same name
             self.detach_started.pop(name, None)
+
+    def _node_changed(self, node: str) -> None:
+        """Queue a node's status report, a little later: a burst of attachments on one
+        node then costs one status write, not one per attachment (upstream's reconciler
+        writes node statuses once per 100 ms loop, too)."""
+        if node in self.node_pending:
+            return  # already due shortly: that sync will see this change too
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop (yet): nothing to debounce against
+            self.node_queue.add(node)
+            return
+        self.node_pending.add(node)
+        self.node_queue.add_after(node, NODE_STATUS_DEBOUNCE)
 
     def _attach_succeeded(self, pv: str | None, node: str | None) -> None:
         if not self.running or not pv:
@@ -360,7 +382,7 @@ class AttachDetachController:
             if op.kind is S.OpKind.DETACH:
                 if op.va_name in self.detach_started:
                     continue  # deleted already; the watch has not caught up yet
-                await self._detach(op, asw[op.key])
+                await self._detach(op)
             elif op.kind is S.OpKind.WAIT_UNMOUNT:
                 self.detach_requested[op.key] = op.since
                 if op.retry_at is not None:
@@ -408,7 +430,7 @@ class AttachDetachController:
         log.info("attach", volume=op.pv_name, node=op.node, attachment=name,
                  attacher=op.volume.driver, action="attach")
 
-    async def _detach(self, op: S.Op, actual: S.Actual) -> None:
+    async def _detach(self, op: S.Op) -> None:
         self.detaching.add(op.key)
         try:
             await self._sync_node(op.node)  # report it detached first (upstream's order)
@@ -432,11 +454,10 @@ class AttachDetachController:
             forced_detaches.labels(op.forced).inc()
         log.info("detach", volume=op.pv_name, node=op.node, attachment=op.va_name,
                  reason=op.reason, forced=op.forced, action="detach")
-        if actual.detach_error:
-            operation_errors.labels(S.plugin_name(actual.attacher), "volume_detach").inc()
 
     # -- act: node status -----------------------------------------------------------------
     async def _sync_node(self, name: str) -> None:
+        self.node_pending.discard(name)
         lock = self.node_locks.setdefault(name, asyncio.Lock())
         async with lock:
             node = self.nodes.get(name)

@@ -21,11 +21,13 @@ held from write 2 until the attachment is gone. Crash safety:
   attachment and reuses it, so no slot leaks and none is handed out twice;
 - a crash before write 2 recorded nothing: the restart allocates afresh;
 - a crash during detach leaves the finalizer: the restart finishes the detach;
-- write 2 carries the resourceVersion the decision was made on, and allocation is
-  serialized per (node, pool) and written through to the cache before the next
-  allocation on that node and pool reads it, so two attachments never get one slot.
-  Should a write's answer be lost (timeout), the attachment is re-read before the lock
-  is released.
+- write 2 carries the resourceVersion the decision was made on. A slot is chosen from
+  the ledger plus the in-memory reservations of writes in flight, and reserved, with no
+  await in between (one event loop: nothing else runs meanwhile); the reservation is
+  dropped only once the cache knows the outcome (the written attachment is stored
+  write-through; after an error whose outcome is unknown, e.g. a timeout, the
+  attachment is re-read first). So two attachments never get one slot, and writes to
+  one node still run in parallel.
 
 A node out of slots leaves ``status.attachError`` saying so ("node X has no free device
 slot (16/16 in use on pool P)") and an event; the first slot freed on that node and
@@ -95,7 +97,8 @@ class PoolAttacher:
         self.queue = WorkQueue("pool-attacher")
         self.ours_by_node: dict[str, set[str]] = {}   # node -> our VolumeAttachments
         self.ours_by_pv: dict[str, set[str]] = {}
-        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # (node, pool) -> slot -> attachment: slots being written right now
+        self.reserved: dict[tuple[str, str], dict[int, str]] = {}
         self.vas.listen(self._on_attachment)
         self.pvs.listen(self._on_volume)
         self.nodes.listen(self._on_node)
@@ -211,6 +214,8 @@ class PoolAttacher:
             return  # attached: a pool or node change later does not undo it
         spec = va["spec"]
         node = spec.get("nodeName") or ""
+        if slot is not None:  # recorded: any reservation of ours has done its job
+            self._release(node, slot[0], slot[1])
         pv_name = (spec.get("source") or {}).get("persistentVolumeName") or ""
         pool_name, problem = self._check(pv_name, node)
         if problem:
@@ -218,31 +223,40 @@ class PoolAttacher:
             return
         pool = self.pools[pool_name]
         if slot is None or slot[0] != pool_name or self._holder(node, slot) != name:
-            async with self.locks.setdefault((node, pool_name), asyncio.Lock()):
-                va = self.vas.get(name)
-                if va is None or va["metadata"].get("deletionTimestamp"):
-                    return
-                used = S.slots_in_use(self.vas.values(), node, pool_name)
-                mine = [s for s, holder in used.items() if holder == name]
-                if mine:
-                    slot = (pool_name, mine[0])
-                else:
-                    total = S.slots_per_node(pool)
-                    free = S.free_slot(used, total)
-                    if free is None:
-                        await self._fail(va, S.no_slot_message(node, len(used), total,
-                                                               pool_name), "NoFreeDeviceSlot")
-                        return
-                    va = await self._record_slot(va, pool_name, free)
-                    if va is None:
-                        return
-                    slot = (pool_name, free)
+            # Read the ledger and reserve in memory with no await in between, so that
+            # concurrent allocations on one node never pick the same slot; the
+            # reservation stands until the write is known to have landed or failed.
+            key = (node, pool_name)
+            used = S.slots_in_use(self._ours_on(node), node, pool_name)
+            reserved = self.reserved.get(key, {})
+            mine = [s for s, holder in reserved.items() if holder == name]
+            taken = set(used) | set(reserved)
+            total = S.slots_per_node(pool)
+            # a reservation of ours left by a write whose fate is unknown: write it again
+            free = mine[0] if mine else S.free_slot(taken, total)
+            if free is None:
+                await self._fail(va, S.no_slot_message(node, len(taken), total, pool_name),
+                                 "NoFreeDeviceSlot")
+                return
+            self.reserved.setdefault(key, {})[free] = name
+            va = await self._record_slot(va, pool_name, free, node)
+            if va is None:
+                return
+            slot = (pool_name, free)
         await self._mark_attached(va, slot)
 
+    def _ours_on(self, node: str) -> list[dict]:
+        return [self.vas[n] for n in self.ours_by_node.get(node, ()) if n in self.vas]
+
     def _holder(self, node: str, slot: tuple[str, int]) -> str | None:
-        return S.slots_in_use(
-            (self.vas[n] for n in self.ours_by_node.get(node, ()) if n in self.vas),
-            node, slot[0]).get(slot[1])
+        return S.slots_in_use(self._ours_on(node), node, slot[0]).get(slot[1])
+
+    def _release(self, node: str, pool: str, slot: int) -> None:
+        reserved = self.reserved.get((node, pool))
+        if reserved is not None:
+            reserved.pop(slot, None)
+            if not reserved:
+                del self.reserved[(node, pool)]
 
     def _check(self, pv_name: str, node: str) -> tuple[str, str | None]:
         pv = self.pvs.get(pv_name)
@@ -276,8 +290,9 @@ class PoolAttacher:
             log.info("attach failed", attachment=va["metadata"]["name"], error=message)
         self.ctx.events.emit(va, "Warning", reason, message, component=COMPONENT)
 
-    async def _record_slot(self, va: dict, pool: str, slot: int) -> dict | None:
-        """Write 2: slot + finalizer, one patch, guarded by resourceVersion."""
+    async def _record_slot(self, va: dict, pool: str, slot: int, node: str) -> dict | None:
+        """Write 2: slot + finalizer, one patch, guarded by resourceVersion. Releases the
+        in-memory reservation of `slot` once the cache knows whether the write landed."""
         md = va["metadata"]
         finalizers = list(md.get("finalizers") or ())
         if S.ATTACHER_FINALIZER not in finalizers:
@@ -291,15 +306,22 @@ class PoolAttacher:
         except ApiError as e:
             if e.not_found:
                 self.vas.remove(md["name"])
+                self._release(node, pool, slot)
                 return None
-            if e.conflict:
+            if e.conflict:  # not written
+                self._release(node, pool, slot)
                 await self._reread(md["name"])
+                raise
+            await self._reread(md["name"])  # may have landed: learn it, then release
+            self._release(node, pool, slot)
             raise
         except Exception:
-            await self._reread(md["name"])  # the write may have landed: learn it first
+            await self._reread(md["name"])  # may have landed: learn it, then release
+            self._release(node, pool, slot)
             raise
         metrics.api_writes.labels(self.name, "volumeattachments", "patch").inc()
         self.vas.upsert(new)
+        self._release(node, pool, slot)
         faults.point("pool-attach-1")
         return self.vas.get(md["name"]) or new
 

@@ -273,7 +273,7 @@ def attach_required(driver: str, drivers: Mapping[str, Mapping]) -> bool:
     return _spec(obj).get("attachRequired", True) is not False
 
 
-def _claim_name(pod: Mapping, vol: Mapping) -> tuple[str | None, bool]:
+def pod_claim_name(pod: Mapping, vol: Mapping) -> tuple[str | None, bool]:
     """(claim name, ephemeral?) of a pod volume, or (None, False) for other volume types."""
     if vol.get("persistentVolumeClaim"):
         return vol["persistentVolumeClaim"].get("claimName"), False
@@ -300,7 +300,7 @@ def pod_volumes(pod: Mapping, *, pvcs: Mapping[str, Mapping], pvs: Mapping[str, 
     out: list[VolumeRef] = []
     seen: set[str] = set()
     for vol in _spec(pod).get("volumes") or ():
-        claim_name, ephemeral = _claim_name(pod, vol)
+        claim_name, ephemeral = pod_claim_name(pod, vol)
         if not claim_name:
             continue
         pvc = pvcs.get(f"{ns}/{claim_name}")

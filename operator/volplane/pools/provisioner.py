@@ -248,6 +248,7 @@ class PoolProvisioner:
         self._requeue_pending = False       # space was freed: retry Pending pool claims
         self._published: dict[str, dict] | None = None  # CSIStorageCapacity name -> object
         self._orphans: dict[str, float] = {}  # allocation -> first time seen orphaned
+        self._loaded = asyncio.Event()      # the ledger was checked against a fresh LIST
         self.allocations.listen(self._on_allocation)
         self.pools.listen(self._on_pool)
         self.nodes.listen(self._on_node)
@@ -326,6 +327,7 @@ class PoolProvisioner:
 
     # -- loops -------------------------------------------------------------------------------
     async def run(self) -> None:
+        await self._load_allocations()
         tasks = [
             asyncio.create_task(self._ensure_driver(), name="pool-csidriver"),
             asyncio.create_task(self._publisher(), name="pool-publisher"),
@@ -348,6 +350,33 @@ class PoolProvisioner:
         finally:
             for t in tasks:
                 t.cancel()
+
+    async def _load_allocations(self) -> None:
+        """LIST every StorageAllocation into the ledger before the first decision.
+
+        The watch already filled the store before any controller started; this fresh
+        LIST makes the ledger's completeness independent of the watch layer (a resource
+        the watch could not serve, e.g. for lack of RBAC, would otherwise look like an
+        empty ledger and let pools be overbooked). Until it succeeds, nothing is
+        provisioned or freed.
+        """
+        delay = 0.5
+        while True:
+            try:
+                body = await self.ctx.kube.get(alloc_path())
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("cannot list StorageAllocations; provisioning waits", error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        for item in (body or {}).get("items") or []:
+            item.setdefault("apiVersion", API_VERSION)
+            item.setdefault("kind", "StorageAllocation")
+            self.allocations.upsert(item)
+        self._loaded.set()
+        self._requeue_pending_claims()
 
     async def _worker(self, queue: WorkQueue, sync) -> None:
         while True:
@@ -373,6 +402,8 @@ class PoolProvisioner:
         name = volume_name(claim)
         if name in self.cache.pvs:
             return  # already made; the PV controller binds it
+        if not self._loaded.is_set():
+            return  # the claim is requeued once the ledger is loaded
         class_name = getattr(decision, "storage_class", None) or claim_class(claim)
         sc = self.cache.classes.get(class_name)
         if sc is None:
@@ -462,11 +493,12 @@ class PoolProvisioner:
         provision_failures.labels(reason).inc()
         provision_seconds.labels("failure").observe(time.monotonic() - t0)
         metrics.volume_operation_errors.labels(PROVISIONER, "provision").inc()
-        self.ctx.events.emit(claim, C.WARNING, C.PROVISIONING_FAILED, message,
-                             component=COMPONENT)
-        log.info("provisioning failed", kind="PersistentVolumeClaim",
-                 namespace=claim["metadata"]["namespace"], name=claim["metadata"]["name"],
-                 reason=reason, error=message)
+        posted = self.ctx.events.emit(claim, C.WARNING, C.PROVISIONING_FAILED, message,
+                                      component=COMPONENT)
+        (log.info if posted else log.debug)(
+            "provisioning failed", kind="PersistentVolumeClaim",
+            namespace=claim["metadata"]["namespace"], name=claim["metadata"]["name"],
+            reason=reason, error=message)
 
     async def _no_room(self, claim: dict, node: str | None, reason: str, t0: float) -> None:
         """No pool fits. WaitForFirstConsumer: give the node back to the scheduler."""
@@ -491,6 +523,8 @@ class PoolProvisioner:
         """PV controller deleter for a Released PV with reclaim policy Delete."""
         md = pv["metadata"]
         name = md["name"]
+        if not self._loaded.is_set():
+            return False  # retried on the PV controller's next sync
         if not md.get("deletionTimestamp"):
             record = self.allocations.get(name)
             pool = (record or {}).get("spec", {}).get("pool") or pool_of_volume(pv)
