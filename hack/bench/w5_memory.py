@@ -105,9 +105,10 @@ async def populate(env: lib.Env, api: Api, n: int, pods: int, run: str) -> dict[
     # let kwok report the pods Running before anyone measures (status churn otherwise)
     deadline = time.monotonic() + max(120, pods * 0.1)
     while time.monotonic() < deadline:
+        # (a field-selected LIST reports no remainingItemCount: count the items)
         items = (await api.list(f"/api/v1/namespaces/{NS}/pods",
-                                {"fieldSelector": "status.phase=Running", "limit": "1"}))
-        running = int(items["metadata"].get("remainingItemCount") or 0) + len(items["items"])
+                                {"fieldSelector": "status.phase=Running"}))
+        running = len(items["items"])
         if running >= pods:
             break
         await asyncio.sleep(2)

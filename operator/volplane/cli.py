@@ -35,7 +35,8 @@ def _run(args: argparse.Namespace) -> int:
                 workers=args.api_workers)
     ctx = Context(kube=kube, cache=Cache(),
                   events=EventRecorder(kube, "persistentvolume-controller"),
-                  options=Options(resync_period=args.resync_period, workers=args.workers))
+                  options=Options(resync_period=args.resync_period, workers=args.workers,
+                                  unmount_max_wait=args.unmount_max_wait))
     elector = None
     if args.leader_elect:
         from .leader import LeaderElector, LeaseConfig
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--bind-address", default="0.0.0.0")
     r.add_argument("--resync-period", type=float, default=15.0)
     r.add_argument("--workers", type=int, default=16, help="concurrent syncs per controller")
+    r.add_argument("--unmount-max-wait", type=float,
+                   default=float(os.environ.get("VOLPLANE_UNMOUNT_MAX_WAIT") or 360.0),
+                   help="seconds a NotReady node may keep a volume in use before a forced "
+                        "detach (upstream's maxWaitForUnmountDuration, default 6 min)")
     r.add_argument("--api-workers", type=int, default=16, help="concurrent API requests")
     r.add_argument("--kube-api-qps", type=float, default=200.0)
     r.add_argument("--kube-api-burst", type=int, default=400)

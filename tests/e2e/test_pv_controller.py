@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Operator
+from .conftest import Operator, _volplane_executable
 from .helpers import events_for, holds_for, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -474,7 +473,10 @@ class Watcher:
             self.ready.set()
 
 
-def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operator):
+@pytest.mark.parametrize("order", ["pvs-first", "claims-first"])
+def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operator, order):
+    """pvs-first: 200 claims arrive at once for 100 Available PVs. claims-first: 200
+    Pending claims, then 100 PVs appear at once (each one wakes the waiting claims)."""
     n_pvs, n_claims = 100, 200
     start(operator)
     pv_names = [pvs.name(f"r{i:03d}") for i in range(n_pvs)]
@@ -486,15 +488,15 @@ def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operat
             local.api = pykube.HTTPClient(pykube.KubeConfig.from_file(kubeconfig), timeout=30)
         return local.api
 
-    t_pvs = time.monotonic()
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda n: kcreate(client(), pv_manifest(n, "1Gi", namespace, ns=namespace)),
-                      pv_names))
-    pvs_created = time.monotonic() - t_pvs
-    wait_for(lambda: sum(phase(v) == "Available" for v in
-                         klist(api, "PersistentVolume", labelSelector=f"{LABEL}={namespace}"))
-             == n_pvs, timeout=60, message="100 PVs Available")
-    pvs_available = time.monotonic() - t_pvs
+    def create_pvs():
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda n: kcreate(client(), pv_manifest(n, "1Gi", namespace,
+                                                                  ns=namespace)), pv_names))
+
+    def create_claims():
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda n: kcreate(client(), pvc_manifest(n, namespace, "1Gi",
+                                                                   namespace)), claim_names))
 
     claims_of_pv: dict[str, set[str]] = {}   # PV -> every claim uid its claimRef ever had
     pvs_of_claim: dict[str, set[str]] = {}   # claim -> every volumeName it ever had
@@ -514,22 +516,33 @@ def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operat
                 pvs_of_claim.setdefault(obj["metadata"]["name"], set()).add(vol)
                 volume_name_owners.setdefault(vol, set()).add(obj["metadata"]["name"])
 
+    def settled():
+        claims = klist(api, "PersistentVolumeClaim", namespace)
+        bound = [c for c in claims if phase(c) == "Bound"]
+        return len(claims) == n_claims and len(bound) == n_pvs and claims
+
     pv_watch = Watcher(kubeconfig, "persistentvolumes", {"labelSelector": f"{LABEL}={namespace}"},
                        record_pv)
     pvc_watch = Watcher(kubeconfig, f"namespaces/{namespace}/persistentvolumeclaims", {},
                         record_pvc)
     with pv_watch, pvc_watch:
+        t_first = time.monotonic()
+        if order == "pvs-first":
+            create_pvs()
+            wait_for(lambda: sum(phase(v) == "Available" for v in klist(
+                api, "PersistentVolume", labelSelector=f"{LABEL}={namespace}")) == n_pvs,
+                timeout=60, message="100 PVs Available")
+        else:
+            create_claims()
+            # Every claim has been looked at (and found nothing) before any PV exists.
+            wait_for(lambda: len({e.obj["involvedObject"]["name"] for e in pykube.Event.objects(
+                api, namespace=namespace).filter(
+                    field_selector={"involvedObject.kind": "PersistentVolumeClaim"})}) == n_claims,
+                     timeout=60, interval=0.5, message="an event on each Pending claim")
+        first = time.monotonic() - t_first
         t0 = time.monotonic()
-        with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda n: kcreate(client(), pvc_manifest(n, namespace, "1Gi",
-                                                                   namespace)), claim_names))
+        create_claims() if order == "pvs-first" else create_pvs()
         created = time.monotonic() - t0
-
-        def settled():
-            claims = klist(api, "PersistentVolumeClaim", namespace)
-            bound = [c for c in claims if phase(c) == "Bound"]
-            return len(bound) == n_pvs and claims
-
         wait_for(settled, timeout=180, interval=0.5, message="100 claims Bound")
         elapsed = time.monotonic() - t0
         # Stable: nothing more binds, nothing unbinds (a timed check).
@@ -537,9 +550,9 @@ def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operat
         claims = klist(api, "PersistentVolumeClaim", namespace)
         volumes = {v["metadata"]["name"]: v for v in
                    klist(api, "PersistentVolume", labelSelector=f"{LABEL}={namespace}")}
-    print(f"\n200-claim race: 100 PVs created in {pvs_created:.1f} s, Available after "
-          f"{pvs_available:.1f} s; 200 claims created in {created:.1f} s, 100 Bound after "
-          f"{elapsed:.1f} s")
+    second = "claims" if order == "pvs-first" else "PVs"
+    print(f"\n200-claim race ({order}): first batch ready after {first:.1f} s; {second} "
+          f"created in {created:.1f} s; 100 Bound {elapsed:.1f} s after the second batch began")
     assert not pv_watch.errors and not pvc_watch.errors, (pv_watch.errors, pvc_watch.errors)
 
     bound = [c for c in claims if phase(c) == "Bound"]
@@ -760,7 +773,7 @@ def test_explain_counts_each_criterion(api, kubeconfig, namespace, pvs, operator
     pvs.pvc("data", "10Gi", storage_class=fast)
 
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "volplane"), "explain", "pvc", f"{namespace}/data",
+        [_volplane_executable(), "explain", "pvc", f"{namespace}/data",
          "--kubeconfig", kubeconfig],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr

@@ -26,7 +26,6 @@ Writes, each safe to repeat after a crash:
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterable
 
@@ -86,8 +85,7 @@ class AttachDetachController:
         self.drivers = c.add_store("csidrivers", "CSIDriver")
         self.pvs = c.pvs
         self.pvcs = c.pvcs
-        env_wait = os.environ.get("VOLPLANE_UNMOUNT_MAX_WAIT")
-        self.max_wait = float(env_wait) if env_wait else ctx.options.unmount_max_wait
+        self.max_wait = ctx.options.unmount_max_wait  # --unmount-max-wait
 
         # desired state, per pod: pod key -> (node, volumes, PodRef)
         self.pod_desired: dict[str, tuple[str, tuple[S.VolumeRef, ...], S.PodRef]] = {}
