@@ -21,6 +21,8 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from . import __version__
+
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
@@ -101,6 +103,8 @@ class Kube:
             raise SystemExit(f"cannot load Kubernetes credentials: {e}") from e
         cfg.connection_pool_maxsize = workers
         self.api = kubernetes.client.ApiClient(cfg)
+        # The field manager and audit user-agent: volplane's writes are identifiable.
+        self.api.user_agent = f"volplane/{__version__}"
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
         self.bucket = TokenBucket(qps, burst)
         self.retries = retries

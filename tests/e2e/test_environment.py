@@ -54,8 +54,10 @@ def test_kwok_nodes_ready_with_zones(api, cluster):
 
     def nodes_ready():
         nodes = {n.name: n.obj for n in pykube.Node.objects(api).filter(selector={"type": "kwok"})}
+        # Ready, and the node lifecycle controller has lifted its not-ready taint.
         ready = [name for name in expected
-                 if name in nodes and (condition(nodes[name], "Ready") or {}).get("status") == "True"]
+                 if name in nodes and (condition(nodes[name], "Ready") or {}).get("status") == "True"
+                 and not nodes[name]["spec"].get("taints")]
         return nodes if len(ready) == len(expected) else None
 
     nodes = wait_for(nodes_ready, timeout=60, message="4 kwok nodes Ready")
