@@ -105,6 +105,31 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [create, update, patch, delete]
+    resources:
+      - group: ""
+        resources: [persistentvolumes, persistentvolumes/status, persistentvolumeclaims,
+                    persistentvolumeclaims/status]
+      - group: storage.k8s.io
+        resources: [volumeattachments, volumeattachments/status]
+      - group: volplane.io
+        resources: [storageallocations]
+  - level: None
+"""
+
+
+def write_audit_policy(layout: Layout) -> Path:
+    path = layout.pki / "audit-policy.yaml"
+    path.write_text(AUDIT_POLICY)
+    return path
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -534,6 +559,10 @@ def _component_argv(layout: Layout, bin_dir: Path, p: dict[str, int]) -> dict[st
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
             f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+            # Writes to storage objects are audited (tests count who wrote what).
+            f"--audit-policy-file={write_audit_policy(layout)}",
+            f"--audit-log-path={layout.logs / 'audit.log'}",
+            "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
             "--v=1",
         ],
         "kube-controller-manager": [

@@ -32,7 +32,8 @@ def _run(args: argparse.Namespace) -> int:
         log.error("bad --controllers", error=str(e))
         return 2
     kube = Kube(args.kubeconfig, qps=args.kube_api_qps, burst=args.kube_api_burst,
-                workers=args.api_workers)
+                workers=args.api_workers,
+                user_agent=f"volplane/{__version__} ({args.leader_elect_identity})")
     ctx = Context(kube=kube, cache=Cache(),
                   events=EventRecorder(kube, "persistentvolume-controller"),
                   options=Options(resync_period=args.resync_period, workers=args.workers,

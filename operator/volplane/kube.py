@@ -88,7 +88,7 @@ class Stats:
 
 class Kube:
     def __init__(self, kubeconfig: str | None = None, *, qps: float = 200.0, burst: int = 400,
-                 workers: int = 16, retries: int = 5):
+                 workers: int = 16, retries: int = 5, user_agent: str | None = None):
         cfg = kubernetes.client.Configuration()
         try:
             if kubeconfig:
@@ -104,11 +104,14 @@ class Kube:
         cfg.connection_pool_maxsize = workers
         self.api = kubernetes.client.ApiClient(cfg)
         # The field manager and audit user-agent: volplane's writes are identifiable.
-        self.api.user_agent = f"volplane/{__version__}"
+        self.api.user_agent = user_agent or f"volplane/{__version__}"
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
         self.bucket = TokenBucket(qps, burst)
         self.retries = retries
         self.stats = Stats()
+        # Called before every write; the leader elector installs a check that the lease
+        # is still ours (so a paused-then-resumed ex-leader never writes).
+        self.write_guard = None
 
     def _call(self, method: str, path: str, body: Any, query: dict | None,
               content_type: str) -> Any:
@@ -136,6 +139,8 @@ class Kube:
 
     async def request(self, method: str, path: str, body: Any = None, *,
                       query: dict | None = None, content_type: str = "application/json") -> Any:
+        if method != "GET" and self.write_guard is not None:
+            self.write_guard()
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:

@@ -90,6 +90,8 @@ class LeaderElector:
         self.clock = clock
         self.leading = asyncio.Event()
         self._observed: dict = {}
+        self.last_renew = 0.0  # time.monotonic() of the last successful acquire/renew
+        kube.write_guard = self.check
 
     @property
     def path(self) -> str:
@@ -132,6 +134,7 @@ class LeaderElector:
         while not self.leading.is_set():
             try:
                 if await self._try():
+                    self.last_renew = time.monotonic()
                     self.leading.set()
                     metrics.leader.set(1)
                     log.info("became leader", identity=self.cfg.identity,
@@ -147,11 +150,19 @@ class LeaderElector:
             try:
                 if await asyncio.wait_for(self._try(), timeout=self.cfg.renew_deadline):
                     last_renew = self.clock()
+                    self.last_renew = time.monotonic()
                     continue
             except (ApiError, TimeoutError, OSError) as e:
                 log.warning("lease renew failed", error=str(e))
             if self.clock() - last_renew >= self.cfg.renew_deadline:
                 self.lost()
+
+    def check(self) -> None:
+        """Before any write: a leader whose last renewal is older than the renew
+        deadline (e.g. the process was paused) may no longer hold the lease; stop now
+        rather than write on stale authority. Lease writes themselves pass."""
+        if self.leading.is_set() and time.monotonic() - self.last_renew > self.cfg.renew_deadline:
+            self.lost()
 
     def lost(self) -> None:
         metrics.leader.set(0)
