@@ -18,8 +18,9 @@ exact per-verb count of the controller's requests. The identities:
   `system:serviceaccount:kube-system:persistent-volume-binder`, the A/D
   controller's from `...:attachdetach-controller`. Nothing else uses those
   service accounts (the cluster's own kcm has both controllers off). Its shared
-  informers LIST/WATCH under the kcm's own identity, which the cluster's kcm
-  shares; they start before the measured window and are not counted;
+  informers LIST/WATCH under the kcm's root identity: a client certificate with
+  the kcm's user name (system:kube-controller-manager, so upstream's RBAC applies
+  as is) and our group, so they are counted too;
 - volplane, and the write-floor client, run with a client certificate in group
   `volplane-bench-ctl` (bound to cluster-admin);
 - helpers that are not under test (volplane's pool attacher in W3) run in group
@@ -102,7 +103,9 @@ class Env:
         self.work.mkdir(parents=True, exist_ok=True)
         self.logs = self.work / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.kcm_kubeconfig = self.layout.component_kubeconfig("kube-controller-manager")
+        # the kcm user name (so upstream's RBAC applies unchanged), plus our group
+        self.kcm_kubeconfig = self._identity(
+            "bench-kcm", f"/O={CTL_GROUP}/CN=system:kube-controller-manager")
         self.ctl_kubeconfig = self._identity("bench-ctl", f"/O={CTL_GROUP}/CN=volplane-bench")
         self.aux_kubeconfig = self._identity("bench-aux", f"/O={AUX_GROUP}/CN=volplane-bench-aux")
 
@@ -528,9 +531,13 @@ def kcm(env: Env, controllers: list[str], *, qps: float | None, burst: int | Non
 
 
 def volplane(env: Env, controllers: str, *, kubeconfig: Path | None = None,
-             tag: str = "", extra: list[str] | None = None) -> Controller:
+             tag: str = "", extra: list[str] | None = None, togglefix: bool = False
+             ) -> Controller:
+    """`volplane run`; togglefix: through volplane_togglefix.py (a Kopf start-up fix)."""
     port = free_port()
-    argv = [str(VOLPLANE), "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
+    entry = [str(VPY), str(Path(__file__).with_name("volplane_togglefix.py"))] if togglefix \
+        else [str(VOLPLANE)]
+    argv = [*entry, "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
             "--controllers", controllers, "--metrics-port", str(port),
             "--health-port", str(free_port()), "--bind-address", "127.0.0.1",
             "--no-leader-elect", *(extra or [])]

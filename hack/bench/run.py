@@ -112,15 +112,26 @@ def table(results: dict) -> str:
     w5 = results.get("w5")
     if w5 and "sides" in w5:
         s = w5["sides"]
-        up = (s.get("upstream-default") or {}).get("memory", {})
-        vp = (s.get("volplane") or {}).get("memory", {})
-        for label, key in (("RSS MiB (steady)", "rss_mib"), ("RSS MiB (peak)", "hwm_mib")):
-            rows.append([f"W5 {w5.get('objects', '')}", label, _fmt(up.get(key)), "",
-                         _fmt(vp.get(key)), "", _fmt(_ratio(vp.get(key), up.get(key))) + "x",
-                         "", "", "≤1.0x" if key == "rss_mib" else ""])
-        rows.append([f"W5 {w5.get('objects', '')}", "start → synced s",
-                     _fmt((s.get("upstream-default") or {}).get("ready_after_s")), "",
-                     _fmt((s.get("volplane") or {}).get("ready_after_s")), "", "", "", "", ""])
+        objs = f"W5 {w5.get('objects', '')}"
+        up = s.get("upstream-default") or {}
+        for variant, note in (("volplane", ""), ("volplane+togglefix", " [Kopf toggle fix]")):
+            vp = s.get(variant)
+            if vp is None:
+                continue
+            if not vp.get("correct"):
+                rows.append([objs, f"volplane{note}", "", "", "FAIL: " + "; ".join(
+                    vp.get("errors", []))[:60], "", "", "", "", ""])
+                continue
+            for label, key in (("RSS MiB (steady)", "rss_mib"), ("RSS MiB (peak)", "hwm_mib")):
+                a, b = up.get("memory", {}).get(key), vp.get("memory", {}).get(key)
+                rows.append([objs, label + note, _fmt(a), "", _fmt(b), "",
+                             _fmt(_ratio(b, a)) + "x", "", "", "≤1.0x" if key == "rss_mib" else ""])
+            a, b = up.get("ready_after_s"), vp.get("ready_after_s")
+            rows.append([objs, "start → caches synced s" + note, _fmt(a), "", _fmt(b), "",
+                         _fmt(_ratio(b, a)) + "x", "", "", ""])
+            a, b = up.get("cpu_s", {}).get("controller"), vp.get("cpu_s", {}).get("controller")
+            rows.append([objs, "controller CPU s (start+settle)" + note, _fmt(a), "", _fmt(b), "",
+                         _fmt(_ratio(b, a)) + "x", "", "", ""])
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r))  # noqa: E731
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])

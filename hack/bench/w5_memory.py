@@ -142,12 +142,12 @@ async def verify(api: Api, n: int) -> list[str]:
     return errors
 
 
-async def measure(env: lib.Env, api: Api, side: str, ctl: lib.Controller, settle: float
-                  ) -> dict[str, Any]:
+async def measure(env: lib.Env, api: Api, side: str, ctl: lib.Controller, settle: float,
+                  start_timeout: float) -> dict[str, Any]:
     r: dict[str, Any] = {"side": side}
     before = await api.metrics()
     cpu0 = env.cpu()
-    await ctl.start(timeout=600)
+    await ctl.start(timeout=start_timeout)
     try:
         r["ready_after_s"] = round(ctl.ready_after, 2)
         r["memory_at_ready"] = ctl.memory()
@@ -187,12 +187,15 @@ async def run(env: lib.Env, n: int, include: set[str], quick: bool = False) -> d
         if "volplane" in include:
             sides.append(("volplane", lambda: lib.volplane(env, "pv-binder,attachdetach",
                                                            tag="-w5")))
+            # the same, with the prototype Kopf start-up fix (see volplane_togglefix.py)
+            sides.append(("volplane+togglefix", lambda: lib.volplane(
+                env, "pv-binder,attachdetach", tag="-w5-togglefix", togglefix=True)))
         try:
             for side, make in sides:
                 lib.log(f"W5 {side}: start, sync, settle {settle:.0f} s")
                 load0 = os.getloadavg()[0]
                 try:
-                    r = await measure(env, api, side, make(), settle)
+                    r = await measure(env, api, side, make(), settle, 300.0 if quick else 900.0)
                     errors = await verify(api, n)
                 except (lib.ApiError, RuntimeError) as e:
                     r, errors = {"side": side}, [str(e)[:2000]]

@@ -97,3 +97,35 @@ class WorkQueue:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
             except TimeoutError:
                 pass
+
+
+async def process(queue: WorkQueue, sync, *, controller: str, log, on_conflict=None) -> None:
+    """A worker: take a key, sync it, and requeue it the way client-go controllers do.
+
+    `sync(key)` returns None when done, or seconds after which to look again. An API
+    conflict (409) means we decided on stale data: `on_conflict(key)` may re-read the
+    object, then the key is retried with backoff; other errors back off the same way.
+    Nothing a single object does can kill the worker.
+    """
+    from .kube import ApiError  # late: kube imports the kubernetes package
+    from .metrics import sync_total
+
+    while True:
+        key = await queue.get()
+        try:
+            retry = await sync(key)
+            queue.forget(key)
+            if retry:
+                queue.add_after(key, retry)
+        except ApiError as e:
+            sync_total.labels(controller, queue.name, "conflict" if e.conflict else "error").inc()
+            if e.conflict and on_conflict is not None:
+                await on_conflict(key)
+            elif not e.conflict:
+                log.warning("sync failed", key=key, queue=queue.name, error=str(e))
+            queue.add_rate_limited(key)
+        except Exception as e:
+            log.exception("sync crashed", key=key, queue=queue.name, error=str(e))
+            queue.add_rate_limited(key)
+        finally:
+            queue.done(key)

@@ -36,7 +36,7 @@ from .. import faults, logs, metrics
 from ..context import Context
 from ..kube import ApiError
 from ..runtime import PVCS, PVS, Watch
-from ..workqueue import WorkQueue
+from ..workqueue import WorkQueue, process
 from . import state as S
 
 log = logs.get("attachdetach")
@@ -323,9 +323,9 @@ class AttachDetachController:
                  desired=sum(len(v) for v in self.vol_pods.values()), attachments=len(self.vas),
                  max_wait_for_unmount=self.max_wait)
         n = max(1, self.ctx.options.workers)
-        tasks = [asyncio.create_task(self._worker(self.volumes, self._sync_volume))
+        tasks = [asyncio.create_task(process(self.volumes, self._sync_volume, controller=self.name, log=log))
                  for _ in range(n)]
-        tasks += [asyncio.create_task(self._worker(self.node_queue, self._sync_node))
+        tasks += [asyncio.create_task(process(self.node_queue, self._sync_node, controller=self.name, log=log))
                   for _ in range(max(2, n // 4))]
         tasks.append(asyncio.create_task(self._resync()))
         try:
@@ -342,26 +342,6 @@ class AttachDetachController:
             for pv in set(self.vol_pods) | set(self.va_by_pv):
                 self.volumes.add(pv)
             metrics.queue_depth.labels("attachdetach-volumes").set(len(self.volumes))
-
-    async def _worker(self, queue: WorkQueue, sync) -> None:
-        while True:
-            key = await queue.get()
-            try:
-                retry = await sync(key)
-                queue.forget(key)
-                if retry is not None:
-                    queue.add_after(key, retry)
-            except ApiError as e:
-                metrics.sync_total.labels(self.name, queue.name,
-                                          "conflict" if e.conflict else "error").inc()
-                if not e.conflict:
-                    log.warning("sync failed", key=key, queue=queue.name, error=str(e))
-                queue.add_rate_limited(key)
-            except Exception as e:  # never let one object kill a worker
-                log.exception("sync crashed", key=key, queue=queue.name, error=str(e))
-                queue.add_rate_limited(key)
-            finally:
-                queue.done(key)
 
     # -- act: one volume ------------------------------------------------------------------
     async def _sync_volume(self, pv: str) -> float | None:

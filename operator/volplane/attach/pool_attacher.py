@@ -45,7 +45,7 @@ from .. import faults, logs, metrics
 from ..context import Context
 from ..kube import ApiError
 from ..runtime import PVS, Watch
-from ..workqueue import WorkQueue
+from ..workqueue import WorkQueue, process
 from . import state as S
 from .controller import NODES, VA_PATH, VOLUME_ATTACHMENTS
 
@@ -160,33 +160,12 @@ class PoolAttacher:
             if self._ours(va):
                 self.queue.add(name)
         n = max(1, self.ctx.options.workers // 2)
-        tasks = [asyncio.create_task(self._worker()) for _ in range(n)]
+        tasks = [asyncio.create_task(process(self.queue, self.sync, controller=self.name, log=log, on_conflict=self._reread)) for _ in range(n)]
         try:
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
-
-    async def _worker(self) -> None:
-        q = self.queue
-        while True:
-            key = await q.get()
-            try:
-                await self.sync(key)
-                q.forget(key)
-            except ApiError as e:
-                metrics.sync_total.labels(self.name, "volumeattachments",
-                                          "conflict" if e.conflict else "error").inc()
-                if e.conflict:
-                    await self._reread(key)
-                else:
-                    log.warning("sync failed", attachment=key, error=str(e))
-                q.add_rate_limited(key)
-            except Exception as e:  # never let one object kill a worker
-                log.exception("sync crashed", attachment=key, error=str(e))
-                q.add_rate_limited(key)
-            finally:
-                q.done(key)
 
     async def _reread(self, name: str) -> dict | None:
         try:

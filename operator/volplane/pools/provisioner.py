@@ -51,7 +51,7 @@ from ..pv import constants as C
 from ..pv.index import access_modes, claim_class, claim_request, volume_capacity
 from ..quantity import format_quantity, parse_quantity
 from ..runtime import CLASSES, PVCS, PVS, Watch
-from ..workqueue import WorkQueue
+from ..workqueue import WorkQueue, process
 from .ledger import (
     API_VERSION,
     MANAGED_BY,
@@ -332,9 +332,9 @@ class PoolProvisioner:
             asyncio.create_task(self._ensure_driver(), name="pool-csidriver"),
             asyncio.create_task(self._publisher(), name="pool-publisher"),
             asyncio.create_task(self._gc(), name="pool-gc"),
-            asyncio.create_task(self._worker(self.finishing, self._finish_key)),
-            asyncio.create_task(self._worker(self.finishing, self._finish_key)),
-            asyncio.create_task(self._worker(self.expanding, self._expand_key)),
+            asyncio.create_task(process(self.finishing, self._finish_key, controller=self.name, log=log)),
+            asyncio.create_task(process(self.finishing, self._finish_key, controller=self.name, log=log)),
+            asyncio.create_task(process(self.expanding, self._expand_key, controller=self.name, log=log)),
         ]
         for name, pv in list(self.cache.pvs.items()):
             if self._needs_finishing(pv):
@@ -377,22 +377,6 @@ class PoolProvisioner:
             self.allocations.upsert(item)
         self._loaded.set()
         self._requeue_pending_claims()
-
-    async def _worker(self, queue: WorkQueue, sync) -> None:
-        while True:
-            key = await queue.get()
-            try:
-                await sync(key)
-                queue.forget(key)
-            except ApiError as e:
-                if not e.conflict:
-                    log.warning("sync failed", key=key, queue=queue.name, error=str(e))
-                queue.add_rate_limited(key)
-            except Exception as e:  # never let one object kill a worker
-                log.exception("sync crashed", key=key, queue=queue.name, error=str(e))
-                queue.add_rate_limited(key)
-            finally:
-                queue.done(key)
 
     # -- provision -------------------------------------------------------------------------------
     async def provision(self, claim: dict, decision: Any) -> None:

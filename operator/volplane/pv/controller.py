@@ -38,7 +38,7 @@ from ..cache import key_of
 from ..context import Context
 from ..kube import ApiError, pv_path, pvc_path
 from ..runtime import CLASSES, PVCS, PVS
-from ..workqueue import WorkQueue
+from ..workqueue import WorkQueue, process
 from . import constants as C
 from .decide import (
     BindStep,
@@ -161,10 +161,10 @@ class PVController:
     async def run(self) -> None:
         n = max(1, self.ctx.options.workers)
         tasks = [
-            asyncio.create_task(self._worker(self.claims, self._sync_claim_key)) for _ in range(n)
+            asyncio.create_task(process(self.claims, self._sync_claim_key, controller=self.name, log=log)) for _ in range(n)
         ]
         tasks += [
-            asyncio.create_task(self._worker(self.volumes, self._sync_volume_key))
+            asyncio.create_task(process(self.volumes, self._sync_volume_key, controller=self.name, log=log))
             for _ in range(max(1, n // 2))
         ]
         tasks.append(asyncio.create_task(self._resync()))
@@ -186,26 +186,6 @@ class PVController:
                     self.volumes.add(name)
             metrics.queue_depth.labels("pv-binder-claims").set(len(self.claims))
             metrics.queue_depth.labels("pv-binder-volumes").set(len(self.volumes))
-
-    async def _worker(self, queue: WorkQueue, sync) -> None:
-        while True:
-            key = await queue.get()
-            try:
-                requeue = await sync(key)
-                queue.forget(key)
-                if requeue:
-                    queue.add_after(key, requeue)
-            except ApiError as e:
-                outcome = "conflict" if e.conflict else "error"
-                metrics.sync_total.labels(self.name, queue.name, outcome).inc()
-                if not e.conflict:
-                    log.warning("sync failed", key=key, queue=queue.name, error=str(e))
-                queue.add_rate_limited(key)
-            except Exception as e:  # never let one object kill a worker
-                log.exception("sync crashed", key=key, queue=queue.name, error=str(e))
-                queue.add_rate_limited(key)
-            finally:
-                queue.done(key)
 
     # -- claims ------------------------------------------------------------------------------
     async def _sync_claim_key(self, key: str) -> float | None:
