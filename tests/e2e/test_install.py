@@ -16,7 +16,7 @@ import pykube
 import pytest
 import yaml
 
-from .conftest import REPO_ROOT, kubectl
+from .conftest import REPO_ROOT, kubectl, serviceaccount_kubeconfig
 from .helpers import create, wait_for
 
 SA = "system:serviceaccount:volplane-system:volplane"
@@ -28,7 +28,8 @@ def rendered_manifests() -> list[dict]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api):
+def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api,
+                                                               operator_kubeconfig):
     docs = rendered_manifests()
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole",
@@ -80,6 +81,10 @@ def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api)
         capture_output=True).returncode != 0, timeout=90, message="namespace deleted")
     from .conftest import install_prerequisites
     install_prerequisites(kubeconfig)
+    if Path(operator_kubeconfig).resolve() != Path(kubeconfig).resolve():
+        # The ServiceAccount was re-created: its old token is void. Re-mint it in place so
+        # the rest of the session's operators keep running under that identity.
+        serviceaccount_kubeconfig(kubeconfig, Path(operator_kubeconfig))
 
 
 def test_rbac_has_no_wildcards_and_is_least_privilege(kubeconfig, operator_kubeconfig):
