@@ -26,6 +26,10 @@ def _run(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_format, args.log_level)
     log = logs.get("cli")
+    from . import kopf_patches
+    if not kopf_patches.apply():
+        log.warning("kopf startup patch not applied (unexpected Kopf version)",
+                    expected=kopf_patches.PATCHED_VERSION)
     try:
         enabled = runtime.parse_controllers(args.controllers)
     except ValueError as e:
