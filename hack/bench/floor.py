@@ -12,6 +12,13 @@ writes themselves on this machine: the physical limit for any controller.
                     PVC spec.volumeName (+ bind-completed, bound-by-controller),
                     PVC status Bound (capacity, access modes)
 
+    --mode provision  per claim, a PV pvc-<uid> created pre-bound to it (hostPath), PV
+                    status Bound, claim volumeName (+ annotations), claim status Bound
+
+    --mode attach   per pod, the VolumeAttachment under upstream's name (the attacher
+                    under test attaches it); as attachments report attached, one
+                    node-status patch per node (volumesAttached, batched)
+
 `--concurrency` claims are in flight at once (volplane's default --workers is 16),
 each claim's writes one after the other, like a controller worker. One aiohttp
 session; the claims come from one watch of the namespace.
@@ -30,6 +37,7 @@ from lib import ANN_PAIR, Api, client_ssl, watch  # noqa: E402
 
 BOUND_BY = "pv.kubernetes.io/bound-by-controller"
 BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
+DRIVER = "pool.volplane.io"
 
 
 async def make_available(api: Api, pv: dict) -> None:
@@ -57,6 +65,85 @@ async def bind_static(api: Api, claim: dict) -> None:
         "capacity": {"storage": pv["spec"]["capacity"]["storage"]}}})
 
 
+async def provision(api: Api, claim: dict) -> None:
+    md = claim["metadata"]
+    ns, name, uid = md["namespace"], md["name"], md["uid"]
+    pv_name = f"pvc-{uid}"
+    request = claim["spec"]["resources"]["requests"]["storage"]
+    await api.create("/api/v1/persistentvolumes", {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": pv_name, "annotations": {
+            "pv.kubernetes.io/provisioned-by": "bench.volplane.io/floor"}},
+        "spec": {"capacity": {"storage": request}, "accessModes": claim["spec"]["accessModes"],
+                 "storageClassName": claim["spec"].get("storageClassName", ""),
+                 "persistentVolumeReclaimPolicy": "Delete",
+                 "hostPath": {"path": f"/tmp/volplane-bench/floor/{uid}"},
+                 "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                              "namespace": ns, "name": name, "uid": uid,
+                              "resourceVersion": md["resourceVersion"]}}})
+    await api.merge_patch(f"/api/v1/persistentvolumes/{pv_name}/status",
+                          {"status": {"phase": "Bound"}})
+    path = f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}"
+    await api.merge_patch(path, {
+        "metadata": {"annotations": {BIND_COMPLETED: "yes", BOUND_BY: "yes"}},
+        "spec": {"volumeName": pv_name}})
+    await api.merge_patch(path + "/status", {"status": {
+        "phase": "Bound", "accessModes": claim["spec"]["accessModes"],
+        "capacity": {"storage": request}}})
+
+
+class NodeReporter:
+    """node.status.volumesAttached, one merge patch per node per batch of changes."""
+
+    def __init__(self, api: Api):
+        self.api = api
+        self.attached: dict[str, dict[str, str]] = {}  # node -> unique name -> devicePath
+        self.dirty: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def add(self, node: str, unique: str, device: str) -> None:
+        vols = self.attached.setdefault(node, {})
+        if vols.get(unique) == device:
+            return
+        vols[unique] = device
+        self.dirty.setdefault(node, asyncio.Event()).set()
+        if node not in self.tasks:
+            self.tasks[node] = asyncio.create_task(self._flush(node))
+
+    async def _flush(self, node: str) -> None:
+        while True:
+            await self.dirty[node].wait()
+            await asyncio.sleep(0.05)  # gather what arrives meanwhile
+            self.dirty[node].clear()
+            body = [{"name": k, "devicePath": v} for k, v in sorted(self.attached[node].items())]
+            try:
+                await self.api.merge_patch(f"/api/v1/nodes/{node}/status",
+                                           {"status": {"volumesAttached": body}})
+            except Exception as e:
+                print(f"floor: node {node}: {e}", flush=True)
+                self.dirty[node].set()
+
+
+async def attach(api: Api, pod: dict, pool: str) -> None:
+    import hashlib
+    node = pod["spec"]["nodeName"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes") or ()
+              if v.get("persistentVolumeClaim")]
+    for claim in claims:
+        pv = claim.replace("-pvc-", "-pv-")  # the harness names pairs so
+        handle = f"{pool}/{pv}"
+        name = "csi-" + hashlib.sha256(f"{handle}{DRIVER}{node}".encode()).hexdigest()
+        try:
+            await api.create("/apis/storage.k8s.io/v1/volumeattachments", {
+                "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
+                "metadata": {"name": name},
+                "spec": {"attacher": DRIVER, "nodeName": node,
+                         "source": {"persistentVolumeName": pv}}})
+        except Exception as e:
+            if "409" not in str(e):
+                raise
+
+
 async def main(args: argparse.Namespace) -> int:
     ssl = client_ssl(Path(args.ca), Path(args.cert), Path(args.key))
     async with Api(args.server, ssl, limit=args.concurrency + 3) as api:
@@ -69,7 +156,7 @@ async def main(args: argparse.Namespace) -> int:
             if kind == "ADDED" and not (obj.get("spec") or {}).get("volumeName") \
                     and md["name"] not in seen:
                 seen.add(md["name"])
-                queue.put_nowait((bind_static, obj))
+                queue.put_nowait((bind_static if args.mode == "static" else provision, obj))
 
         def on_volume(kind: str, obj: dict, _t: float) -> None:
             if kind == "ADDED" and (obj.get("status") or {}).get("phase") == "Pending":
@@ -77,7 +164,31 @@ async def main(args: argparse.Namespace) -> int:
 
         pv_path, pv_sel = "/api/v1/persistentvolumes", {"labelSelector": args.pv_label}
         watchers = []
-        for p, sel, fn in ((path, None, on_claim), (pv_path, pv_sel, on_volume)):
+        streams = [(path, None, on_claim)]
+        if args.mode == "static":
+            streams.append((pv_path, pv_sel, on_volume))
+        if args.mode == "attach":
+            reporter = NodeReporter(api)
+            pods_seen: set[str] = set()
+
+            def on_pod(kind: str, obj: dict, _t: float) -> None:
+                name = obj["metadata"]["name"]
+                if kind == "ADDED" and obj["spec"].get("nodeName") and name not in pods_seen:
+                    pods_seen.add(name)
+                    queue.put_nowait((lambda a, o: attach(a, o, args.pool), obj))
+
+            def on_va(kind: str, obj: dict, _t: float) -> None:
+                st, spec = obj.get("status") or {}, obj["spec"]
+                if kind == "DELETED" or spec.get("attacher") != DRIVER or not st.get("attached"):
+                    return
+                pv = (spec.get("source") or {}).get("persistentVolumeName", "")
+                unique = f"kubernetes.io/csi/{DRIVER}^{args.pool}/{pv}"
+                device = (st.get("attachmentMetadata") or {}).get("devicePath", "")
+                reporter.add(spec["nodeName"], unique, device)
+
+            streams = [(f"/api/v1/namespaces/{args.namespace}/pods", None, on_pod),
+                       ("/apis/storage.k8s.io/v1/volumeattachments", None, on_va)]
+        for p, sel, fn in streams:
             initial = await api.list(p, sel)
             for item in initial["items"]:
                 fn("ADDED", item, 0.0)
@@ -100,12 +211,13 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["static"], default="static")
+    p.add_argument("--mode", choices=["static", "provision", "attach"], default="static")
     p.add_argument("--server", required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--namespace", required=True)
-    p.add_argument("--pv-label", default="bench.volplane.io/run")
+    p.add_argument("--pv-label", default="bench.volplane.io/workload=w1")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--pool", default="bench-attach-pool")
     sys.exit(asyncio.run(main(p.parse_args())))

@@ -56,6 +56,7 @@ AUX_GROUP = "volplane-bench-aux"
 KCM_SERVICE_ACCOUNTS = ("persistent-volume-binder", "attachdetach-controller")
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 LABEL = "bench.volplane.io/run"
+WORKLOAD = "bench.volplane.io/workload"  # w1, w5, ...: what a workload's cleanup may delete
 ANN_PAIR = "bench.volplane.io/pv"
 KEEP_FAILED = os.environ.get("BENCH_KEEP") == "1"  # leave a failed run's objects in place
 
@@ -321,10 +322,12 @@ def diff_requests(before: str, after: str) -> dict[str, dict[str, int]]:
         side = "controller" if who == "ctl" else "aux"
         if n:
             res[side][what] = res[side].get(what, 0) + n
-    for side in res.values():
+    for name, side in res.items():
         side["total"] = sum(side.values())
-        side["writes"] = sum(v for k, v in side.items()
-                             if k in ("create", "update", "patch", "delete", "deletecollection"))
+        if name == "controller":  # (aux is counted in one schema: no verbs)
+            side["writes"] = sum(v for k, v in side.items()
+                                 if k in ("create", "update", "patch", "delete",
+                                          "deletecollection"))
     return res
 
 
@@ -427,6 +430,7 @@ class Controller:
         self.started = 0.0
         self.ready_after = 0.0
         self.metrics_url: str | None = None  # the controller's own /metrics, if plain HTTP
+        self.profile: Path | None = None  # py-spy output, when run under py-spy
 
     async def start(self, timeout: float = 180.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +498,10 @@ class Controller:
             self._sampler.cancel()
         if not self.proc or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        sigs = ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
+        if self.profile:  # py-spy writes its profile on SIGINT
+            sigs = ((signal.SIGINT, 30.0), *sigs)
+        for sig, wait in sigs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
             deadline = time.monotonic() + wait
@@ -545,8 +552,17 @@ def volplane(env: Env, controllers: str, *, kubeconfig: Path | None = None,
     def ready(text: str) -> bool:
         return '"caches synced"' in text
 
+    profile = None
+    if os.environ.get("BENCH_PYSPY"):  # profile volplane: BENCH_PYSPY=<dir>
+        pyspy = VPY.parent / "py-spy"
+        out = Path(os.environ["BENCH_PYSPY"])
+        out.mkdir(parents=True, exist_ok=True)
+        profile = out / f"volplane{tag}.txt"
+        argv = [str(pyspy), "record", "-r", "100", "-f", "raw", "-o", str(profile), "--", *argv]
+        # (memory numbers are then py-spy's, not volplane's: profile and measure apart)
     c = Controller(f"volplane{tag}", argv, ready, env.logs / f"volplane{tag}.log")
     c.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    c.profile = profile
     return c
 
 

@@ -137,6 +137,24 @@ def table(results: dict) -> str:
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
+async def clean_all(env: lib.Env) -> None:
+    """Every workload's leftovers (an interrupted run), so each starts from a clean slate."""
+    import w1_static
+    import w2_provision
+    import w3_attach
+    import w5_memory
+    async with env.api() as api:
+        for ns, w in ((w1_static.NS, "w1"), (w5_memory.NS, "w5")):
+            await lib.clean(api, namespaces=(ns,), pv_label=f"{lib.WORKLOAD}={w}")
+        try:
+            await w3_attach.teardown(api, 0)
+        except lib.ApiError as e:
+            if e.status != 404:
+                raise
+        await lib.clean(api, namespaces=(w3_attach.NS,), pv_label=f"{lib.WORKLOAD}=w3")
+        await w2_provision.clean(api)
+
+
 async def main_async(args) -> dict:
     quick = args.quick
     workloads = [w for w in ALL_WORKLOADS if w in args.workloads.split(",")]
@@ -153,6 +171,10 @@ async def main_async(args) -> dict:
         results["kubernetes"] = env.k8s_version
         async with env.api() as api:
             await lib.install_accounting(env, api)
+        lib.log("cleaning leftovers of earlier runs")
+        await clean_all(env)
+        if args.clean_only:
+            return results
     for w in workloads:
         t0 = time.monotonic()
         lib.log(f"=== {w.upper()} ===")
@@ -171,11 +193,11 @@ async def main_async(args) -> dict:
             elif w == "w2":
                 import w2_provision
                 n = args.n or SIZES["w2"] // scale
-                results["w2"] = await w2_provision.run(env, n, include)
+                results["w2"] = {"n": n, "sides": await w2_provision.run(env, n, include)}
             elif w == "w3":
                 import w3_attach
                 n = args.n or SIZES["w3"] // scale
-                results["w3"] = await w3_attach.run(env, n, include)
+                results["w3"] = {"n": n, "sides": await w3_attach.run(env, n, include)}
         except Exception as e:  # one broken workload must not lose the others' numbers
             import traceback
             traceback.print_exc()
@@ -194,8 +216,12 @@ def main() -> int:
                    help="subset of " + ",".join(ALL_SIDES) + ",volplane-unthrottled")
     p.add_argument("--n", type=int, default=0, help="override the size of W1/W2/W3/W5")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--clean-only", action="store_true",
+                   help="remove every workload's objects from the bench cluster and exit")
     args = p.parse_args()
     results = asyncio.run(main_async(args))
+    if args.clean_only:
+        return 0
     text = table(results)
     results["table"] = text.splitlines()
     if not args.no_save:

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import lib
-from lib import ANN_PAIR, LABEL, Api, ApiError
+from lib import ANN_PAIR, LABEL, WORKLOAD, Api, ApiError
 
 NS = "bench-w1"
 CLASSES = ("bench-fast", "bench-std", "bench-slow")
@@ -58,7 +58,7 @@ def pairs(n: int, seed: int = 7) -> list[dict[str, Any]]:
 def pv_body(p: dict, run: str) -> dict:
     return {
         "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": f"w1-pv-{p['i']:05d}", "labels": {LABEL: run}},
+        "metadata": {"name": f"w1-pv-{p['i']:05d}", "labels": {LABEL: run, WORKLOAD: "w1"}},
         "spec": {"capacity": {"storage": p["size"]}, "accessModes": p["modes"],
                  "storageClassName": p["cls"], "persistentVolumeReclaimPolicy": "Retain",
                  "hostPath": {"path": f"/tmp/volplane-bench/w1-{p['i']:05d}"}},
@@ -170,7 +170,7 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
     plan = pairs(n)
     await lib.ensure_namespace(api, NS)
     await ensure_classes(api)
-    await lib.clean(api, namespaces=(NS,), pv_label=LABEL)
+    await lib.clean(api, namespaces=(NS,), pv_label=f"{WORKLOAD}=w1")
     result: dict[str, Any] = {"side": side, "n": n}
     await ctl.start()
     try:
@@ -246,7 +246,7 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
     result["errors"] = errors[:10]
     if errors and lib.KEEP_FAILED:
         raise RuntimeError(f"kept the failed state for inspection (BENCH_KEEP=1): {errors[:3]}")
-    await lib.clean(api, namespaces=(NS,), pv_label=LABEL)
+    await lib.clean(api, namespaces=(NS,), pv_label=f"{WORKLOAD}=w1")
     return result
 
 

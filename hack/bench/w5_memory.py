@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import lib
-from lib import LABEL, Api
+from lib import LABEL, WORKLOAD, Api
 
 NS = "bench-w5"
 NODES = 20
@@ -46,7 +46,7 @@ def pv_body(i: int, run: str, claim: dict) -> dict:
     md = claim["metadata"]
     return {
         "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": f"w5-pv-{i:05d}", "labels": {LABEL: run},
+        "metadata": {"name": f"w5-pv-{i:05d}", "labels": {LABEL: run, WORKLOAD: "w5"},
                      "annotations": {"pv.kubernetes.io/bound-by-controller": "yes"}},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                  "storageClassName": "bench-std", "persistentVolumeReclaimPolicy": "Retain",
@@ -129,7 +129,7 @@ async def verify(api: Api, n: int) -> list[str]:
     errors = []
     claims = (await api.list(f"/api/v1/namespaces/{NS}/persistentvolumeclaims"))["items"]
     vols = {v["metadata"]["name"]: v for v in (await api.list(
-        "/api/v1/persistentvolumes", {"labelSelector": LABEL}))["items"]}
+        "/api/v1/persistentvolumes", {"labelSelector": f"{WORKLOAD}=w5"}))["items"]}
     if len(claims) != n or len(vols) != n:
         errors.append(f"expected {n} claims and volumes, found {len(claims)} / {len(vols)}")
     for c in claims:
@@ -175,7 +175,7 @@ async def run(env: lib.Env, n: int, include: set[str], quick: bool = False) -> d
         import w1_static
         await w1_static.ensure_classes(api)
         lib.log(f"W5: cleaning, then writing {n} bound pairs and {pods} pods")
-        await lib.clean(api, namespaces=(NS,), pv_label=LABEL)
+        await lib.clean(api, namespaces=(NS,), pv_label=f"{WORKLOAD}=w5")
         out["populate_s"] = await populate(env, api, n, pods, run_id)
         lib.log(f"W5: populated {out['populate_s']}")
         sides = []
@@ -208,5 +208,5 @@ async def run(env: lib.Env, n: int, include: set[str], quick: bool = False) -> d
                         f"correct {r['correct']} {errors[:2]}")
         finally:
             if not lib.KEEP_FAILED:
-                await lib.clean(api, namespaces=(NS,), pv_label=LABEL)
+                await lib.clean(api, namespaces=(NS,), pv_label=f"{WORKLOAD}=w5")
     return out
