@@ -538,13 +538,10 @@ def kcm(env: Env, controllers: list[str], *, qps: float | None, burst: int | Non
 
 
 def volplane(env: Env, controllers: str, *, kubeconfig: Path | None = None,
-             tag: str = "", extra: list[str] | None = None, togglefix: bool = False
-             ) -> Controller:
-    """`volplane run`; togglefix: through volplane_togglefix.py (a Kopf start-up fix)."""
+             tag: str = "", extra: list[str] | None = None) -> Controller:
+    """`volplane run` (which applies its Kopf start-up patch, kopf_patches.py, itself)."""
     port = free_port()
-    entry = [str(VPY), str(Path(__file__).with_name("volplane_togglefix.py"))] if togglefix \
-        else [str(VOLPLANE)]
-    argv = [*entry, "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
+    argv = [str(VOLPLANE), "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
             "--controllers", controllers, "--metrics-port", str(port),
             "--health-port", str(free_port()), "--bind-address", "127.0.0.1",
             "--no-leader-elect", *(extra or [])]

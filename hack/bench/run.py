@@ -114,6 +114,8 @@ def table(results: dict) -> str:
         s = w5["sides"]
         objs = f"W5 {w5.get('objects', '')}"
         up = s.get("upstream-default") or {}
+        # ("volplane+togglefix" rows exist in results from before the patch moved into
+        # the operator itself, operator/volplane/kopf_patches.py.)
         for variant, note in (("volplane", ""), ("volplane+togglefix", " [Kopf toggle fix]")):
             vp = s.get(variant)
             if vp is None:

@@ -187,9 +187,6 @@ async def run(env: lib.Env, n: int, include: set[str], quick: bool = False) -> d
         if "volplane" in include:
             sides.append(("volplane", lambda: lib.volplane(env, "pv-binder,attachdetach",
                                                            tag="-w5")))
-            # the same, with the prototype Kopf start-up fix (see volplane_togglefix.py)
-            sides.append(("volplane+togglefix", lambda: lib.volplane(
-                env, "pv-binder,attachdetach", tag="-w5-togglefix", togglefix=True)))
         try:
             for side, make in sides:
                 lib.log(f"W5 {side}: start, sync, settle {settle:.0f} s")
