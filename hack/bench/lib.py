@@ -529,10 +529,17 @@ def kcm(env: Env, controllers: list[str], *, qps: float | None, burst: int | Non
         argv += [f"--kube-api-qps={qps:g}", f"--kube-api-burst={burst}"]
     if hostpath:
         argv.append("--enable-hostpath-provisioner=true")
-    want = len(controllers)
+    # Ready = the controllers under test have synced their informers. "Caches are
+    # synced" carries no controller name at -v=1 and the secure-serving machinery logs
+    # it three times too, so: each controller's start line is there, and every
+    # "Waiting for caches to sync" has its "Caches are synced".
+    markers = {"persistentvolume-binder-controller": '"Starting persistent volume controller"',
+               "persistentvolume-attach-detach-controller": '"Starting attach detach controller"'}
+    want = [markers[c] for c in controllers if c in markers]
 
     def ready(text: str) -> bool:
-        return text.count('"Caches are synced"') >= want
+        return all(m in text for m in want) and \
+            text.count('"Caches are synced"') >= text.count('"Waiting for caches to sync"')
 
     return Controller(f"kcm{tag}", argv, ready, env.logs / f"kcm{tag}.log")
 

@@ -229,10 +229,14 @@ def main() -> int:
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        name = f"{stamp}{'-quick' if args.quick else ''}.json"
+        complete = set(args.workloads.split(",")) >= set(ALL_WORKLOADS) and \
+            set(args.sides.split(",")) >= set(ALL_SIDES) and not args.n
+        part = "" if complete else "-partial-" + args.workloads.replace(",", "")
+        name = f"{stamp}{'-quick' if args.quick else ''}{part}.json"
         body = json.dumps(results, indent=1, default=str) + "\n"
         (RESULTS / name).write_text(body)
-        (RESULTS / ("latest-quick.json" if args.quick else "latest.json")).write_text(body)
+        if complete:  # latest*.json always hold a whole run
+            (RESULTS / ("latest-quick.json" if args.quick else "latest.json")).write_text(body)
         lib.log(f"results: bench/results/{name}")
     print()
     print(text)

@@ -54,6 +54,17 @@ class WorkQueue:
         if key in self._dirty:
             self._queue.put_nowait(key)
 
+    def idle(self) -> bool:
+        """Nothing queued and nothing being processed (delayed keys do not count)."""
+        return not self._dirty and not self._processing
+
+    async def wait_idle(self, timeout: float, poll: float = 0.01) -> bool:
+        """Wait until idle() or `timeout` seconds; returns idle()."""
+        deadline = self.clock() + timeout
+        while not self.idle() and self.clock() < deadline:
+            await asyncio.sleep(poll)
+        return self.idle()
+
     def add_after(self, key: Hashable, delay: float) -> None:
         if delay <= 0:
             self.add(key)

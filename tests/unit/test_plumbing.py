@@ -120,3 +120,17 @@ def test_parse_controllers(spec, want):
 def test_parse_controllers_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown controller 'nope'"):
         parse_controllers("*,nope", known={"pv-binder": "x"})
+
+
+def test_queue_idle_means_nothing_queued_and_nothing_in_flight():
+    async def body():
+        q = WorkQueue("t")
+        assert q.idle()
+        q.add("a")
+        assert not q.idle()
+        k = await q.get()
+        assert not q.idle()          # in flight
+        q.done(k)
+        assert q.idle()
+        assert await q.wait_idle(timeout=0.1)
+    run(body())

@@ -161,14 +161,21 @@ class PVController:
     async def run(self) -> None:
         n = max(1, self.ctx.options.workers)
         tasks = [
-            asyncio.create_task(process(self.claims, self._sync_claim_key, controller=self.name, log=log)) for _ in range(n)
-        ]
-        tasks += [
-            asyncio.create_task(process(self.volumes, self._sync_volume_key, controller=self.name, log=log))
+            asyncio.create_task(process(self.volumes, self._sync_volume_key,
+                                        controller=self.name, log=log))
             for _ in range(max(1, n // 2))
         ]
-        tasks.append(asyncio.create_task(self._resync()))
         try:
+            # Volumes first: PVs created while no binder ran are still phase Pending, and
+            # only Available ones match. Settling them before the first claim sync makes
+            # the first bind pick the smallest fit, not whichever PV went Available first.
+            await self.volumes.wait_idle(timeout=30.0)
+            tasks += [
+                asyncio.create_task(process(self.claims, self._sync_claim_key,
+                                            controller=self.name, log=log))
+                for _ in range(n)
+            ]
+            tasks.append(asyncio.create_task(self._resync()))
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
