@@ -41,7 +41,9 @@ def _run(args: argparse.Namespace) -> int:
     ctx = Context(kube=kube, cache=Cache(),
                   events=EventRecorder(kube, "persistentvolume-controller"),
                   options=Options(resync_period=args.resync_period, workers=args.workers,
-                                  unmount_max_wait=args.unmount_max_wait))
+                                  unmount_max_wait=args.unmount_max_wait,
+                                  watch_layer=args.watch_layer,
+                                  list_page_size=args.list_page_size))
     elector = None
     if args.leader_elect:
         from .leader import LeaderElector, LeaseConfig
@@ -98,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
                    default=float(os.environ.get("VOLPLANE_UNMOUNT_MAX_WAIT") or 360.0),
                    help="seconds a NotReady node may keep a volume in use before a forced "
                         "detach (upstream's maxWaitForUnmountDuration, default 6 min)")
-    r.add_argument("--api-workers", type=int, default=16, help="concurrent API requests")
+    r.add_argument("--api-workers", type=int, default=16,
+                   help="connections for API requests (watches have their own)")
+    r.add_argument("--watch-layer", choices=["reflector", "kopf"], default="reflector",
+                   help="what feeds the caches: paginated LIST+WATCH reflectors (default) "
+                        "or Kopf's watcher (the design until 0.2, kept for comparison)")
+    r.add_argument("--list-page-size", type=int, default=500,
+                   help="objects per page of the reflectors' initial LIST")
     r.add_argument("--kube-api-qps", type=float, default=200.0)
     r.add_argument("--kube-api-burst", type=int, default=400)
     r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,

@@ -15,6 +15,8 @@ class Options:
     resync_period: float = 15.0
     workers: int = 16
     unmount_max_wait: float = 360.0
+    watch_layer: str = "reflector"  # or "kopf" (the design until 0.2; see runtime.py)
+    list_page_size: int = 500
 
 
 @dataclass

@@ -28,7 +28,7 @@ async def explain_claim(kubeconfig: str | None, namespace: str, name: str) -> st
         classes = {c["metadata"]["name"]: c for c in
                    (await kube.get("/apis/storage.k8s.io/v1/storageclasses"))["items"]}
     finally:
-        kube.close()
+        await kube.aclose()
     index = VolumeIndex()
     for pv in pvs:
         index.upsert(pv)

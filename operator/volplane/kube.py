@@ -1,25 +1,32 @@
 """The effect layer's one door to the Kubernetes API.
 
-A thin JSON client over the `kubernetes` package's ApiClient (which owns
-kubeconfig / in-cluster auth and TLS): raw dicts in and out, no model
-classes, so a write costs one HTTP round trip and one json.loads. The
-synchronous client runs in a bounded thread pool; a token bucket in front of
-it is our client-side QPS limit (Kopf has none), and 429/5xx/connection errors
-are retried with backoff. Conflicts (409) are NOT retried here: they mean the
-decision was made on stale data and the caller must re-read and re-decide.
+The `kubernetes` package loads the credentials (kubeconfig, in-cluster
+service account, exec plugins, token refresh); the requests themselves go out
+on aiohttp sessions in the event loop: raw dicts in and out, no model classes,
+no thread pool, so a write costs one HTTP round trip and one json.loads and no
+GIL hand-off. (Until 0.2 the kubernetes client's urllib3 ran in a 16-thread
+pool; the profiles showed those threads competing with the event loop.)
+
+A token bucket in front of every request is our client-side QPS limit (Kopf
+has none), and 429/5xx/connection errors are retried with backoff. Conflicts
+(409) are NOT retried here: they mean the decision was made on stale data and
+the caller must re-read and re-decide. Watches (`stream`) use a second session
+without a connection limit, so long-lived streams never starve writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
+import aiohttp
 import kubernetes
-from kubernetes.client.exceptions import ApiException
 
 from . import __version__
 
@@ -101,11 +108,14 @@ class Kube:
                     kubernetes.config.load_kube_config(client_configuration=cfg)
         except Exception as e:  # a clear message beats a traceback here
             raise SystemExit(f"cannot load Kubernetes credentials: {e}") from e
-        cfg.connection_pool_maxsize = workers
-        self.api = kubernetes.client.ApiClient(cfg)
-        # The field manager and audit user-agent: volplane's writes are identifiable.
-        self.api.user_agent = user_agent or f"volplane/{__version__}"
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
+        self.cfg = cfg
+        self.host = cfg.host.rstrip("/")
+        self.ssl = _ssl_context(cfg)
+        # The audit user-agent: volplane's writes are identifiable.
+        self.user_agent = user_agent or f"volplane/{__version__}"
+        self.workers = workers
+        self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
         self.bucket = TokenBucket(qps, burst)
         self.retries = retries
         self.stats = Stats()
@@ -113,54 +123,111 @@ class Kube:
         # is still ours (so a paused-then-resumed ex-leader never writes).
         self.write_guard = None
 
-    def _call(self, method: str, path: str, body: Any, query: dict | None,
-              content_type: str) -> Any:
-        # kubernetes>=35 (openapi-generator v7): serialize (auth, host), send, read.
-        _, url, headers, payload, _ = self.api.param_serialize(
-            method, path,
-            query_params=list((query or {}).items()) or None,
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body,
-            auth_settings=["BearerToken"],
+    # Sessions are created lazily: they belong to the running event loop.
+    def _new_session(self, limit: int) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self.ssl, limit=limit),
+            headers={"User-Agent": self.user_agent, "Accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            skip_auto_headers=("Accept-Encoding",),
         )
-        try:
-            resp = self.api.call_api(method, url, header_params=headers, body=payload,
-                                     _request_timeout=60)
-        except ApiException as e:
-            raise ApiError(e.status or 0, e.reason or "", e.body) from None
-        data = resp.read()
-        if not 200 <= resp.status < 300:
-            try:
-                parsed = json.loads(data) if data else None
-            except ValueError:
-                parsed = data
-            raise ApiError(resp.status, resp.reason or "", parsed)
-        return json.loads(data) if data else None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = self._new_session(self.workers * 2)
+        return self._session
+
+    @property
+    def watch_session(self) -> aiohttp.ClientSession:
+        if self._watch_session is None or self._watch_session.closed:
+            self._watch_session = self._new_session(0)
+        return self._watch_session
+
+    def _auth(self) -> dict:
+        # auth_settings() runs the client's refresh hook (in-cluster token rotation).
+        token = self.cfg.auth_settings().get("BearerToken")
+        if token and token.get("value"):
+            return {"Authorization": token["value"]}
+        return {}
+
+    def url(self, path: str, query: dict | None = None) -> str:
+        q = {k: v for k, v in (query or {}).items() if v is not None}
+        return self.host + path + ("?" + urlencode(q) if q else "")
+
+    async def _call(self, method: str, path: str, body: Any, query: dict | None,
+                    content_type: str) -> Any:
+        headers = self._auth()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body, separators=(",", ":")).encode()
+        async with self.session.request(
+                method, self.url(path, query), data=data, headers=headers,
+                proxy=self.cfg.proxy or None,
+                timeout=aiohttp.ClientTimeout(total=60, sock_connect=10)) as resp:
+            raw = await resp.read()
+            if not 200 <= resp.status < 300:
+                try:
+                    parsed = json.loads(raw) if raw else None
+                except ValueError:
+                    parsed = raw.decode(errors="replace")
+                raise ApiError(resp.status, resp.reason or "", parsed)
+            return json.loads(raw) if raw else None
 
     async def request(self, method: str, path: str, body: Any = None, *,
                       query: dict | None = None, content_type: str = "application/json") -> Any:
         if method != "GET" and self.write_guard is not None:
             self.write_guard()
-        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             await self.bucket.acquire()
             self.stats.requests += 1
             try:
-                return await loop.run_in_executor(
-                    self.pool, self._call, method, path, body, query, content_type)
+                return await self._call(method, path, body, query, content_type)
             except ApiError as e:
                 if e.conflict:
                     self.stats.conflicts += 1
                 retryable = e.status == 429 or e.status >= 500
                 if not retryable or attempt >= self.retries:
                     raise
-            except Exception:  # connection errors from urllib3 surface as various types
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 if attempt >= self.retries:
                     raise
             attempt += 1
             self.stats.retries += 1
             await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
+
+    async def stream(self, path: str, query: dict, read_timeout: float
+                     ) -> AsyncIterator[dict]:
+        """A watch: yields each decoded event (one JSON document per line).
+
+        Not retried here; the reflector owns reconnects, backoff and relists.
+        """
+        await self.bucket.acquire()
+        self.stats.requests += 1
+        async with self.watch_session.get(
+                self.url(path, query), headers=self._auth(), proxy=self.cfg.proxy or None,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                              sock_read=read_timeout)) as resp:
+            if resp.status != 200:
+                raw = await resp.read()
+                try:
+                    parsed = json.loads(raw) if raw else None
+                except ValueError:
+                    parsed = raw.decode(errors="replace")
+                raise ApiError(resp.status, resp.reason or "", parsed)
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                if b"\n" not in chunk:
+                    continue
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+            if buf.strip():
+                yield json.loads(buf)
 
     # Conveniences ------------------------------------------------------------------------
     async def get(self, path: str, **kw) -> Any:
@@ -181,9 +248,21 @@ class Kube:
     async def delete(self, path: str, body: dict | None = None) -> Any:
         return await self.request("DELETE", path, body)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.api.close()
+    async def aclose(self) -> None:
+        for s in (self._session, self._watch_session):
+            if s is not None and not s.closed:
+                await s.close()
+
+
+def _ssl_context(cfg) -> ssl.SSLContext:
+    """TLS as the kubernetes client would set it up from the same configuration."""
+    ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None)
+    if not cfg.verify_ssl:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return ctx
 
 
 def pv_path(name: str, sub: str = "") -> str:

@@ -41,6 +41,15 @@ queue_depth = Gauge("volplane_workqueue_depth", "Keys waiting in a controller's 
 events_posted = Counter("volplane_events_total", "Kubernetes Events posted",
                         ["type", "reason"])
 leader = Gauge("volplane_leader", "1 when this replica holds the leader lease")
+watch_events = Counter("volplane_watch_events_total",
+                       "Watch events applied to the cache, by resource and type",
+                       ["resource", "type"])
+watch_lists = Counter("volplane_watch_lists_total",
+                      "Full (paginated) LISTs by resource: 1 at start, more after 410 Gone",
+                      ["resource"])
+watch_errors = Counter("volplane_watch_errors_total",
+                       "Watch/list failures that caused a reconnect, by resource",
+                       ["resource"])
 
 
 def _class_of(obj: dict) -> str:

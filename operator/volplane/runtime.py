@@ -1,7 +1,15 @@
 """Wires the controllers to Kopf: which resources are watched, and when controllers start.
 
-The watch layer uses only `@kopf.index` and `@kopf.on.event`, which write
-nothing to the watched objects. Each watched kind gets:
+Kopf runs the operator: start-up and clean-up ordering, signals, credentials,
+the liveness endpoint and its probes. What feeds the caches depends on
+`--watch-layer`:
+
+- `reflector` (default): one paginated LIST+WATCH reflector per kind
+  (reflector.py) feeds each Store. The caches are synced when every reflector
+  has completed its first LIST.
+- `kopf` (the design until 0.2, kept for comparison; see docs/benchmarks.md):
+  `@kopf.index` and `@kopf.on.event`, which write nothing to the watched
+  objects. Each watched kind gets:
 
 - an indexer that upserts the object into our cache (Store). Kopf runs
   indexers for the initial listing *before* any handler, so when the first
@@ -9,7 +17,7 @@ nothing to the watched objects. Each watched kind gets:
 - an event handler that applies deletions (Kopf does not call indexers for
   DELETED events; it runs them for every other event, listing included).
 
-The "caches synced" barrier: Kopf holds every handler until all indexes are
+  The "caches synced" barrier: Kopf holds every handler until all indexes are
 populated. Namespaces always exist ("default", "kube-system"), so the first
 namespace event handler call is proof that all stores are complete. Only then
 do the controllers' loops start, so no controller decides on a partial view
@@ -19,6 +27,8 @@ do the controllers' loops start, so no controller decides on a partial view
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import importlib
 from dataclasses import dataclass
 
@@ -27,6 +37,7 @@ import kopf
 from . import logs, settings
 from .cache import key_of
 from .context import Context
+from .reflector import Reflector, Reflectors
 from .serving import state as readiness
 
 log = logs.get("runtime")
@@ -86,8 +97,15 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
     for c in controllers:
         for w in c.watches:
             watches[w.plural] = w
+    reflectors = Reflectors()
     for w in watches.values():
-        _register_watch(registry, ctx, w)
+        if ctx.options.watch_layer == "kopf":
+            _register_watch(registry, ctx, w)
+        else:
+            store = ctx.cache.add_store(w.plural, w.kind)
+            reflectors.add(Reflector(ctx.kube, store, group=w.group, version=w.version,
+                                     plural=w.plural, kind=w.kind,
+                                     page_size=ctx.options.list_page_size))
     tasks: list[asyncio.Task] = []
 
     @kopf.on.login(registry=registry)
@@ -100,6 +118,13 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
     async def startup(settings: kopf.OperatorSettings, **_):
         _configure(settings)
         ctx.events.start()
+        for r in reflectors.items:
+            tasks.append(_guarded(r.run(), f"reflector-{r.plural}"))
+        if reflectors.items:
+            async def synced_when_listed():
+                await reflectors.wait_synced()
+                ctx.synced.set()
+            tasks.append(_guarded(synced_when_listed(), "reflectors-synced"))
 
         async def start_when_synced():
             readiness.leader_election = elector is not None
@@ -109,6 +134,7 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
                 tasks.append(_guarded(elector.run(), "leader-election"))
             await ctx.synced.wait()
             readiness.synced = True
+            _release_memory()
             if elector is not None:
                 await elector.leading.wait()
                 readiness.leading = True
@@ -126,14 +152,33 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await ctx.events.stop()
-        ctx.kube.close()
+        await ctx.kube.aclose()
 
-    @kopf.on.event("", "v1", "namespaces", registry=registry)
-    async def barrier(**_):
-        if not ctx.synced.is_set():
-            ctx.synced.set()
+    @kopf.on.probe(registry=registry, id="watches")
+    def watches_probe(**_):
+        return reflectors.status()
+
+    if ctx.options.watch_layer == "kopf":
+        @kopf.on.event("", "v1", "namespaces", registry=registry)
+        async def barrier(**_):
+            if not ctx.synced.is_set():
+                ctx.synced.set()
 
     return registry
+
+
+def _release_memory() -> None:
+    """Give the initial LIST's transient memory back to the OS (glibc only).
+
+    The pages of JSON are decoded and dropped one at a time, but glibc keeps the
+    freed heap; malloc_trim(0) returns the unused pages. Best effort: a no-op
+    elsewhere (musl, macOS).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _guarded(coro, name: str) -> asyncio.Task:
