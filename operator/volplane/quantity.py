@@ -9,6 +9,11 @@ A quantity is ``<signed number><suffix>`` where the suffix is one of
 Storage sizes are whole bytes, so :func:`parse_quantity` rounds a fractional result
 *up*, exactly like ``Quantity.Value()`` does upstream (``1.5`` -> 2, ``100m`` -> 1).
 Arithmetic is done with :class:`fractions.Fraction`, so ``0.1Gi`` is exact.
+
+String parsing is memoized (bounded LRU keyed on the exact input string): a cluster
+has a handful of distinct sizes but every PV upsert and claim sync re-reads them, and
+the Fraction arithmetic dominated the matching cost. The cached result is a plain
+``int`` (immutable), and invalid strings are not cached, so they raise every time.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
+from functools import lru_cache
 
 __all__ = ["parse_quantity", "format_quantity"]
 
@@ -30,6 +36,10 @@ _EXPONENT_RE = re.compile(r"^[eE](?P<exp>[+-]?\d+)$")
 # Exponents beyond this are rejected: upstream caps quantities far below it and a huge
 # exponent would make Fraction arithmetic allocate absurd integers.
 _MAX_EXPONENT = 100
+
+# Distinct quantity strings kept by the parse cache. Real clusters use tens of sizes;
+# the bound only keeps pathological input (unique sizes per object) from growing it.
+_CACHE_SIZE = 4096
 
 
 def _suffix_multiplier(suffix: str, text: str) -> Fraction:
@@ -61,6 +71,9 @@ def parse_quantity(value: str | int | float) -> int:
     Raises ValueError (with the offending input in the message) for anything that is
     not a valid quantity: empty strings, unknown suffixes, NaN/inf floats, booleans.
     """
+    if isinstance(value, str):
+        # str(): a str subclass must not put a foreign object into the cache.
+        return _parse_text(value if type(value) is str else str(value))
     if isinstance(value, bool):
         raise ValueError(f"invalid quantity {value!r}: booleans are not quantities")
     if isinstance(value, int):
@@ -69,8 +82,12 @@ def parse_quantity(value: str | int | float) -> int:
         if not math.isfinite(value):
             raise ValueError(f"invalid quantity {value!r}: not a finite number")
         return math.ceil(Fraction(value))
-    if not isinstance(value, str):
-        raise ValueError(f"invalid quantity {value!r}: expected a string or a number")
+    raise ValueError(f"invalid quantity {value!r}: expected a string or a number")
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _parse_text(value: str) -> int:
+    """parse_quantity for a string; memoized (lru_cache does not cache exceptions)."""
     text = value.strip()
     if not text:
         raise ValueError("invalid quantity '': empty string")

@@ -104,3 +104,34 @@ def test_format(n: int, text: str) -> None:
 @given(st.integers(min_value=-(2**70), max_value=2**70))
 def test_format_round_trips(n: int) -> None:
     assert parse_quantity(format_quantity(n)) == n
+
+
+def test_parse_cache_returns_equal_values_for_equal_strings() -> None:
+    from volplane.quantity import _parse_text
+
+    _parse_text.cache_clear()
+    # Equal but distinct string objects share one entry and give the same int.
+    first = parse_quantity("".join(["1.5", "Gi"]))
+    second = parse_quantity("".join(["1.", "5Gi"]))
+    assert first == second == 3 * GI // 2
+    assert isinstance(first, int)
+    info = _parse_text.cache_info()
+    assert (info.hits, info.misses) == (1, 1)
+    assert info.maxsize is not None  # bounded
+
+
+def test_parse_cache_does_not_swallow_errors() -> None:
+    from volplane.quantity import _parse_text
+
+    _parse_text.cache_clear()
+    for _ in range(3):  # invalid input raises every time, never cached as a value
+        with pytest.raises(ValueError, match="unknown suffix 'x'"):
+            parse_quantity("1x")
+    assert _parse_text.cache_info().currsize == 0
+    # A str subclass parses like the plain string, and the cache keeps only plain str.
+    class Sub(str):
+        pass
+
+    assert parse_quantity(Sub("2Ki")) == 2 * KI
+    assert parse_quantity("2Ki") == 2 * KI
+    assert _parse_text.cache_info().hits == 1
