@@ -260,6 +260,8 @@ def sides(env: lib.Env, include: set[str]) -> list[tuple[str, lib.Controller]]:
         ("volplane-unthrottled", lambda: lib.volplane(
             env, "pv-binder", tag="-w1-unthrottled",
             extra=["--kube-api-qps", "10000", "--kube-api-burst", "10000"])),
+        ("volplane-kopf", lambda: lib.volplane(env, "pv-binder", tag="-w1-kopf",
+                                               extra=["--watch-layer", "kopf"])),
         ("floor", lambda: lib.floor(env, "static", NS, 16, tag="-w1")),
     ]
     return [(name, make) for name, make in out if name in include]

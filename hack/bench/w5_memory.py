@@ -187,6 +187,9 @@ async def run(env: lib.Env, n: int, include: set[str], quick: bool = False) -> d
         if "volplane" in include:
             sides.append(("volplane", lambda: lib.volplane(env, "pv-binder,attachdetach",
                                                            tag="-w5")))
+        if "volplane-kopf" in include:  # the watch layer until 0.2, for before/after
+            sides.append(("volplane-kopf", lambda: lib.volplane(
+                env, "pv-binder,attachdetach", tag="-w5-kopf", extra=["--watch-layer", "kopf"])))
         try:
             for side, make in sides:
                 lib.log(f"W5 {side}: start, sync, settle {settle:.0f} s")
