@@ -258,6 +258,123 @@ def test_node_volumes_attached_reports_attached_not_detaching():
 
 
 # -- reconcile -----------------------------------------------------------------------------
+# -- node status reports: coalesced per node ------------------------------------------------
+def test_node_in_progress_counts_attaching_without_error_on_that_node():
+    asw = S.build_asw([va("pv1", "n1", attached=False), va("pv2", "n2"),
+                       va("pv3", "n3", attached=False, attach_error="no slot")],
+                      pvs={}, nodes={})
+    assert S.node_attach_in_progress(asw.values(), "n1")
+    assert not S.node_attach_in_progress(asw.values(), "n2")   # attached
+    assert not S.node_attach_in_progress(asw.values(), "n3")   # stuck: no outcome coming
+    assert not S.node_attach_in_progress(asw.values(), "n4")
+
+
+def test_node_report_debounces_and_one_report_covers_a_burst():
+    sch = S.NodeReportSchedule(debounce=0.1, min_interval=1.0)
+    assert sch.changed("n1", 0.0, busy=True) == pytest.approx(0.1)
+    assert sch.changed("n1", 0.05, busy=True) is None       # the queued report covers it
+    assert sch.begin("n1", 0.1) is None                      # go
+    assert sch.finish("n1", 0.15, wrote=True, busy=False) is None  # nothing new: done
+
+
+def test_node_report_changes_during_a_write_get_one_follow_up_after_the_interval():
+    sch = S.NodeReportSchedule(debounce=0.1, min_interval=1.0)
+    sch.changed("n1", 0.0, busy=True)
+    assert sch.begin("n1", 0.1) is None
+    for t in (0.11, 0.12, 0.13):
+        assert sch.changed("n1", t, busy=True) is None        # in flight: accumulate
+    # written at 0.1; more attachments under way: the next report not before 1.1
+    assert sch.finish("n1", 0.2, wrote=True, busy=True) == pytest.approx(0.9)
+    assert sch.changed("n1", 0.5, busy=True) is None          # covered by that one
+    assert sch.begin("n1", 1.1) is None
+
+
+def test_node_report_goes_out_after_the_debounce_once_the_node_is_quiet():
+    sch = S.NodeReportSchedule(debounce=0.1, min_interval=1.0)
+    sch.changed("n1", 0.0, busy=True)
+    sch.begin("n1", 0.1)
+    sch.finish("n1", 0.12, wrote=True, busy=True)
+    assert sch.changed("n1", 0.3, busy=True) == pytest.approx(0.8)   # at 1.1
+    # the last attachment on the node finished: report it now, not at 1.1
+    assert sch.changed("n1", 0.5, busy=False) == pytest.approx(0.0)
+    assert sch.begin("n1", 0.5) is None
+    sch.finish("n1", 0.55, wrote=True, busy=False)
+    assert sch.begin("n1", 1.1) is None   # the superseded 1.1 entry: harmless, no change
+
+
+def test_node_report_interval_applies_only_after_a_write():
+    sch = S.NodeReportSchedule(debounce=0.1, min_interval=1.0)
+    sch.changed("n1", 0.0, busy=True)
+    sch.begin("n1", 0.1)
+    # nothing to write (the report already said so): no interval to keep
+    assert sch.finish("n1", 0.12, wrote=False, busy=True) is None
+    assert sch.changed("n1", 0.2, busy=True) == pytest.approx(0.1)
+
+
+def test_node_report_forced_write_and_early_superseded_entries():
+    sch = S.NodeReportSchedule(debounce=0.1, min_interval=1.0)
+    assert sch.changed("n1", 0.0, busy=True) == pytest.approx(0.1)   # entry at 0.1
+    assert sch.begin("n1", 0.05, force=True) is None                 # a detach: now
+    sch.changed("n1", 0.06, busy=True)
+    assert sch.finish("n1", 0.07, wrote=True, busy=True) == pytest.approx(0.98)  # at 1.05
+    assert sch.begin("n1", 0.1) == pytest.approx(0.95)   # the 0.1 entry: not due, skip
+    assert sch.begin("n1", 0.5, force=True) is None      # a detach never waits
+    sch.finish("n1", 0.51, wrote=True, busy=False)
+    sch.forget("n1")
+    assert sch.begin("n1", 0.6) is None
+
+
+def test_controller_coalesces_node_reports_while_attachments_arrive():
+    """Attachments on one node completing one by one, 50 ms apart: a handful of node
+    status writes (not one each), the last one complete and not held back."""
+    from volplane.attach.controller import AttachDetachController
+    from volplane.workqueue import process
+
+    async def body():
+        kube = FakeKube()
+        ctx = make_ctx(kube)
+        adc = AttachDetachController(ctx)
+        adc.node_reports = S.NodeReportSchedule(debounce=0.01, min_interval=0.3)
+        c = ctx.cache
+        c.stores["nodes"].upsert(node("n1"))
+        kube.objs["node:n1"] = copy.deepcopy(node("n1"))
+        vas = c.stores["volumeattachments"]
+        n = 12
+        for i in range(n):
+            c.pvs.upsert(pv(f"pv{i}"))
+            vas.upsert(va(f"pv{i}", "n1", attached=False))
+        worker = asyncio.create_task(process(adc.node_queue, adc._sync_node,
+                                             controller="test", log=None))
+        try:
+            await asyncio.sleep(0.05)
+            t0 = asyncio.get_running_loop().time()
+            for i in range(n):
+                obj = va(f"pv{i}", "n1")
+                obj["metadata"]["resourceVersion"] = "2"
+                obj["status"]["attachmentMetadata"] = {"devicePath": f"/dev/x{i}"}
+                vas.upsert(obj)
+                await asyncio.sleep(0.05)
+            done_at = asyncio.get_running_loop().time()
+            for _ in range(100):
+                got = kube.objs["node:n1"]["status"].get("volumesAttached") or []
+                if len(got) == n:
+                    break
+                await asyncio.sleep(0.01)
+            reported_at = asyncio.get_running_loop().time()
+        finally:
+            worker.cancel()
+        writes = [x for x in kube.calls if x == ("patch", "/api/v1/nodes/n1/status")]
+        assert {e["name"] for e in got} == {uname(f"pv{i}") for i in range(n)}
+        assert {e["devicePath"] for e in got} == {f"/dev/x{i}" for i in range(n)}
+        # 0.6 s of arrivals at one write per 0.3 s at most while busy, plus the last
+        assert 2 <= len(writes) <= 5, writes
+        assert len(writes) < n
+        assert reported_at - done_at < 0.2   # the quiet node's last report: debounce only
+        assert done_at - t0 > 0.5
+
+    asyncio.run(body())
+
+
 def plan(w, vas, *, now=1000.0, max_wait=360.0, requested=None):
     asw = S.build_asw(vas, pvs=w["pvs"], nodes=w["nodes"])
     return S.reconcile(dsw_of(w), asw, w["nodes"], now, max_wait, requested or {})
@@ -607,8 +724,9 @@ async def settle(kube, ctx, controllers, rounds=30):
             if not name.startswith("node:"):
                 vas.upsert(copy.deepcopy(obj))
         busy = False
-        if any(queue._delayed for queue, _ in controllers):
-            await asyncio.sleep(0.15)  # debounced keys (node status) come due
+        delayed = [q._delayed[0][0] - q.clock() for q, _ in controllers if q._delayed]
+        if delayed:  # debounced keys (node status) come due
+            await asyncio.sleep(min(2.0, max(0.0, min(delayed))) + 0.02)
             for queue, _ in controllers:
                 queue.pop_due()
         for queue, sync in controllers:

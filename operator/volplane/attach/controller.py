@@ -20,7 +20,11 @@ Writes, each safe to repeat after a crash:
   A crash between the two leaves an attached VolumeAttachment, which the next sync
   reports again and detaches again;
 - node.status.volumesAttached: recomputed from the VolumeAttachments, patched only when
-  it differs.
+  it differs, and coalesced per node (`state.NodeReportSchedule`): a change is reported
+  after a short debounce, changes arriving while a report is in flight share the next
+  one, and while attachments on the node are still in progress its reports are at least
+  NODE_STATUS_MIN_INTERVAL apart. Nothing of that is durable: the report is recomputed
+  from the VolumeAttachments each time, and a restart reports every node once.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ VOLUME_ATTACHMENTS = Watch("storage.k8s.io", "v1", "volumeattachments", "VolumeA
 CSI_DRIVERS = Watch("storage.k8s.io", "v1", "csidrivers", "CSIDriver")
 
 VA_PATH = "/apis/storage.k8s.io/v1/volumeattachments"
-NODE_STATUS_DEBOUNCE = 0.1  # seconds
+NODE_STATUS_DEBOUNCE = S.NODE_STATUS_DEBOUNCE          # (the write floor uses them too)
+NODE_STATUS_MIN_INTERVAL = S.NODE_STATUS_MIN_INTERVAL
 
 forced_detaches = Counter(
     "attachdetach_controller_forced_detaches",
@@ -104,7 +109,8 @@ class AttachDetachController:
         self.attach_started: dict[str, float] = {}    # VA name -> clock
         self.detach_started: dict[str, float] = {}
         self.node_locks: dict[str, asyncio.Lock] = {}
-        self.node_pending: set[str] = set()           # node status sync due soon
+        self.node_reports = S.NodeReportSchedule(NODE_STATUS_DEBOUNCE,
+                                                 NODE_STATUS_MIN_INTERVAL)
 
         self.volumes = WorkQueue("attachdetach-volumes")
         self.node_queue = WorkQueue("attachdetach-nodes")
@@ -203,8 +209,8 @@ class AttachDetachController:
                     "persistentVolumeName")
                 if pv:
                     self.volumes.add(pv)
-        if new is not None:
-            self._node_changed(name)
+        if new is not None and (old is None or _report_inputs(old) != _report_inputs(new)):
+            self._node_changed(name)  # (not on heartbeats: the report reads only these)
 
     def _on_driver(self, name: str, old: dict | None, new: dict | None) -> None:
         for pod_key in list(self.pods):
@@ -251,18 +257,20 @@ class AttachDetachController:
             self.detach_started.pop(name, None)
 
     def _node_changed(self, node: str) -> None:
-        """Queue a node's status report, a little later: a burst of attachments on one
-        node then costs one status write, not one per attachment (upstream's reconciler
-        writes node statuses once per 100 ms loop, too)."""
-        if node in self.node_pending:
-            return  # already due shortly: that sync will see this change too
+        """Queue a node's status report when the schedule says (a burst of attachments
+        on one node costs a few status writes, not one per attachment)."""
+        delay = self.node_reports.changed(node, self.clock(), self._node_busy(node))
+        if delay is None:
+            return  # a report already queued or in flight covers this change
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop (yet): nothing to debounce against
             self.node_queue.add(node)
             return
-        self.node_pending.add(node)
-        self.node_queue.add_after(node, NODE_STATUS_DEBOUNCE)
+        self.node_queue.add_after(node, delay)
+
+    def _node_busy(self, node: str) -> bool:
+        return S.node_attach_in_progress(self._actual_on_node(node), node)
 
     def _attach_succeeded(self, pv: str | None, node: str | None) -> None:
         if not self.running or not pv:
@@ -411,7 +419,7 @@ class AttachDetachController:
     async def _detach(self, op: S.Op) -> None:
         self.detaching.add(op.key)
         try:
-            await self._sync_node(op.node)  # report it detached first (upstream's order)
+            await self._sync_node(op.node, force=True)  # report it detached first
         except Exception:
             self.detaching.discard(op.key)
             raise
@@ -434,31 +442,54 @@ class AttachDetachController:
                  reason=op.reason, forced=op.forced, action="detach")
 
     # -- act: node status -----------------------------------------------------------------
-    async def _sync_node(self, name: str) -> None:
-        self.node_pending.discard(name)
+    async def _sync_node(self, name: str, force: bool = False) -> float | None:
+        """Write the node's volumesAttached if it differs from the VolumeAttachments.
+        `force`: now, whatever the schedule says (a detach reports before it deletes)."""
         lock = self.node_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            node = self.nodes.get(name)
-            if node is None:
-                self.node_locks.pop(name, None)
-                return None
-            want = S.node_volumes_attached(self._actual_on_node(name), name, self.detaching)
-            have = sorted(({"name": e.get("name"), "devicePath": e.get("devicePath") or ""}
-                           for e in (node.get("status") or {}).get("volumesAttached") or ()),
-                          key=lambda e: e["name"] or "")
-            if want == have:
-                return None
+            not_yet = self.node_reports.begin(name, self.clock(), force)
+            if not_yet is not None:
+                return not_yet  # an earlier delay, superseded: the node is due later
+            wrote = False
             try:
-                new = await self.ctx.kube.merge_patch(f"/api/v1/nodes/{name}/status",
-                                                      {"status": {"volumesAttached": want}})
-            except ApiError as e:
-                if e.not_found:
-                    return None
-                raise
-            metrics.api_writes.labels(self.name, "nodes", "patch-status").inc()
-            self.nodes.upsert(new)
-            log.info("node volumesAttached", node=name, count=len(want), action="report")
+                wrote = await self._write_node_report(name)
+            finally:
+                again = self.node_reports.finish(name, self.clock(), wrote,
+                                                 self._node_busy(name))
+                if again is not None:
+                    self.node_queue.add_after(name, again)
             return None
+
+    async def _write_node_report(self, name: str) -> bool:
+        node = self.nodes.get(name)
+        if node is None:
+            self.node_locks.pop(name, None)
+            self.node_reports.forget(name)
+            return False
+        want = S.node_volumes_attached(self._actual_on_node(name), name, self.detaching)
+        have = sorted(({"name": e.get("name"), "devicePath": e.get("devicePath") or ""}
+                       for e in (node.get("status") or {}).get("volumesAttached") or ()),
+                      key=lambda e: e["name"] or "")
+        if want == have:
+            return False
+        try:
+            new = await self.ctx.kube.merge_patch(f"/api/v1/nodes/{name}/status",
+                                                  {"status": {"volumesAttached": want}})
+        except ApiError as e:
+            if e.not_found:
+                return False
+            raise
+        metrics.api_writes.labels(self.name, "nodes", "patch-status").inc()
+        self.nodes.upsert(new)
+        log.info("node volumesAttached", node=name, count=len(want), action="report")
+        return True
+
+
+def _report_inputs(node: dict) -> tuple:
+    """What of a Node its volumesAttached report depends on (volumesInUse names the
+    volumes of attachments whose PV is gone)."""
+    st = node.get("status") or {}
+    return (st.get("volumesAttached"), st.get("volumesInUse"))
 
 
 class _Collector:
