@@ -229,7 +229,9 @@ def test_two_replicas_one_leader_and_failover(api, kubeconfig, cluster, namespac
     lease = ["--leader-elect-lease-duration", "8", "--leader-elect-renew-deadline", "5",
              "--leader-elect-retry-period", "1", "--controllers", "pv-binder"]
     ida, idb = f"a-{namespace}", f"b-{namespace}"
-    a = operator.start(*lease, "--leader-elect-identity", ida)
+    # a is throttled (500 writes at 25/s take ~20 s) so that the kill lands mid-run.
+    a = operator.start(*lease, "--leader-elect-identity", ida,
+                       "--kube-api-qps", "25", "--kube-api-burst", "5")
     wait_for(lambda: _leader(kubeconfig) == ida, timeout=60, message="a leads")
     a.wait_ready()
     b = operator.another("b").start(*lease, "--leader-elect-identity", idb)
@@ -248,6 +250,7 @@ def test_two_replicas_one_leader_and_failover(api, kubeconfig, cluster, namespac
 
     wait_for(lambda: bound_count() >= 20, timeout=60, message="a has bound some claims")
     killed_at = time.time()
+    assert bound_count() < n, "a finished before it could be killed: nothing to fail over"
     a.kill(signal.SIGKILL)
     wait_for(lambda: _leader(kubeconfig) == idb, timeout=20, message="b leads within 20 s")
     assert time.time() - killed_at < 20
@@ -326,7 +329,9 @@ def test_a_replica_that_lost_the_lease_stops_at_once(api, kubeconfig, cluster, n
              "--leader-elect-retry-period", "1", "--controllers", "pv-binder",
              "--resync-period", "1"]
     ida, idb = f"a-{namespace}", f"b-{namespace}"
-    a = operator.start(*lease, "--leader-elect-identity", ida)
+    # a is throttled (500 writes at 25/s take ~20 s) so that the kill lands mid-run.
+    a = operator.start(*lease, "--leader-elect-identity", ida,
+                       "--kube-api-qps", "25", "--kube-api-burst", "5")
     wait_for(lambda: _leader(kubeconfig) == ida, timeout=60, message="a leads")
     a.wait_ready()
     b = operator.another("b").start(*lease, "--leader-elect-identity", idb)
