@@ -148,3 +148,102 @@ def condition(obj: dict, type_: str) -> dict | None:
         if cond.get("type") == type_:
             return cond
     return None
+
+
+# ----------------------------------------------------------------------------- raw API by kind
+# Plain REST calls through pykube's session, for tests that want the server's answer
+# (status codes, validation messages) rather than pykube objects.
+
+POOL_API = "volplane.io/v1alpha1"
+POOL_DRIVER = "pool.volplane.io"
+CAPACITY_NAMESPACE = "volplane-system"  # where the pool provisioner publishes capacity
+
+# kind -> (apiVersion, plural); every kind the raw helpers below are used with.
+KIND_PATHS: dict[str, tuple[str, str]] = {
+    "Namespace": ("v1", "namespaces"),
+    "Node": ("v1", "nodes"),
+    "Pod": ("v1", "pods"),
+    "PersistentVolume": ("v1", "persistentvolumes"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+    "StorageClass": ("storage.k8s.io/v1", "storageclasses"),
+    "CSIDriver": ("storage.k8s.io/v1", "csidrivers"),
+    "CSIStorageCapacity": ("storage.k8s.io/v1", "csistoragecapacities"),
+    "VolumeAttachment": ("storage.k8s.io/v1", "volumeattachments"),
+    "StoragePool": (POOL_API, "storagepools"),
+    "StorageAllocation": (POOL_API, "storageallocations"),
+}
+
+
+def kind_url(kind: str, name: str = "", namespace: str | None = None,
+             sub: str = "") -> tuple[str, str]:
+    """(apiVersion, url) for pykube's raw requests; `sub` is a subresource ("status")."""
+    version, plural = KIND_PATHS[kind]
+    path = f"namespaces/{namespace}/{plural}" if namespace else plural
+    if name:
+        path += f"/{name}"
+    return version, f"{path}/{sub}" if sub else path
+
+
+def kget(api, kind: str, name: str, namespace: str | None = None) -> dict | None:
+    """The object, or None if it does not exist."""
+    version, url = kind_url(kind, name, namespace)
+    r = api.get(version=version, url=url)
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return r.json()
+
+
+def klist(api, kind: str, namespace: str | None = None, **params) -> list[dict]:
+    """The items of a LIST; `params` are query parameters (labelSelector=...)."""
+    version, url = kind_url(kind, namespace=namespace)
+    r = api.get(version=version, url=url, params=params)
+    r.raise_for_status()
+    return r.json().get("items") or []
+
+
+def kcreate(api, manifest: dict) -> dict:
+    """POST a manifest; the created object, or AssertionError with the server's answer."""
+    version, url = kind_url(manifest["kind"], namespace=manifest["metadata"].get("namespace"))
+    r = api.post(version=version, url=url, json=manifest)
+    if not r.ok:
+        raise AssertionError(f"create {manifest['kind']} {manifest['metadata']['name']}: "
+                             f"{r.status_code} {r.text}")
+    return r.json()
+
+
+def kcreate_strict(api, kind: str, body: dict) -> requests.Response:
+    """POST with fieldValidation=Strict (what `kubectl apply --server-side` gets)."""
+    version, url = kind_url(kind, namespace=body["metadata"].get("namespace"))
+    return api.post(version=version, url=url, json=body, params={"fieldValidation": "Strict"})
+
+
+def kpatch_response(api, kind: str, name: str, patch: dict, namespace: str | None = None,
+                    sub: str = "") -> requests.Response:
+    """A JSON merge patch; the raw response, whatever its status."""
+    version, url = kind_url(kind, name, namespace, sub)
+    return api.patch(version=version, url=url, json=patch,
+                     headers={"Content-Type": "application/merge-patch+json"})
+
+
+def kpatch(api, kind: str, name: str, patch: dict, namespace: str | None = None,
+           sub: str = "") -> dict | None:
+    """A JSON merge patch; the patched object, None if it does not exist, else raises."""
+    r = kpatch_response(api, kind, name, patch, namespace, sub)
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return r.json()
+
+
+def kdelete(api, kind: str, name: str, namespace: str | None = None) -> None:
+    """DELETE; an object that is already gone is fine."""
+    version, url = kind_url(kind, name, namespace)
+    r = api.delete(version=version, url=url)
+    if r.status_code not in (200, 202, 404):
+        r.raise_for_status()
+
+
+def phase(obj: dict | None) -> str | None:
+    return ((obj or {}).get("status") or {}).get("phase")
+

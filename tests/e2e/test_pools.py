@@ -3,7 +3,8 @@
 Every test runs volplane itself (the PV controller binds what the pool provisioner
 creates). StoragePools, StorageClasses, PVs and StorageAllocations are cluster-scoped:
 their names carry the test namespace, and the `pool_env` fixture removes them, with
-any finalizer left behind, after the test.
+any finalizer left behind, after the test; what a killed run left behind is removed
+at the start of the next session (conftest.e2e_leftovers_removed).
 """
 
 from __future__ import annotations
@@ -21,74 +22,32 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import create, events_for, holds_for, wait_for
+from .helpers import (
+    CAPACITY_NAMESPACE,
+    POOL_API,
+    create,
+    events_for,
+    holds_for,
+    kcreate_strict,
+    kdelete,
+    kget,
+    klist,
+    kpatch_response,
+    wait_for,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILES = [REPO_ROOT / "crds" / f"{name}.volplane.io.yaml"
              for name in ("storagepools", "storageallocations")]
-POOL_API = "volplane.io/v1alpha1"
 PROVISIONER = "pool.volplane.io"
 FINALIZER = "volplane.io/allocation"
-CAPACITY_NAMESPACE = "volplane-system"
 GI = 1024**3
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 ZONE_A = ["kwok-node-0", "kwok-node-2"]
 ZONE_B = ["kwok-node-1", "kwok-node-3"]
 
 
-# ----------------------------------------------------------------------------- API plumbing
-
-
-def _url(kind: str, name: str = "", namespace: str | None = None) -> tuple[str, str]:
-    """(version, url) for pykube's raw requests."""
-    version, plural = {
-        "StoragePool": (POOL_API, "storagepools"),
-        "StorageAllocation": (POOL_API, "storageallocations"),
-        "PersistentVolume": ("v1", "persistentvolumes"),
-        "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
-        "StorageClass": ("storage.k8s.io/v1", "storageclasses"),
-        "CSIDriver": ("storage.k8s.io/v1", "csidrivers"),
-        "CSIStorageCapacity": ("storage.k8s.io/v1", "csistoragecapacities"),
-        "Pod": ("v1", "pods"),
-    }[kind]
-    path = f"namespaces/{namespace}/{plural}" if namespace else plural
-    return version, f"{path}/{name}" if name else path
-
-
-def kget(api, kind: str, name: str, namespace: str | None = None) -> dict | None:
-    version, url = _url(kind, name, namespace)
-    r = api.get(version=version, url=url)
-    if r.status_code == 404:
-        return None
-    r.raise_for_status()
-    return r.json()
-
-
-def klist(api, kind: str, namespace: str | None = None, **params) -> list[dict]:
-    version, url = _url(kind, namespace=namespace)
-    r = api.get(version=version, url=url, params=params)
-    r.raise_for_status()
-    return r.json().get("items") or []
-
-
-def kpatch(api, kind: str, name: str, patch: dict, namespace: str | None = None,
-           sub: str = "") -> requests.Response:
-    version, url = _url(kind, name, namespace)
-    return api.patch(version=version, url=url + (f"/{sub}" if sub else ""), json=patch,
-                     headers={"Content-Type": "application/merge-patch+json"})
-
-
-def kdelete(api, kind: str, name: str, namespace: str | None = None) -> None:
-    version, url = _url(kind, name, namespace)
-    r = api.delete(version=version, url=url)
-    if r.status_code not in (200, 202, 404):
-        r.raise_for_status()
-
-
-def kcreate_strict(api, kind: str, body: dict) -> requests.Response:
-    """POST with fieldValidation=Strict (what `kubectl apply --server-side` gets)."""
-    version, url = _url(kind, namespace=body["metadata"].get("namespace"))
-    return api.post(version=version, url=url, json=body, params={"fieldValidation": "Strict"})
+# ----------------------------------------------------------------------------- queries
 
 
 def pvs_of_pool(api, pool: str) -> list[dict]:
@@ -260,7 +219,7 @@ class PoolEnv:
         for pool in self.pools:
             for pv in pvs_of_pool(api, pool):
                 name = pv["metadata"]["name"]
-                kpatch(api, "PersistentVolume", name, {"metadata": {"finalizers": None}})
+                kpatch_response(api, "PersistentVolume", name, {"metadata": {"finalizers": None}})
                 kdelete(api, "PersistentVolume", name)
             for rec in records_of_pool(api, pool):
                 kdelete(api, "StorageAllocation", rec["metadata"]["name"])
@@ -312,11 +271,11 @@ def test_api_server_rejects_invalid_pool_naming_the_field(api, crds, namespace, 
 
 def test_pool_capacity_cannot_drop_below_allocated(api, crds, pool_env):
     name = pool_env.pool("shrink", "10Gi", names=["kwok-node-0"])
-    r = kpatch(api, "StoragePool", name, {"status": {"allocatedBytes": 6 * GI}}, sub="status")
+    r = kpatch_response(api, "StoragePool", name, {"status": {"allocatedBytes": 6 * GI}}, sub="status")
     assert r.status_code == 200, r.text
-    r = kpatch(api, "StoragePool", name, {"spec": {"capacity": "5Gi"}})
+    r = kpatch_response(api, "StoragePool", name, {"spec": {"capacity": "5Gi"}})
     assert r.status_code == 422 and "spec.capacity" in r.json()["message"], r.text
-    r = kpatch(api, "StoragePool", name, {"spec": {"capacity": "6Gi"}})
+    r = kpatch_response(api, "StoragePool", name, {"spec": {"capacity": "6Gi"}})
     assert r.status_code == 200, r.text
 
 
@@ -607,7 +566,7 @@ def test_expansion_within_pool_capacity_and_refused_beyond(api, pool_env):
     pool_env.claim("vol", "2Gi", cls)
     wait_for(lambda: claim_phase(api, ns, "vol") == "Bound", timeout=60, message="Bound")
     pv_name = kget(api, "PersistentVolumeClaim", "vol", ns)["spec"]["volumeName"]
-    r = kpatch(api, "PersistentVolumeClaim", "vol",
+    r = kpatch_response(api, "PersistentVolumeClaim", "vol",
                {"spec": {"resources": {"requests": {"storage": "5Gi"}}}}, ns)
     assert r.status_code == 200, r.text
 
@@ -622,7 +581,7 @@ def test_expansion_within_pool_capacity_and_refused_beyond(api, pool_env):
     wait_for(grown, timeout=60, message="PV, claim status and allocation at 5Gi")
     wait_for(lambda: pool_env.pool_status(pool).get("allocatedBytes") == 5 * GI, timeout=15,
              message="pool status shows 5Gi allocated")
-    r = kpatch(api, "PersistentVolumeClaim", "vol",
+    r = kpatch_response(api, "PersistentVolumeClaim", "vol",
                {"spec": {"resources": {"requests": {"storage": "20Gi"}}}}, ns)
     assert r.status_code == 200, r.text
 

@@ -30,7 +30,17 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import Operator, _volplane_executable
-from .helpers import events_for, holds_for, wait_for
+from .helpers import (
+    events_for,
+    holds_for,
+    kcreate,
+    kdelete,
+    kget,
+    klist,
+    kpatch,
+    phase,
+    wait_for,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
@@ -44,67 +54,7 @@ PVC_PROTECTION = "kubernetes.io/pvc-protection"
 CRASH_EXIT_CODE = 86
 
 
-# ----------------------------------------------------------------------------- API plumbing
-
-_PATHS = {
-    "PersistentVolume": ("v1", "persistentvolumes"),
-    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
-    "StorageClass": ("storage.k8s.io/v1", "storageclasses"),
-    "Pod": ("v1", "pods"),
-}
-
-
-def _url(kind: str, name: str = "", namespace: str | None = None) -> tuple[str, str]:
-    version, plural = _PATHS[kind]
-    path = f"namespaces/{namespace}/{plural}" if namespace else plural
-    return version, f"{path}/{name}" if name else path
-
-
-def kget(api, kind: str, name: str, namespace: str | None = None) -> dict | None:
-    version, url = _url(kind, name, namespace)
-    r = api.get(version=version, url=url)
-    if r.status_code == 404:
-        return None
-    r.raise_for_status()
-    return r.json()
-
-
-def klist(api, kind: str, namespace: str | None = None, **params) -> list[dict]:
-    version, url = _url(kind, namespace=namespace)
-    r = api.get(version=version, url=url, params=params)
-    r.raise_for_status()
-    return r.json().get("items") or []
-
-
-def kcreate(api, manifest: dict) -> dict:
-    ns = manifest["metadata"].get("namespace")
-    version, url = _url(manifest["kind"], namespace=ns)
-    r = api.post(version=version, url=url, json=manifest)
-    if not r.ok:
-        raise AssertionError(f"create {manifest['kind']} {manifest['metadata']['name']}: "
-                             f"{r.status_code} {r.text}")
-    return r.json()
-
-
-def kpatch(api, kind: str, name: str, patch: dict, namespace: str | None = None) -> dict | None:
-    version, url = _url(kind, name, namespace)
-    r = api.patch(version=version, url=url, json=patch,
-                  headers={"Content-Type": "application/merge-patch+json"})
-    if r.status_code == 404:
-        return None
-    r.raise_for_status()
-    return r.json()
-
-
-def kdelete(api, kind: str, name: str, namespace: str | None = None) -> None:
-    version, url = _url(kind, name, namespace)
-    r = api.delete(version=version, url=url)
-    if r.status_code not in (200, 202, 404):
-        r.raise_for_status()
-
-
-def phase(obj: dict | None) -> str | None:
-    return ((obj or {}).get("status") or {}).get("phase")
+# ----------------------------------------------------------------------------- plumbing
 
 
 def annotations(obj: dict) -> dict:
