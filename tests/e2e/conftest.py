@@ -29,7 +29,7 @@ from pathlib import Path
 import pykube
 import pytest
 
-from .helpers import delete_quietly, wait_for
+from .helpers import delete_quietly, remove_e2e_leftovers, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_DIR = REPO_ROOT / ".local" / (f"clusters/{os.environ['VOLPLANE_CLUSTER']}/logs" if os.environ.get("VOLPLANE_CLUSTER") else "logs")
@@ -105,8 +105,25 @@ def api(kubeconfig) -> pykube.HTTPClient:
     client.session.close()
 
 
+@pytest.fixture(scope="session")
+def e2e_leftovers_removed(api) -> dict[str, list[str]]:
+    """Once per session, before the first test namespace: delete the test-made objects
+    (helpers.remove_e2e_leftovers: e2e-named PVs, pools, classes, drivers, fake nodes,
+    pool volumes/allocations/capacities of e2e pools, e2e namespaces) an earlier killed
+    session left on a reused cluster; tests that count cluster-wide objects assume a
+    clean slate. One session per cluster at a time (two would step on each other's
+    claims anyway). VOLPLANE_E2E_KEEP_LEFTOVERS=1 skips it, e.g. to inspect a failure."""
+    if os.environ.get("VOLPLANE_E2E_KEEP_LEFTOVERS") == "1":
+        return {}
+    removed = remove_e2e_leftovers(api)
+    if removed:
+        summary = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(removed.items()))
+        print(f"\ne2e: removed leftovers of an earlier session: {summary}", file=sys.stderr)
+    return removed
+
+
 @pytest.fixture
-def namespace(api) -> str:
+def namespace(api, e2e_leftovers_removed) -> str:
     """A fresh namespace `e2e-<random>`, deleted (without waiting) after the test.
 
     Waits for its `default` ServiceAccount, without which Pods are refused."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -247,3 +248,89 @@ def kdelete(api, kind: str, name: str, namespace: str | None = None) -> None:
 def phase(obj: dict | None) -> str | None:
     return ((obj or {}).get("status") or {}).get("phase")
 
+
+# ----------------------------------------------------------------------------- leftovers
+# Every test works in a fresh namespace `e2e-<6 hex>` (conftest.namespace) and names its
+# cluster-scoped objects after it: `<ns>-<suffix>` (PVs, StorageClasses, StoragePools,
+# CSIDrivers, fake Nodes) or `<prefix>-<ns>` (test_install's StorageClasses). Objects
+# volplane makes for a test follow from those: pool PVs `pvc-<uid>` whose handle is
+# `<e2e pool>/...` or whose claim lives in an e2e namespace, their StorageAllocations,
+# CSIStorageCapacities and VolumeAttachments. Nothing else is touched.
+
+E2E_NAMESPACE = re.compile(r"^e2e-[0-9a-f]{6}$")
+E2E_NAME = re.compile(r"^(?:[a-z]+-)?e2e-[0-9a-f]{6}(?:[-.]|$)")
+
+
+def _list_or_empty(api, kind: str, namespace: str | None = None, **params) -> list[dict]:
+    """klist, but a kind whose CRD (or a namespace) is not there yet lists as empty.
+
+    Retries 429 for a while: the API server answers that for a CRD's resources while
+    their storage is still initializing, right after the CRD was (re)created."""
+    version, url = kind_url(kind, namespace=namespace)
+    deadline = time.monotonic() + 30
+    while True:
+        r = api.get(version=version, url=url, params=params)
+        if r.status_code != 429 or time.monotonic() >= deadline:
+            break
+        time.sleep(min(float(r.headers.get("Retry-After") or 1), 2.0))
+    if r.status_code == 404:
+        return []
+    r.raise_for_status()
+    return r.json().get("items") or []
+
+
+def _is_e2e_pool_volume(pv: dict) -> bool:
+    spec = pv.get("spec") or {}
+    csi = spec.get("csi") or {}
+    if csi.get("driver") != POOL_DRIVER or not pv["metadata"]["name"].startswith("pvc-"):
+        return False
+    pool = (csi.get("volumeHandle") or "").split("/", 1)[0]
+    ref_ns = (spec.get("claimRef") or {}).get("namespace") or ""
+    return bool(E2E_NAME.match(pool) or E2E_NAMESPACE.match(ref_ns))
+
+
+def remove_e2e_leftovers(api) -> dict[str, list[str]]:
+    """Deletes what earlier (killed) e2e sessions left on the cluster; returns kind -> names.
+
+    Meant for the start of a session, before its own tests create anything: every
+    object matched then belongs to a session that is over. Finalizers are stripped
+    after the delete, as the tests' own cleanups do, because the controller that would
+    release them (volplane) is not running."""
+    removed: dict[str, list[str]] = {}
+
+    def remove(kind: str, obj: dict, namespace: str | None = None) -> None:
+        name = obj["metadata"]["name"]
+        version, url = kind_url(kind, name, namespace)
+        r = api.delete(version=version, url=url)
+        if r.status_code not in (200, 202, 404, 409):  # 409: already being deleted
+            r.raise_for_status()
+        if kind != "Namespace":
+            kpatch_response(api, kind, name, {"metadata": {"finalizers": None}}, namespace)
+        removed.setdefault(kind, []).append(name)
+
+    pvs = [pv for pv in _list_or_empty(api, "PersistentVolume")
+           if E2E_NAME.match(pv["metadata"]["name"]) or _is_e2e_pool_volume(pv)]
+    pv_names = {pv["metadata"]["name"] for pv in pvs}
+    for va in _list_or_empty(api, "VolumeAttachment"):
+        source = (va.get("spec") or {}).get("source") or {}
+        if source.get("persistentVolumeName") in pv_names:
+            remove("VolumeAttachment", va)
+    for pv in pvs:
+        remove("PersistentVolume", pv)
+    for rec in _list_or_empty(api, "StorageAllocation"):
+        if rec["metadata"]["name"] in pv_names or E2E_NAME.match(
+                (rec.get("spec") or {}).get("pool") or ""):
+            remove("StorageAllocation", rec)
+    for cap in _list_or_empty(api, "CSIStorageCapacity", CAPACITY_NAMESPACE):
+        pool = (cap["metadata"].get("annotations") or {}).get("volplane.io/pool") or ""
+        if E2E_NAME.match(pool):
+            remove("CSIStorageCapacity", cap, CAPACITY_NAMESPACE)
+    for kind in ("StoragePool", "StorageClass", "CSIDriver", "Node"):
+        for obj in _list_or_empty(api, kind):
+            if E2E_NAME.match(obj["metadata"]["name"]):
+                remove(kind, obj)
+    for ns in _list_or_empty(api, "Namespace", labelSelector="volplane.io/e2e=true"):
+        if E2E_NAMESPACE.match(ns["metadata"]["name"]) and not ns["metadata"].get(
+                "deletionTimestamp"):
+            remove("Namespace", ns)
+    return removed
