@@ -267,6 +267,9 @@ def test_node_in_progress_counts_attaching_without_error_on_that_node():
     assert not S.node_attach_in_progress(asw.values(), "n2")   # attached
     assert not S.node_attach_in_progress(asw.values(), "n3")   # stuck: no outcome coming
     assert not S.node_attach_in_progress(asw.values(), "n4")
+    # a volume wanted on the node with no attachment yet: more to report soon
+    assert S.node_attach_in_progress(asw.values(), "n2", [("pv9", "n2")])
+    assert not S.node_attach_in_progress(asw.values(), "n2", [("pv2", "n2"), ("pv9", "n1")])
 
 
 def test_node_report_debounces_and_one_report_covers_a_burst():

@@ -270,7 +270,10 @@ class AttachDetachController:
         self.node_queue.add_after(node, delay)
 
     def _node_busy(self, node: str) -> bool:
-        return S.node_attach_in_progress(self._actual_on_node(node), node)
+        desired = [(v.pv_name, node) for pod_key in self.node_pods.get(node, ())
+                   if (entry := self.pod_desired.get(pod_key)) is not None and entry[0] == node
+                   for v in entry[1]]
+        return S.node_attach_in_progress(self._actual_on_node(node), node, desired)
 
     def _attach_succeeded(self, pv: str | None, node: str | None) -> None:
         if not self.running or not pv:

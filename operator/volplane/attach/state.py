@@ -461,11 +461,19 @@ def node_volumes_attached(asw: Iterable[Actual], node: str,
     return [entries[k] for k in sorted(entries)]
 
 
-def node_attach_in_progress(asw: Iterable[Actual], node: str) -> bool:
-    """Whether an attachment on `node` is still on its way (ATTACHING, no attach error):
-    its outcome will change the node's report again soon."""
-    return any(a.node == node and a.state is AState.ATTACHING and not a.attach_error
-               for a in asw)
+def node_attach_in_progress(asw: Iterable[Actual], node: str,
+                            desired: Iterable[tuple[str, str]] = ()) -> bool:
+    """Whether an attachment on `node` is still on its way, so that its outcome will
+    change the node's report again soon: one is ATTACHING (no attach error), or a
+    volume desired there (`desired`: its (PV, node) keys) has no attachment yet."""
+    present = set()
+    for a in asw:
+        if a.node != node:
+            continue
+        present.add(a.key)
+        if a.state is AState.ATTACHING and not a.attach_error:
+            return True
+    return any(k[1] == node and k not in present for k in desired)
 
 
 NODE_STATUS_DEBOUNCE = 0.1      # seconds from a change to its node's report
