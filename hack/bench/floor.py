@@ -15,9 +15,12 @@ writes themselves on this machine: the physical limit for any controller.
     --mode provision  per claim, a PV pvc-<uid> created pre-bound to it (hostPath), PV
                     status Bound, claim volumeName (+ annotations), claim status Bound
 
-    --mode attach   per pod, the VolumeAttachment under upstream's name (the attacher
-                    under test attaches it); as attachments report attached, one
-                    node-status patch per node (volumesAttached, batched)
+    --mode attach   per pod, the VolumeAttachment under upstream's name (the shared
+                    pool attacher attaches it); as attachments report attached, the
+                    node's status.volumesAttached, one merge patch per node per batch,
+                    batched on the same schedule as volplane's attach/detach controller
+                    (volplane.attach.state.NodeReportSchedule: 0.1 s debounce, reports
+                    of a node with attachments still in progress >= 1 s apart)
 
 `--concurrency` claims are in flight at once (volplane's default --workers is 16),
 each claim's writes one after the other, like a controller worker. One aiohttp
@@ -29,11 +32,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lib import ANN_PAIR, Api, client_ssl, watch  # noqa: E402
+from lib import ANN_PAIR, REPO, Api, client_ssl, watch  # noqa: E402
+
+sys.path.insert(0, str(REPO / "operator"))
+from volplane.attach import state as S  # noqa: E402  (pure: the node-report schedule)
 
 BOUND_BY = "pv.kubernetes.io/bound-by-controller"
 BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
@@ -93,46 +100,82 @@ async def provision(api: Api, claim: dict) -> None:
 
 
 class NodeReporter:
-    """node.status.volumesAttached, one merge patch per node per batch of changes."""
+    """node.status.volumesAttached, one merge patch per node per batch of changes, on
+    volplane's schedule (S.NodeReportSchedule), so both make comparable batches."""
 
     def __init__(self, api: Api):
         self.api = api
         self.attached: dict[str, dict[str, str]] = {}  # node -> unique name -> devicePath
-        self.dirty: dict[str, asyncio.Event] = {}
-        self.tasks: dict[str, asyncio.Task] = {}
+        self.attaching: dict[str, set[str]] = {}       # node -> wanted, not attached yet
+        self.sent: dict[str, list] = {}                # node -> last report written
+        self.schedule = S.NodeReportSchedule(S.NODE_STATUS_DEBOUNCE,
+                                             S.NODE_STATUS_MIN_INTERVAL)
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.tasks: set[asyncio.Task] = set()
 
-    def add(self, node: str, unique: str, device: str) -> None:
+    def wanted(self, node: str, va: str) -> None:
+        self.attaching.setdefault(node, set()).add(va)
+
+    def add(self, node: str, va: str, unique: str, device: str) -> None:
+        self.attaching.get(node, set()).discard(va)
         vols = self.attached.setdefault(node, {})
         if vols.get(unique) == device:
             return
         vols[unique] = device
-        self.dirty.setdefault(node, asyncio.Event()).set()
-        if node not in self.tasks:
-            self.tasks[node] = asyncio.create_task(self._flush(node))
+        self._changed(node)
+
+    def _busy(self, node: str) -> bool:
+        return bool(self.attaching.get(node))
+
+    def _changed(self, node: str) -> None:
+        delay = self.schedule.changed(node, time.monotonic(), self._busy(node))
+        if delay is not None:
+            self._at(node, delay)
+
+    def _at(self, node: str, delay: float) -> None:
+        def fire() -> None:
+            t = asyncio.create_task(self._flush(node))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+        asyncio.get_running_loop().call_later(delay, fire)
 
     async def _flush(self, node: str) -> None:
-        while True:
-            await self.dirty[node].wait()
-            await asyncio.sleep(0.05)  # gather what arrives meanwhile
-            self.dirty[node].clear()
+        async with self.locks.setdefault(node, asyncio.Lock()):
+            if self.schedule.begin(node, time.monotonic()) is not None:
+                return  # superseded: due later
             body = [{"name": k, "devicePath": v} for k, v in sorted(self.attached[node].items())]
+            wrote = failed = False
             try:
-                await self.api.merge_patch(f"/api/v1/nodes/{node}/status",
-                                           {"status": {"volumesAttached": body}})
+                if body != self.sent.get(node):
+                    await self.api.merge_patch(f"/api/v1/nodes/{node}/status",
+                                               {"status": {"volumesAttached": body}})
+                    self.sent[node], wrote = body, True
             except Exception as e:
                 print(f"floor: node {node}: {e}", flush=True)
-                self.dirty[node].set()
+                failed = True
+            again = self.schedule.finish(node, time.monotonic(), wrote, self._busy(node))
+            if again is not None:
+                self._at(node, again)
+            elif failed:
+                self._changed(node)
+
+
+def attachments(pod: dict, pool: str) -> list[tuple[str, str, str]]:
+    """(VolumeAttachment name, PV, node) for each claim of the pod."""
+    import hashlib
+    node = pod["spec"]["nodeName"]
+    out = []
+    for v in pod["spec"].get("volumes") or ():
+        if v.get("persistentVolumeClaim"):
+            pv = v["persistentVolumeClaim"]["claimName"].replace("-pvc-", "-pv-")  # (so named)
+            handle = f"{pool}/{pv}"
+            name = "csi-" + hashlib.sha256(f"{handle}{DRIVER}{node}".encode()).hexdigest()
+            out.append((name, pv, node))
+    return out
 
 
 async def attach(api: Api, pod: dict, pool: str) -> None:
-    import hashlib
-    node = pod["spec"]["nodeName"]
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes") or ()
-              if v.get("persistentVolumeClaim")]
-    for claim in claims:
-        pv = claim.replace("-pvc-", "-pv-")  # the harness names pairs so
-        handle = f"{pool}/{pv}"
-        name = "csi-" + hashlib.sha256(f"{handle}{DRIVER}{node}".encode()).hexdigest()
+    for name, pv, node in attachments(pod, pool):
         try:
             await api.create("/apis/storage.k8s.io/v1/volumeattachments", {
                 "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
@@ -175,6 +218,8 @@ async def main(args: argparse.Namespace) -> int:
                 name = obj["metadata"]["name"]
                 if kind == "ADDED" and obj["spec"].get("nodeName") and name not in pods_seen:
                     pods_seen.add(name)
+                    for va, _, node in attachments(obj, args.pool):
+                        reporter.wanted(node, va)
                     queue.put_nowait((lambda a, o: attach(a, o, args.pool), obj))
 
             def on_va(kind: str, obj: dict, _t: float) -> None:
@@ -184,7 +229,7 @@ async def main(args: argparse.Namespace) -> int:
                 pv = (spec.get("source") or {}).get("persistentVolumeName", "")
                 unique = f"kubernetes.io/csi/{DRIVER}^{args.pool}/{pv}"
                 device = (st.get("attachmentMetadata") or {}).get("devicePath", "")
-                reporter.add(spec["nodeName"], unique, device)
+                reporter.add(spec["nodeName"], obj["metadata"]["name"], unique, device)
 
             streams = [(f"/api/v1/namespaces/{args.namespace}/pods", None, on_pod),
                        ("/apis/storage.k8s.io/v1/volumeattachments", None, on_va)]

@@ -38,6 +38,12 @@ POOL = "bench-attach-pool"
 NODES = 20
 DRIVER = "pool.volplane.io"
 VA_PATH = "/apis/storage.k8s.io/v1/volumeattachments"
+# The shared pool attacher is not under test and must not be what W3 measures: at its
+# defaults (8 attach workers, two writes each per attachment, QPS 200) it was the
+# slowest stage of every side (VolumeAttachments queued seconds before it got to
+# them). 32 workers and no client rate limit of its own; the same for every side.
+ATTACHER_FLAGS = ["--workers", "64", "--api-workers", "32",
+                  "--kube-api-qps", "10000", "--kube-api-burst", "10000"]
 
 
 def node_name(i: int) -> str:
@@ -153,13 +159,21 @@ class Tracker:
         self.n = n
         self.want = {unique_name(i): (i, node_name(i)) for i in range(n)}
         self.by_va = {va_name(i): i for i in range(n)}
+        self.va_seen: dict[int, float] = {}    # (stage timestamps, for the report)
+        self.slotted: dict[int, float] = {}
         self.attached: dict[int, float] = {}
         self.reported: dict[int, float] = {}
+        self.node_events = 0
         self.done = asyncio.Event()
 
     def on_va(self, kind: str, obj: dict, t: float) -> None:
         i = self.by_va.get(obj["metadata"]["name"])
-        if i is not None and kind != "DELETED" and (obj.get("status") or {}).get("attached"):
+        if i is None or kind == "DELETED":
+            return
+        self.va_seen.setdefault(i, t)
+        if "volplane.io/slot" in (obj["metadata"].get("annotations") or {}):
+            self.slotted.setdefault(i, t)
+        if (obj.get("status") or {}).get("attached"):
             self.attached.setdefault(i, t)
             self._check()
 
@@ -167,6 +181,7 @@ class Tracker:
         if kind == "DELETED":
             return
         node = obj["metadata"]["name"]
+        self.node_events += 1
         for va in (obj.get("status") or {}).get("volumesAttached") or ():
             hit = self.want.get(va.get("name"))
             if hit and hit[1] == node:
@@ -176,6 +191,69 @@ class Tracker:
     def _check(self) -> None:
         if len(self.attached) >= self.n and len(self.reported) >= self.n:
             self.done.set()
+
+
+def stages(tracker: Tracker, sent: dict[str, float], t0: float) -> dict[str, Any]:
+    """Where the time goes: per stage, when (s after the first pod POST) the first, the
+    median and the last pod reached it, and per-step latencies (p50 / p95 / max) from
+    one stage to the next. Stages from the watches: pod POSTed, its VolumeAttachment
+    seen, slot recorded (attacher write 1), attached (attacher write 2), volume in the
+    node's status."""
+    posted = {i: sent[f"w3-pod-{i:05d}"] for i in range(tracker.n) if f"w3-pod-{i:05d}" in sent}
+    seq = [("posted", posted), ("va_seen", tracker.va_seen), ("slotted", tracker.slotted),
+           ("attached", tracker.attached), ("reported", tracker.reported)]
+    out: dict[str, Any] = {}
+    for name, d in seq:
+        ts = sorted(d.values())
+        if ts:
+            out[name] = {"n": len(ts), "first": round(ts[0] - t0, 2),
+                         "p50": round(lib.percentile(ts, 50) - t0, 2),
+                         "last": round(ts[-1] - t0, 2)}
+    for (a, da), (b, db) in zip(seq, seq[1:], strict=False):
+        steps = [db[i] - da[i] for i in db if i in da]
+        if steps:
+            s = lib.latency_summary(steps)
+            out[f"{a}->{b}"] = {"p50": round(s["p50_s"], 2), "p95": round(s["p95_s"], 2),
+                                "max": round(s["max_s"], 2)}
+    out["node_watch_events"] = tracker.node_events
+    return out
+
+
+def apiserver_writes(before: str, after: str) -> dict[str, int]:
+    """Mutating requests the API server served in the window, by anyone, per resource."""
+    def per(text: str) -> dict[str, float]:
+        acc: dict[str, float] = {}
+        for _, lb, v in lib.parse_metrics(text, ("apiserver_request_total",)):
+            if lb.get("verb") in ("POST", "PUT", "PATCH", "DELETE", "APPLY"):
+                k = lb.get("resource", "") + ("/" + lb["subresource"] if lb.get("subresource")
+                                              else "")
+                acc[k] = acc.get(k, 0.0) + v
+        return acc
+    b, a = per(before), per(after)
+    out = {k: int(round(a[k] - b.get(k, 0.0))) for k in a if a[k] - b.get(k, 0.0) >= 1}
+    out["total"] = sum(out.values())
+    return dict(sorted(out.items()))
+
+
+def apiserver_write_ms(before: str, after: str) -> dict[str, float]:
+    """Mean API server latency (ms) of the window's writes, per verb and resource."""
+    def per(text: str) -> dict[str, list[float]]:
+        acc: dict[str, list[float]] = {}
+        for name, lb, v in lib.parse_metrics(text, ("apiserver_request_duration_seconds_sum",
+                                                    "apiserver_request_duration_seconds_count")):
+            if lb.get("verb") not in ("POST", "PATCH", "PUT", "DELETE"):
+                continue
+            k = f"{lb['verb']} {lb.get('resource', '')}" + (
+                "/" + lb["subresource"] if lb.get("subresource") else "")
+            acc.setdefault(k, [0.0, 0.0])[name.endswith("_count")] += v
+        return acc
+    b, a = per(before), per(after)
+    out = {}
+    for k, (sm, n) in a.items():
+        sb, nb = b.get(k, [0.0, 0.0])
+        if n - nb >= 1:
+            out[k] = round(1000 * (sm - sb) / (n - nb), 1)
+    return dict(sorted(out.items()))
 
 
 async def verify(api: Api, n: int) -> list[str]:
@@ -210,13 +288,18 @@ async def verify(api: Api, n: int) -> list[str]:
     return errors
 
 
+def _kwok_cpu(env: lib.Env) -> float:
+    pid = env.state.get("pids", {}).get("kwok")
+    return lib.proc_cpu_seconds(pid) if pid else 0.0
+
+
 async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controller,
                    timeout: float) -> dict[str, Any]:
     run = f"{side}-{int(time.time())}"
     await teardown(api, n)
     result: dict[str, Any] = {"side": side, "n": n}
     attacher = lib.volplane(env, "pool-attacher", kubeconfig=env.aux_kubeconfig,
-                            tag=f"-w3-attacher-{side}")
+                            tag=f"-w3-attacher-{side}", extra=ATTACHER_FLAGS)
     await attacher.start()
     try:
         await ctl.start()
@@ -235,6 +318,7 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
             ]
             before = await api.metrics()
             cpu0, ctl_cpu0 = env.cpu(), ctl.memory()["cpu_seconds"]
+            aux_cpu0, kwok_cpu0 = attacher.memory()["cpu_seconds"], _kwok_cpu(env)
             load0 = os.getloadavg()[0]
             t0 = time.monotonic()
             sent, _ = await lib.create_many(api, lambda b: f"/api/v1/namespaces/{NS}/pods",
@@ -247,6 +331,7 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
                                    f"attached, {len(tracker.reported)}/{n} in node status")
             t_end = max([*tracker.attached.values(), *tracker.reported.values(), t0])
             cpu1, ctl_cpu1 = env.cpu(), ctl.memory()["cpu_seconds"]
+            aux_cpu1, kwok_cpu1 = attacher.memory()["cpu_seconds"], _kwok_cpu(env)
             await asyncio.sleep(2.0)
             after = await api.metrics()
             result["memory"] = ctl.memory()
@@ -269,8 +354,13 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
                 "pods_created_s": round(t_created - t0, 3),
                 "latency": lib.latency_summary(lat),
                 "requests": lib.diff_requests(before, after),
+                "apiserver_writes": apiserver_writes(before, after),
+                "apiserver_write_ms": apiserver_write_ms(before, after),
+                "stages": stages(tracker, sent, t0),
                 "cpu_s": {"controller": round(ctl_cpu1 - ctl_cpu0, 2),
-                          **lib.cpu_delta(cpu0, cpu1)},
+                          **lib.cpu_delta(cpu0, cpu1),
+                          "attacher": round(aux_cpu1 - aux_cpu0, 2),
+                          "kwok": round(kwok_cpu1 - kwok_cpu0, 2)},
                 "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
             })
         finally:
@@ -318,6 +408,8 @@ async def run(env: lib.Env, n: int, include: set[str]) -> dict[str, Any]:
                         f"{r.get('latency', {}).get('p50_s')} s, controller requests "
                         f"{r.get('requests', {}).get('controller')}, attacher requests "
                         f"{r.get('requests', {}).get('aux')}, mem {r.get('memory')}, "
+                        f"stages {r.get('stages')}, all writes {r.get('apiserver_writes')}, "
+                        f"write ms {r.get('apiserver_write_ms')}, "
                         f"correct {r['correct']} {r['errors'][:2]}")
         finally:
             if not lib.KEEP_FAILED:
