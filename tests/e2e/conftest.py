@@ -112,7 +112,13 @@ def e2e_leftovers_removed(api) -> dict[str, list[str]]:
     pool volumes/allocations/capacities of e2e pools, e2e namespaces) an earlier killed
     session left on a reused cluster; tests that count cluster-wide objects assume a
     clean slate. One session per cluster at a time (two would step on each other's
-    claims anyway). VOLPLANE_E2E_KEEP_LEFTOVERS=1 skips it, e.g. to inspect a failure."""
+    claims anyway). VOLPLANE_E2E_KEEP_LEFTOVERS=1 skips it, e.g. to inspect a failure.
+    First, operators a killed session left running are killed (kill_orphaned_operators):
+    they would keep provisioning and binding on the cluster."""
+    orphans = kill_orphaned_operators()
+    if orphans:
+        print(f"\ne2e: killed operators an earlier session left running: {orphans}",
+              file=sys.stderr)
     if os.environ.get("VOLPLANE_E2E_KEEP_LEFTOVERS") == "1":
         return {}
     removed = remove_e2e_leftovers(api)
@@ -169,6 +175,59 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:100] or "test"
 
 
+# Operators run in their own session (so a test can kill the whole group), which also
+# means they outlive a killed pytest and keep acting on the cluster. Each start is
+# recorded here (pid -> pytest pid and argv); the next session kills the ones whose
+# pytest is gone and that are still that very command line.
+OPERATOR_PIDS = LOG_DIR / "operator-pids"
+
+
+def _record_operator(pid: int, argv: list[str]) -> None:
+    OPERATOR_PIDS.mkdir(parents=True, exist_ok=True)
+    (OPERATOR_PIDS / str(pid)).write_text(json.dumps({"owner": os.getpid(), "argv": argv}))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_orphaned_operators() -> list[int]:
+    """SIGKILLs operators an earlier, killed pytest session started; returns their pids."""
+    killed: list[int] = []
+    for record in OPERATOR_PIDS.glob("*") if OPERATOR_PIDS.is_dir() else ():
+        try:
+            pid = int(record.name)
+            info = json.loads(record.read_text())
+        except (ValueError, OSError):
+            record.unlink(missing_ok=True)
+            continue
+        owner = int(info.get("owner") or 0)
+        if owner and _alive(owner) and "pytest" in _cmdline(owner):
+            continue  # a live session's operator (not ours to touch)
+        if " ".join(info.get("argv") or ()) in _cmdline(pid) and _cmdline(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                killed.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        record.unlink(missing_ok=True)
+    return killed
+
+
 class Operator:
     """`volplane run` as a subprocess, one log file per start.
 
@@ -215,6 +274,7 @@ class Operator:
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=full_env, cwd=REPO_ROOT, start_new_session=True,
             )
+        _record_operator(self.proc.pid, argv)
         return self
 
     @property
@@ -272,6 +332,7 @@ class Operator:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        (OPERATOR_PIDS / str(self.proc.pid)).unlink(missing_ok=True)
         return self.proc.returncode
 
     def restart(self, *args: str, env: dict[str, str] | None = None) -> Operator:
