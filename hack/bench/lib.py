@@ -56,6 +56,9 @@ AUX_GROUP = "volplane-bench-aux"
 KCM_SERVICE_ACCOUNTS = ("persistent-volume-binder", "attachdetach-controller")
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 LABEL = "bench.volplane.io/run"
+# the controller's own counters kept in the results (volplane only; kcm has none)
+OWN_METRICS = ("volplane_api_writes", "volplane_conflicts", "volplane_sync_total",
+               "volplane_events")
 WORKLOAD = "bench.volplane.io/workload"  # w1, w5, ...: what a workload's cleanup may delete
 ANN_PAIR = "bench.volplane.io/pv"
 KEEP_FAILED = os.environ.get("BENCH_KEEP") == "1"  # leave a failed run's objects in place

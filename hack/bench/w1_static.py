@@ -217,11 +217,9 @@ async def run_side(env: lib.Env, api: Api, side: str, n: int, ctl: lib.Controlle
         await asyncio.sleep(2.0)
         after = await api.metrics()
         result["memory"] = ctl.memory()
-        own = ctl.own_metrics()
+        own = ctl.own_metrics(lib.OWN_METRICS)
         if own:
-            result["own_metrics"] = {k: v for k, v in own.items()
-                                     if k.startswith(("volplane_api_writes", "volplane_conflicts",
-                                                      "volplane_sync_total", "volplane_events"))}
+            result["own_metrics"] = own
         stop.set()
         for w in watchers:
             w.cancel()

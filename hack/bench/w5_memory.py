@@ -156,10 +156,9 @@ async def measure(env: lib.Env, api: Api, side: str, ctl: lib.Controller, settle
         r["cpu_s"] = {"controller": r["memory"]["cpu_seconds"], **lib.cpu_delta(cpu0, env.cpu())}
         after = await api.metrics()
         r["requests"] = lib.diff_requests(before, after)
-        own = ctl.own_metrics()
+        own = ctl.own_metrics(lib.OWN_METRICS)
         if own:
-            r["own_metrics"] = {k: v for k, v in own.items()
-                                if k.startswith(("volplane_api_writes", "volplane_sync_total"))}
+            r["own_metrics"] = own
     finally:
         await ctl.stop()
     return r
