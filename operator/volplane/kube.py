@@ -114,6 +114,9 @@ class Kube:
         # The audit user-agent: volplane's writes are identifiable.
         self.user_agent = user_agent or f"volplane/{__version__}"
         self.workers = workers
+        # One slot per connection: a request holding a slot never queues for a
+        # connection, so nothing waits between the write guard and the send.
+        self.slots = asyncio.Semaphore(workers * 2)
         self._session: aiohttp.ClientSession | None = None
         self._watch_session: aiohttp.ClientSession | None = None
         self.bucket = TokenBucket(qps, burst)
@@ -177,14 +180,18 @@ class Kube:
 
     async def request(self, method: str, path: str, body: Any = None, *,
                       query: dict | None = None, content_type: str = "application/json") -> Any:
-        if method != "GET" and self.write_guard is not None:
-            self.write_guard()
         attempt = 0
         while True:
             await self.bucket.acquire()
-            self.stats.requests += 1
             try:
-                return await self._call(method, path, body, query, content_type)
+                async with self.slots:
+                    # The guard runs after every wait (token bucket, free connection) and
+                    # right before the bytes go out: a leader paused mid-wait (SIGSTOP,
+                    # a VM freeze) checks its lease when it resumes, not before it paused.
+                    if method != "GET" and self.write_guard is not None:
+                        self.write_guard()
+                    self.stats.requests += 1
+                    return await self._call(method, path, body, query, content_type)
             except ApiError as e:
                 if e.conflict:
                     self.stats.conflicts += 1

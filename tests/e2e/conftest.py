@@ -147,6 +147,11 @@ def namespace(api, e2e_leftovers_removed) -> str:
     )
     yield name
     delete_quietly(ns)
+    # PVs are cluster-scoped: the tests name theirs "<namespace>-…". Left behind they
+    # would go Released and keep the next test's operator busy at start-up.
+    for pv in pykube.PersistentVolume.objects(api):
+        if pv.name.startswith(f"{name}-"):
+            delete_quietly(pv)
 
 
 # ----------------------------------------------------------------------------- operator

@@ -323,20 +323,32 @@ def test_alerts_and_dashboard_use_only_exported_metrics(operator, tmp_path):
 
 def test_a_replica_that_lost_the_lease_stops_at_once(api, kubeconfig, cluster, namespace,
                                                      operator):
-    """Pause the leader past its lease; the standby takes over; the paused one, when
-    resumed, exits without writing anything (audit log)."""
+    """Pause the leader past its lease, in the middle of a backlog of writes; the
+    standby takes over; the paused one, when resumed, exits without writing anything
+    (audit log) — not even the writes it had queued before it was paused."""
     lease = ["--leader-elect-lease-duration", "4", "--leader-elect-renew-deadline", "3",
              "--leader-elect-retry-period", "1", "--controllers", "pv-binder",
              "--resync-period", "1"]
     ida, idb = f"a-{namespace}", f"b-{namespace}"
-    # a is throttled (500 writes at 25/s take ~20 s) so that the kill lands mid-run.
+    # a is throttled so that it has writes waiting for tokens when it is paused.
     a = operator.start(*lease, "--leader-elect-identity", ida,
-                       "--kube-api-qps", "25", "--kube-api-burst", "5")
+                       "--kube-api-qps", "5", "--kube-api-burst", "1")
     wait_for(lambda: _leader(kubeconfig) == ida, timeout=60, message="a leads")
     a.wait_ready()
     b = operator.another("b").start(*lease, "--leader-elect-identity", idb)
     wait_for(lambda: _readyz(b.metrics_port)[0] == 200, timeout=60, message="b standby")
+    backlog = f"backlog-{namespace}"
+    for i in range(30):
+        create(api, _pv(f"{namespace}-bl{i:02d}", backlog))
+
+    def available():
+        return sum(1 for pv in pykube.PersistentVolume.objects(api)
+                   if pv.name.startswith(f"{namespace}-bl")
+                   and pv.obj.get("status", {}).get("phase") == "Available")
+
+    wait_for(lambda: available() >= 2, timeout=30, message="a works through its backlog")
     a.kill(signal.SIGSTOP)
+    assert available() < 30, "a finished its backlog before the pause"
     wait_for(lambda: _leader(kubeconfig) == idb, timeout=30, message="b takes the lease")
     cls = f"lost-{namespace}"
     for i in range(5):
