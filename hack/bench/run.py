@@ -216,7 +216,8 @@ def main() -> int:
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
     p.add_argument("--sides", default=",".join(ALL_SIDES),
                    help="subset of " + ",".join(ALL_SIDES) + ",volplane-unthrottled,volplane-kopf "
-                        "(volplane with --watch-layer=kopf: W1, W5)")
+                        "(volplane with --watch-layer=kopf: W1, W5),volplane-w32,floor-32 "
+                        "(32 workers / 32 concurrent claims: W1)")
     p.add_argument("--n", type=int, default=0, help="override the size of W1/W2/W3/W5")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--clean-only", action="store_true",

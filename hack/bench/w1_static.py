@@ -260,7 +260,10 @@ def sides(env: lib.Env, include: set[str]) -> list[tuple[str, lib.Controller]]:
             extra=["--kube-api-qps", "10000", "--kube-api-burst", "10000"])),
         ("volplane-kopf", lambda: lib.volplane(env, "pv-binder", tag="-w1-kopf",
                                                extra=["--watch-layer", "kopf"])),
+        ("volplane-w32", lambda: lib.volplane(env, "pv-binder", tag="-w1-w32",
+                                              extra=["--workers", "32"])),
         ("floor", lambda: lib.floor(env, "static", NS, 16, tag="-w1")),
+        ("floor-32", lambda: lib.floor(env, "static", NS, 32, tag="-w1-32")),
     ]
     return [(name, make) for name, make in out if name in include]
 
