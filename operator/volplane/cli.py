@@ -43,7 +43,8 @@ def _run(args: argparse.Namespace) -> int:
                   options=Options(resync_period=args.resync_period, workers=args.workers,
                                   unmount_max_wait=args.unmount_max_wait,
                                   watch_layer=args.watch_layer,
-                                  list_page_size=args.list_page_size))
+                                  list_page_size=args.list_page_size,
+                                  watch_timeout=args.watch_timeout))
     elector = None
     if args.leader_elect:
         from .leader import LeaderElector, LeaseConfig
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                         "or Kopf's watcher (the design until 0.2, kept for comparison)")
     r.add_argument("--list-page-size", type=int, default=500,
                    help="objects per page of the reflectors' initial LIST")
+    r.add_argument("--watch-timeout", type=int, default=300,
+                   help="seconds the API server keeps a watch open; the reflector then "
+                        "watches again from its last resourceVersion (no new LIST)")
     r.add_argument("--kube-api-qps", type=float, default=200.0)
     r.add_argument("--kube-api-burst", type=int, default=400)
     r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,

@@ -17,6 +17,7 @@ class Options:
     unmount_max_wait: float = 360.0
     watch_layer: str = "reflector"  # or "kopf" (the design until 0.2; see runtime.py)
     list_page_size: int = 500
+    watch_timeout: int = 300
 
 
 @dataclass

@@ -47,6 +47,9 @@ watch_events = Counter("volplane_watch_events_total",
 watch_lists = Counter("volplane_watch_lists_total",
                       "Full (paginated) LISTs by resource: 1 at start, more after 410 Gone",
                       ["resource"])
+watch_streams = Counter("volplane_watch_streams_total",
+                        "Watch streams opened by resource (one per server timeout, reconnect or "
+                        "LIST)", ["resource"])
 watch_errors = Counter("volplane_watch_errors_total",
                        "Watch/list failures that caused a reconnect, by resource",
                        ["resource"])

@@ -58,6 +58,7 @@ class Reflector:
         self.watch_timeout = watch_timeout
         self.synced = asyncio.Event()
         self.rv: str | None = None
+        self._streams = metrics.watch_streams.labels(plural)
         self._applied = {t: metrics.watch_events.labels(plural, t)
                          for t in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK")}
 
@@ -107,6 +108,7 @@ class Reflector:
         """Apply events until the server ends the stream; return the last resourceVersion."""
         query = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true",
                  "timeoutSeconds": self.watch_timeout}
+        self._streams.inc()
         async for event in self.kube.stream(self.path, query,
                                             read_timeout=self.watch_timeout + 30):
             etype = event.get("type")

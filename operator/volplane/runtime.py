@@ -105,7 +105,8 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
             store = ctx.cache.add_store(w.plural, w.kind)
             reflectors.add(Reflector(ctx.kube, store, group=w.group, version=w.version,
                                      plural=w.plural, kind=w.kind,
-                                     page_size=ctx.options.list_page_size))
+                                     page_size=ctx.options.list_page_size,
+                                     watch_timeout=ctx.options.watch_timeout))
     tasks: list[asyncio.Task] = []
 
     @kopf.on.login(registry=registry)

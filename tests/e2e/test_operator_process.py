@@ -41,3 +41,63 @@ def test_version():
     out = subprocess.run([sys.executable, "-m", "volplane.cli", "version"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.startswith("volplane ")
+
+
+def _samples(port: int) -> dict[str, float]:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_reflectors_page_and_watch_again_without_listing_again(api, namespace, operator):
+    """Pages of 5 and watches the server ends every 2 s: the first LIST sees every PV
+    across pages, and changes made while a stream is being re-opened are not missed
+    (the next stream starts at the last resourceVersion seen; no second LIST)."""
+    import time
+
+    from .helpers import create, wait_for
+
+    cls = f"rw-{namespace}"
+
+    def pv(i):
+        return {"apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": f"{namespace}-pv{i:02d}"},
+                "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
+                         "capacity": {"storage": "1Gi"},
+                         "persistentVolumeReclaimPolicy": "Retain",
+                         "hostPath": {"path": f"/tmp/{namespace}-pv{i:02d}"}}}
+
+    for i in range(12):
+        create(api, pv(i))
+    operator.start("--controllers", "pv-binder", "--list-page-size", "5",
+                   "--watch-timeout", "2")
+    operator.wait_ready()
+    import pykube
+
+    def phase_of_pvs():
+        return [p.obj.get("status", {}).get("phase") for p in pykube.PersistentVolume.objects(api)
+                if p.name.startswith(f"{namespace}-pv")]
+
+    wait_for(lambda: phase_of_pvs().count("Available") == 12, timeout=30,
+             message="all 12 listed PVs made Available")
+    for i in range(4):  # spread over several 2-second streams
+        create(api, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                     "metadata": {"name": f"c{i}", "namespace": namespace},
+                     "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
+                              "resources": {"requests": {"storage": "1Gi"}}}})
+        wait_for(lambda i=i: pykube.PersistentVolumeClaim.objects(api, namespace=namespace)
+                 .get_by_name(f"c{i}").obj.get("status", {}).get("phase") == "Bound",
+                 timeout=30, message=f"claim c{i} bound")
+        time.sleep(1.3)
+    m = _samples(operator.metrics_port)
+    for res in ("persistentvolumes", "persistentvolumeclaims"):
+        assert m[f'volplane_watch_lists_total{{resource="{res}"}}'] == 1, res
+        assert m[f'volplane_watch_streams_total{{resource="{res}"}}'] >= 3, res
+        assert m.get(f'volplane_watch_errors_total{{resource="{res}"}}', 0) == 0, res
+    assert phase_of_pvs().count("Bound") == 4
