@@ -101,3 +101,35 @@ def test_reflectors_page_and_watch_again_without_listing_again(api, namespace, o
         assert m[f'volplane_watch_streams_total{{resource="{res}"}}'] >= 3, res
         assert m.get(f'volplane_watch_errors_total{{resource="{res}"}}', 0) == 0, res
     assert phase_of_pvs().count("Bound") == 4
+
+
+def test_kopf_watch_layer_still_binds(api, namespace, operator):
+    """--watch-layer=kopf (0.1's watch layer, kept for the benchmarks' before/after)
+    feeds the same caches: a claim binds to the smallest fitting PV."""
+    import pykube
+
+    from .helpers import create, wait_for
+
+    cls = f"kopf-{namespace}"
+    for size in ("5Gi", "2Gi"):
+        create(api, {"apiVersion": "v1", "kind": "PersistentVolume",
+                     "metadata": {"name": f"{namespace}-{size.lower()}"},
+                     "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
+                              "capacity": {"storage": size},
+                              "persistentVolumeReclaimPolicy": "Retain",
+                              "hostPath": {"path": f"/tmp/{namespace}-{size}"}}})
+    operator.start("--controllers", "pv-binder", "--watch-layer", "kopf")
+    operator.wait_ready()
+    create(api, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                 "metadata": {"name": "c", "namespace": namespace},
+                 "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
+                          "resources": {"requests": {"storage": "1Gi"}}}})
+
+    def volume():
+        c = pykube.PersistentVolumeClaim.objects(api, namespace=namespace).get_by_name("c").obj
+        return c["spec"].get("volumeName") if c.get("status", {}).get("phase") == "Bound" else None
+
+    wait_for(volume, timeout=30, message="claim bound")
+    assert volume() == f"{namespace}-2gi"
+    assert "volplane_watch_lists_total" not in "".join(
+        k for k in _samples(operator.metrics_port) if 'resource="persistentvolumes"' in k)
