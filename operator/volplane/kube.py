@@ -17,6 +17,7 @@ without a connection limit, so long-lived streams never starve writes.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import ssl
 import time
@@ -117,8 +118,8 @@ class Kube:
         # One slot per connection: a request holding a slot never queues for a
         # connection, so nothing waits between the write guard and the send.
         self.slots = asyncio.Semaphore(workers * 2)
-        self._session: aiohttp.ClientSession | None = None
-        self._watch_session: aiohttp.ClientSession | None = None
+        # Shared by reference with the views `with_own_limit` makes.
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
         self.bucket = TokenBucket(qps, burst)
         self.retries = retries
         self.stats = Stats()
@@ -135,17 +136,26 @@ class Kube:
             skip_auto_headers=("Accept-Encoding",),
         )
 
+    def _shared_session(self, name: str, limit: int) -> aiohttp.ClientSession:
+        s = self._sessions.get(name)
+        if s is None or s.closed:
+            s = self._sessions[name] = self._new_session(limit)
+        return s
+
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = self._new_session(self.workers * 2)
-        return self._session
+        return self._shared_session("requests", self.workers * 2)
 
     @property
     def watch_session(self) -> aiohttp.ClientSession:
-        if self._watch_session is None or self._watch_session.closed:
-            self._watch_session = self._new_session(0)
-        return self._watch_session
+        return self._shared_session("watches", 0)
+
+    def with_own_limit(self, qps: float, burst: int) -> Kube:
+        """The same client (credentials, connections, write guard, stats) with a token
+        bucket of its own."""
+        view = copy.copy(self)
+        view.bucket = TokenBucket(qps, burst)
+        return view
 
     def _auth(self) -> dict:
         # auth_settings() runs the client's refresh hook (in-cluster token rotation).
@@ -256,8 +266,8 @@ class Kube:
         return await self.request("DELETE", path, body)
 
     async def aclose(self) -> None:
-        for s in (self._session, self._watch_session):
-            if s is not None and not s.closed:
+        for s in list(self._sessions.values()):
+            if not s.closed:
                 await s.close()
 
 

@@ -85,13 +85,16 @@ def decide(lease: dict | None, identity: str, now: float, observed: dict) -> str
 
 class LeaderElector:
     def __init__(self, kube: Kube, cfg: LeaseConfig, clock=time.time):
-        self.kube = kube
         self.cfg = cfg
         self.clock = clock
         self.leading = asyncio.Event()
         self._observed: dict = {}
         self.last_renew = 0.0  # time.monotonic() of the last successful acquire/renew
         kube.write_guard = self.check
+        # Lease requests get a rate limit of their own (client-go gives leader election
+        # its own client): a renewal must never queue behind the controllers' backlog,
+        # or a busy leader with a low --kube-api-qps loses its lease to its own writes.
+        self.kube = kube.with_own_limit(qps=10, burst=10)
 
     @property
     def path(self) -> str:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from .conftest import REPO_ROOT, kubectl, serviceaccount_kubeconfig
-from .helpers import create, wait_for
+from .helpers import create, holds_for, wait_for
 
 SA = "system:serviceaccount:volplane-system:volplane"
 
@@ -361,6 +361,10 @@ def test_a_replica_that_lost_the_lease_stops_at_once(api, kubeconfig, cluster, n
         return writes >= 2 and queued >= 5
 
     wait_for(busy, timeout=60, message="a works through a backlog")
+    # Its lease renewals do not queue behind that backlog (their own rate limit): a
+    # keeps the lease for longer than the renew deadline while 16 workers wait for tokens.
+    holds_for(lambda: a.running and _leader(kubeconfig) == ida and busy(), 4,
+              message="a leads while busy")
     a.kill(signal.SIGSTOP)
     wait_for(lambda: _leader(kubeconfig) == idb, timeout=30, message="b takes the lease")
     cls = f"lost-{namespace}"
