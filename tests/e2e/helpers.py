@@ -334,3 +334,16 @@ def remove_e2e_leftovers(api) -> dict[str, list[str]]:
                 "deletionTimestamp"):
             remove("Namespace", ns)
     return removed
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Samples of an operator's /metrics on localhost: 'name{labels}' -> value."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from .conftest import REPO_ROOT, kubectl, serviceaccount_kubeconfig
-from .helpers import create, holds_for, wait_for
+from .helpers import create, holds_for, scrape_metrics, wait_for
 
 SA = "system:serviceaccount:volplane-system:volplane"
 
@@ -131,18 +131,6 @@ def _pv(name, cls, size="1Gi"):
             "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
                      "capacity": {"storage": size}, "persistentVolumeReclaimPolicy": "Retain",
                      "hostPath": {"path": f"/tmp/{name}"}}}
-
-
-def _scrape(port) -> dict[str, float]:
-    """Samples of an operator's /metrics: 'name{labels}' -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def _bound(api, ns, name):
@@ -355,7 +343,7 @@ def test_a_replica_that_lost_the_lease_stops_at_once(api, kubeconfig, cluster, n
 
     def busy():
         """a has written and still has keys queued (its own metrics)."""
-        m = _scrape(a.metrics_port)
+        m = scrape_metrics(a.metrics_port)
         writes = sum(v for k, v in m.items() if k.startswith("volplane_api_writes_total"))
         queued = sum(v for k, v in m.items() if k.startswith("volplane_workqueue_depth"))
         return writes >= 2 and queued >= 5

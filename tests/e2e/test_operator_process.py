@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from .helpers import scrape_metrics
+
 
 def test_run_connects_logs_json_and_exits_cleanly_on_sigterm(operator):
     operator.start()
@@ -41,18 +43,6 @@ def test_version():
     out = subprocess.run([sys.executable, "-m", "volplane.cli", "version"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.startswith("volplane ")
-
-
-def _samples(port: int) -> dict[str, float]:
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def test_reflectors_page_and_watch_again_without_listing_again(api, namespace, operator):
@@ -95,7 +85,7 @@ def test_reflectors_page_and_watch_again_without_listing_again(api, namespace, o
                  .get_by_name(f"c{i}").obj.get("status", {}).get("phase") == "Bound",
                  timeout=30, message=f"claim c{i} bound")
         time.sleep(1.3)
-    m = _samples(operator.metrics_port)
+    m = scrape_metrics(operator.metrics_port)
     for res in ("persistentvolumes", "persistentvolumeclaims"):
         assert m[f'volplane_watch_lists_total{{resource="{res}"}}'] == 1, res
         assert m[f'volplane_watch_streams_total{{resource="{res}"}}'] >= 3, res
@@ -132,4 +122,4 @@ def test_kopf_watch_layer_still_binds(api, namespace, operator):
     wait_for(volume, timeout=30, message="claim bound")
     assert volume() == f"{namespace}-2gi"
     assert "volplane_watch_lists_total" not in "".join(
-        k for k in _samples(operator.metrics_port) if 'resource="persistentvolumes"' in k)
+        k for k in scrape_metrics(operator.metrics_port) if 'resource="persistentvolumes"' in k)
