@@ -162,15 +162,12 @@ class NodeReporter:
 
 def attachments(pod: dict, pool: str) -> list[tuple[str, str, str]]:
     """(VolumeAttachment name, PV, node) for each claim of the pod."""
-    import hashlib
     node = pod["spec"]["nodeName"]
     out = []
     for v in pod["spec"].get("volumes") or ():
         if v.get("persistentVolumeClaim"):
             pv = v["persistentVolumeClaim"]["claimName"].replace("-pvc-", "-pv-")  # (so named)
-            handle = f"{pool}/{pv}"
-            name = "csi-" + hashlib.sha256(f"{handle}{DRIVER}{node}".encode()).hexdigest()
-            out.append((name, pv, node))
+            out.append((S.volume_attachment_name(f"{pool}/{pv}", DRIVER, node), pv, node))
     return out
 
 

@@ -27,7 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level)
     log = logs.get("cli")
     from . import kopf_patches
-    if not kopf_patches.apply():
+    # The patch fixes Kopf's index barrier; only the Kopf watch layer uses indexes.
+    if args.watch_layer == "kopf" and not kopf_patches.apply():
         log.warning("kopf startup patch not applied (unexpected Kopf version)",
                     expected=kopf_patches.PATCHED_VERSION)
     try:
