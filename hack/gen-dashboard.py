@@ -36,9 +36,8 @@ PANELS = [
     ("Work queue depth", "timeseries", [("volplane_workqueue_depth", "{{controller}}")]),
     ("Watch events applied by resource", "timeseries", [
         ("sum by (resource) (rate(volplane_watch_events_total[5m]))", "{{resource}}")]),
-    ("Watch failures and re-LISTs", "timeseries", [
-        ("sum by (resource) (rate(volplane_watch_errors_total[5m]))", "errors {{resource}}"),
-        ("sum by (resource) (increase(volplane_watch_lists_total[5m]))", "lists {{resource}}")]),
+    ("Watch request failures (Kopf retries them)", "timeseries", [
+        ("sum by (resource) (rate(volplane_watch_errors_total[5m]))", "errors {{resource}}")]),
     ("Leader", "stat", [("max(volplane_leader)", "leader")]),
 ]
 

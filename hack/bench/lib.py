@@ -49,7 +49,13 @@ import aiohttp
 
 REPO = Path(__file__).resolve().parents[2]
 VPY = REPO / ".venv" / "bin" / "python"
-VOLPLANE = REPO / ".venv" / "bin" / "volplane"
+# BENCH_VOLPLANE: another build of volplane to measure as the "volplane" side (e.g. a
+# snapshot installed apart, so the checkout can change while a long run goes on).
+VOLPLANE = Path(os.environ.get("BENCH_VOLPLANE") or REPO / ".venv" / "bin" / "volplane")
+# The "volplane-0.2" side: the last 0.2 commit (reflector watch layer), built by the
+# harness into a virtualenv of its own (ensure_volplane_02).
+V02_COMMIT = "eab5b8c"
+V02_ROOT = REPO / ".local" / "bench" / f"volplane-0.2-{V02_COMMIT}"
 
 CTL_GROUP = "volplane-bench-ctl"
 AUX_GROUP = "volplane-bench-aux"
@@ -547,11 +553,35 @@ def kcm(env: Env, controllers: list[str], *, qps: float | None, burst: int | Non
     return Controller(f"kcm{tag}", argv, ready, env.logs / f"kcm{tag}.log")
 
 
+def ensure_volplane_02() -> Path:
+    """The `volplane` executable of volplane 0.2 (commit V02_COMMIT): its source is taken
+    from this repository (git archive) and pip-installed, with the dependency pins of its
+    own pyproject.toml, into V02_ROOT/venv. Built once; later runs reuse it."""
+    exe = V02_ROOT / "venv" / "bin" / "volplane"
+    if exe.exists():
+        return exe
+    src = V02_ROOT / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    log(f"building volplane 0.2 ({V02_COMMIT}) into {V02_ROOT}")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", V02_COMMIT],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    subprocess.run([str(VPY), "-m", "venv", str(V02_ROOT / "venv")], check=True)
+    subprocess.run([str(V02_ROOT / "venv" / "bin" / "pip"), "install", "-q", str(src)],
+                   check=True)
+    version = subprocess.run([str(exe), "version"], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    if version != "volplane 0.2.0":
+        raise RuntimeError(f"{exe}: expected volplane 0.2.0, got {version!r}")
+    return exe
+
+
 def volplane(env: Env, controllers: str, *, kubeconfig: Path | None = None,
-             tag: str = "", extra: list[str] | None = None) -> Controller:
-    """`volplane run` (which applies its Kopf start-up patch, kopf_patches.py, itself)."""
+             tag: str = "", extra: list[str] | None = None,
+             executable: Path | None = None, env_extra: dict | None = None) -> Controller:
+    """`volplane run` (this checkout's, or `executable`: e.g. ensure_volplane_02())."""
     port = free_port()
-    argv = [str(VOLPLANE), "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
+    argv = [str(executable or VOLPLANE), "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
             "--controllers", controllers, "--metrics-port", str(port),
             "--health-port", str(free_port()), "--bind-address", "127.0.0.1",
             "--no-leader-elect", *(extra or [])]
@@ -567,7 +597,8 @@ def volplane(env: Env, controllers: str, *, kubeconfig: Path | None = None,
         profile = out / f"volplane{tag}.txt"
         argv = [str(pyspy), "record", "-r", "100", "-f", "raw", "-o", str(profile), "--", *argv]
         # (memory numbers are then py-spy's, not volplane's: profile and measure apart)
-    c = Controller(f"volplane{tag}", argv, ready, env.logs / f"volplane{tag}.log")
+    c = Controller(f"volplane{tag}", argv, ready, env.logs / f"volplane{tag}.log",
+                   env=env_extra)
     c.metrics_url = f"http://127.0.0.1:{port}/metrics"
     c.profile = profile
     return c

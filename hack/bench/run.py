@@ -27,11 +27,12 @@ import lib  # noqa: E402
 
 RESULTS = lib.REPO / "bench" / "results"
 ALL_WORKLOADS = ("w1", "w4", "w5", "w2", "w3")
-ALL_SIDES = ("upstream-default", "upstream-unthrottled", "volplane", "floor")
+ALL_SIDES = ("upstream-default", "upstream-unthrottled", "volplane", "volplane-0.2", "floor")
 
 # name -> full size; QUICK is a tenth
 SIZES = {"w1": 1000, "w2": 1000, "w3": 500, "w5": 10_000}
 
+W5_TARGETS = {"rss_mib": "≤1.0x", "ready_after_s": "≤2x"}  # vs upstream (kcm)
 TARGETS = {
     "w1": {"upstream-default": 0.1, "upstream-unthrottled": 1.0, "floor": 1.5},
     "w2": {"upstream-default": 0.5},
@@ -58,7 +59,8 @@ def table(results: dict) -> str:
     """One row per (workload, metric); columns per side plus volplane's ratios."""
     rows: list[list[str]] = []
     head = ["workload", "metric", "upstream default", "upstream unthrottled", "volplane",
-            "write floor", "vp/up-def", "vp/up-unthr", "vp/floor", "target"]
+            "volplane 0.2", "write floor", "vp/up-def", "vp/up-unthr", "vp/floor", "vp/0.2",
+            "target"]
     for w in ("w1", "w2", "w3"):
         res = results.get(w)
         if not res or not isinstance(res, dict) or "sides" not in res:
@@ -90,7 +92,7 @@ def table(results: dict) -> str:
             vals = {s: get(s, path) for s in ALL_SIDES}
             vp = vals["volplane"]
             ratios = [_ratio(vp, vals["upstream-default"]), _ratio(vp, vals["upstream-unthrottled"]),
-                      _ratio(vp, vals["floor"])]
+                      _ratio(vp, vals["floor"]), _ratio(vp, vals["volplane-0.2"])]
             target = ""
             if is_target:
                 t = TARGETS.get(w, {})
@@ -100,40 +102,40 @@ def table(results: dict) -> str:
         bad = [s for s, r in sides.items() if not r.get("correct")]
         if bad:
             rows.append([f"{w.upper()} n={n}", "FAILED/INCORRECT", *(
-                "FAIL" if s in bad else "" for s in ALL_SIDES), "", "", "", ""])
+                "FAIL" if s in bad else "" for s in ALL_SIDES), "", "", "", "", ""])
     w4 = results.get("w4")
     if w4 and "points" in w4:
         for p in w4["points"]:
             rows.append([f"W4 {p['pvs']} PVs", "µs/claim index (brute)", "", "",
-                         f"{p['index_us_per_claim']:.1f}", f"({p['brute_us_per_claim']:.0f})",
-                         "", "", "", ""])
+                         f"{p['index_us_per_claim']:.1f}", "", f"({p['brute_us_per_claim']:.0f})",
+                         "", "", "", "", ""])
         rows.append(["W4", f"scaling {w4['scaling_of']}", "", "", f"{w4['scaling']}x", "", "",
-                     "", "", "≤2x"])
+                     "", "", "", "", "≤2x"])
     w5 = results.get("w5")
     if w5 and "sides" in w5:
         s = w5["sides"]
         objs = f"W5 {w5.get('objects', '')}"
         up = s.get("upstream-default") or {}
-        # ("volplane+togglefix" rows exist in results from before the patch moved into
-        # the operator itself, operator/volplane/kopf_patches.py.)
-        for variant, note in (("volplane", ""), ("volplane+togglefix", " [Kopf toggle fix]")):
+        v02 = s.get("volplane-0.2") or {}
+        for variant, note in (("volplane", ""), ("volplane-nopatch", " [Kopf barrier unpatched]"),
+                              ("volplane-list", " [paginated LIST]")):
             vp = s.get(variant)
             if vp is None:
                 continue
             if not vp.get("correct"):
                 rows.append([objs, f"volplane{note}", "", "", "FAIL: " + "; ".join(
-                    vp.get("errors", []))[:60], "", "", "", "", ""])
+                    vp.get("errors", []))[:60], "", "", "", "", "", "", ""])
                 continue
+            def row(label, pick, key, vp=vp, note=note):
+                a, b, c = pick(up), pick(vp), pick(v02) if v02.get("correct") else None
+                rows.append([objs, label + note, _fmt(a), "", _fmt(b), _fmt(c), "",
+                             _fmt(_ratio(b, a)) + "x", "", "", _fmt(_ratio(b, c)) + "x",
+                             W5_TARGETS.get(key, "")])
             for label, key in (("RSS MiB (steady)", "rss_mib"), ("RSS MiB (peak)", "hwm_mib")):
-                a, b = up.get("memory", {}).get(key), vp.get("memory", {}).get(key)
-                rows.append([objs, label + note, _fmt(a), "", _fmt(b), "",
-                             _fmt(_ratio(b, a)) + "x", "", "", "≤1.0x" if key == "rss_mib" else ""])
-            a, b = up.get("ready_after_s"), vp.get("ready_after_s")
-            rows.append([objs, "start → caches synced s" + note, _fmt(a), "", _fmt(b), "",
-                         _fmt(_ratio(b, a)) + "x", "", "", ""])
-            a, b = up.get("cpu_s", {}).get("controller"), vp.get("cpu_s", {}).get("controller")
-            rows.append([objs, "controller CPU s (start+settle)" + note, _fmt(a), "", _fmt(b), "",
-                         _fmt(_ratio(b, a)) + "x", "", "", ""])
+                row(label, lambda r, key=key: (r.get("memory") or {}).get(key), key)
+            row("start → caches synced s", lambda r: r.get("ready_after_s"), "ready_after_s")
+            row("controller CPU s (start+settle)",
+                lambda r: (r.get("cpu_s") or {}).get("controller"), "cpu")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r))  # noqa: E731
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
@@ -167,6 +169,9 @@ async def main_async(args) -> dict:
         "machine": lib.machine(), "notes": [],
     }
     env = None
+    if "volplane-0.2" in include and any(w != "w4" for w in workloads):
+        results["volplane_0_2"] = {"commit": lib.V02_COMMIT,
+                                   "executable": str(lib.ensure_volplane_02())}
     needs_cluster = any(w != "w4" for w in workloads)
     if needs_cluster:
         env = lib.Env()
@@ -215,9 +220,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a tenth of the size")
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
     p.add_argument("--sides", default=",".join(ALL_SIDES),
-                   help="subset of " + ",".join(ALL_SIDES) + ",volplane-unthrottled,volplane-kopf "
-                        "(volplane with --watch-layer=kopf: W1, W5),volplane-w32,floor-32 "
-                        "(32 workers / 32 concurrent claims: W1)")
+                   help="subset of " + ",".join(ALL_SIDES) + ",volplane-unthrottled,"
+                        "volplane-w32,floor-32 (32 workers / 32 concurrent claims: W1),"
+                        "volplane-nopatch (Kopf's barrier unpatched: W5),volplane-list "
+                        "(paginated LIST instead of a streamed initial listing: W5); "
+                        "volplane-0.2 is commit " + lib.V02_COMMIT + ", built on first use")
     p.add_argument("--n", type=int, default=0, help="override the size of W1/W2/W3/W5")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--clean-only", action="store_true",

@@ -258,8 +258,8 @@ def sides(env: lib.Env, include: set[str]) -> list[tuple[str, lib.Controller]]:
         ("volplane-unthrottled", lambda: lib.volplane(
             env, "pv-binder", tag="-w1-unthrottled",
             extra=["--kube-api-qps", "10000", "--kube-api-burst", "10000"])),
-        ("volplane-kopf", lambda: lib.volplane(env, "pv-binder", tag="-w1-kopf",
-                                               extra=["--watch-layer", "kopf"])),
+        ("volplane-0.2", lambda: lib.volplane(env, "pv-binder", tag="-w1-0.2",
+                                              executable=lib.ensure_volplane_02())),
         ("volplane-w32", lambda: lib.volplane(env, "pv-binder", tag="-w1-w32",
                                               extra=["--workers", "32"])),
         ("floor", lambda: lib.floor(env, "static", NS, 16, tag="-w1")),

@@ -49,7 +49,9 @@ async def ensure_crds(api: Api) -> None:
     for name in names:
         for _ in range(100):
             crd = await api.get(f"{path}/{name}")
-            conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+            # A CRD created a moment ago has no status yet: "status": {"conditions": null}.
+            conds = {c["type"]: c["status"]
+                     for c in (crd.get("status") or {}).get("conditions") or []}
             if conds.get("Established") == "True":
                 break
             await asyncio.sleep(0.2)
@@ -278,6 +280,9 @@ async def run(env: lib.Env, n: int, include: set[str]) -> dict[str, Any]:
         ("volplane-unthrottled", POOL_CLASS, "pool.volplane.io",
          lambda: lib.volplane(env, "pv-binder,pool-provisioner", tag="-w2-unthrottled",
                               extra=["--kube-api-qps", "10000", "--kube-api-burst", "10000"])),
+        ("volplane-0.2", POOL_CLASS, "pool.volplane.io",
+         lambda: lib.volplane(env, "pv-binder,pool-provisioner", tag="-w2-0.2",
+                              executable=lib.ensure_volplane_02())),
         ("floor", FLOOR_CLASS, "",
          lambda: lib.floor(env, "provision", NS, 16, tag="-w2")),
     ]

@@ -387,6 +387,8 @@ async def run(env: lib.Env, n: int, include: set[str]) -> dict[str, Any]:
         ("volplane-unthrottled", lambda: lib.volplane(
             env, "attachdetach", tag="-w3-unthrottled",
             extra=["--kube-api-qps", "10000", "--kube-api-burst", "10000"])),
+        ("volplane-0.2", lambda: lib.volplane(env, "attachdetach", tag="-w3-0.2",
+                                              executable=lib.ensure_volplane_02())),
         ("floor", lambda: lib.floor(env, "attach", NS, 16, tag="-w3")),
     ]
     async with env.api(limit=32) as api:

@@ -186,9 +186,17 @@ async def run(env: lib.Env, n: int, include: set[str], quick: bool = False) -> d
         if "volplane" in include:
             sides.append(("volplane", lambda: lib.volplane(env, "pv-binder,attachdetach",
                                                            tag="-w5")))
-        if "volplane-kopf" in include:  # the watch layer until 0.2, for before/after
-            sides.append(("volplane-kopf", lambda: lib.volplane(
-                env, "pv-binder,attachdetach", tag="-w5-kopf", extra=["--watch-layer", "kopf"])))
+        if "volplane-0.2" in include:  # the reflector watch layer, for before/after
+            sides.append(("volplane-0.2", lambda: lib.volplane(
+                env, "pv-binder,attachdetach", tag="-w5-0.2",
+                executable=lib.ensure_volplane_02())))
+        if "volplane-nopatch" in include:  # what the one Kopf patch buys (kopf_patches.py)
+            sides.append(("volplane-nopatch", lambda: lib.volplane(
+                env, "pv-binder,attachdetach", tag="-w5-nopatch",
+                env_extra={"VOLPLANE_KOPF_BARRIER_PATCH": "0"})))
+        if "volplane-list" in include:  # a paginated LIST instead of the streamed one
+            sides.append(("volplane-list", lambda: lib.volplane(
+                env, "pv-binder,attachdetach", tag="-w5-list", extra=["--watch-initial", "list"])))
         try:
             for side, make in sides:
                 lib.log(f"W5 {side}: start, sync, settle {settle:.0f} s")

@@ -18,18 +18,21 @@ def _run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
     import kopf
 
-    from . import logs, runtime, serving
-    from .cache import Cache
+    from . import kopf_patches, logs, runtime, serving
     from .context import Context, Options
     from .events import EventRecorder
+    from .informers import Informers
     from .kube import Kube
+    from .settings import reconnect_quiet
+    from .watchhealth import WatchHealth
 
     logs.configure(args.log_format, args.log_level)
     log = logs.get("cli")
-    from . import kopf_patches
-    # The patch fixes Kopf's index barrier; only the Kopf watch layer uses indexes.
-    if args.watch_layer == "kopf" and not kopf_patches.apply():
-        log.warning("kopf startup patch not applied (unexpected Kopf version)",
+    if os.environ.get("VOLPLANE_KOPF_BARRIER_PATCH", "1") == "0":
+        log.warning("Kopf's index-barrier patch disabled (VOLPLANE_KOPF_BARRIER_PATCH=0)")
+    elif not kopf_patches.apply():
+        log.warning("Kopf's index-barrier patch not applied (unexpected Kopf version): "
+                    "start-up with many objects will be slow",
                     expected=kopf_patches.PATCHED_VERSION)
     try:
         enabled = runtime.parse_controllers(args.controllers)
@@ -39,13 +42,12 @@ def _run(args: argparse.Namespace) -> int:
     kube = Kube(args.kubeconfig, qps=args.kube_api_qps, burst=args.kube_api_burst,
                 workers=args.api_workers,
                 user_agent=f"volplane/{__version__} ({args.leader_elect_identity})")
-    ctx = Context(kube=kube, cache=Cache(),
+    ctx = Context(kube=kube, informers=Informers(),
                   events=EventRecorder(kube, "persistentvolume-controller"),
                   options=Options(resync_period=args.resync_period, workers=args.workers,
-                                  unmount_max_wait=args.unmount_max_wait,
-                                  watch_layer=args.watch_layer,
-                                  list_page_size=args.list_page_size,
-                                  watch_timeout=args.watch_timeout))
+                                  unmount_max_wait=args.unmount_max_wait))
+    health = WatchHealth(budget=args.watch_reconnect_budget, quiet=reconnect_quiet())
+    health.attach()
     elector = None
     if args.leader_elect:
         from .leader import LeaderElector, LeaseConfig
@@ -55,7 +57,8 @@ def _run(args: argparse.Namespace) -> int:
             renew_deadline=args.leader_elect_renew_deadline,
             retry_period=args.leader_elect_retry_period,
             identity=args.leader_elect_identity))
-    registry = runtime.build(ctx, enabled, elector)
+    registry = runtime.build(ctx, enabled, elector, health=health,
+                             watch_initial=args.watch_initial, watch_timeout=args.watch_timeout)
     if args.metrics_port:
         try:
             serving.serve(args.metrics_port, args.bind_address)
@@ -104,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
                         "detach (upstream's maxWaitForUnmountDuration, default 6 min)")
     r.add_argument("--api-workers", type=int, default=16,
                    help="connections for API requests (watches have their own)")
-    r.add_argument("--watch-layer", choices=["reflector", "kopf"], default="reflector",
-                   help="what feeds the caches: paginated LIST+WATCH reflectors (default) "
-                        "or Kopf's watcher (the design until 0.2, kept for comparison)")
-    r.add_argument("--list-page-size", type=int, default=500,
-                   help="objects per page of the reflectors' initial LIST")
+    r.add_argument("--watch-initial", choices=["auto", "stream", "list"], default="auto",
+                   help="how Kopf gets each kind's initial state: a streamed watch "
+                        "(WatchList, Kubernetes >= 1.34), a paginated LIST, or auto (stream "
+                        "when the server has it)")
     r.add_argument("--watch-timeout", type=int, default=300,
-                   help="seconds the API server keeps a watch open; the reflector then "
-                        "watches again from its last resourceVersion (no new LIST)")
+                   help="seconds the API server keeps a watch open; Kopf then watches again "
+                        "from its last resourceVersion (no new listing)")
+    r.add_argument("--watch-reconnect-budget", type=float, default=60.0,
+                   help="seconds a watch stream may fail to reconnect before /healthz on "
+                        "--health-port answers 500 (the kubelet then restarts the pod)")
     r.add_argument("--kube-api-qps", type=float, default=200.0)
     r.add_argument("--kube-api-burst", type=int, default=400)
     r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,

@@ -8,8 +8,6 @@ nothing.
 
 from __future__ import annotations
 
-import time
-
 from .kube import ApiError, Kube, pvc_path
 from .pv.decide import ClaimAction, sync_claim
 from .pv.index import VolumeIndex
@@ -43,7 +41,7 @@ def render(claim: dict, index: VolumeIndex, classes: dict) -> str:
     lines.append(f"  requests {req}, class {spec.get('storageClassName')!r}, "
                  f"accessModes {spec.get('accessModes')}, "
                  f"volumeMode {spec.get('volumeMode') or 'Filesystem'}")
-    d = sync_claim(claim, index=index, classes=classes, now=time.time())
+    d = sync_claim(claim, index=index, classes=classes)
     lines.append(f"decision: {d.action.name}"
                  + (f" volume {d.volume_name}" if d.volume_name else "")
                  + (f" provisioner {d.provisioner}" if getattr(d, 'provisioner', None) else ""))

@@ -79,6 +79,7 @@ def configure(fmt: str = "json", level: str = "INFO", stream: TextIO | None = No
     logging.getLogger("kopf").setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
     logging.getLogger("kopf.activities.startup").setLevel(lvl)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # every /healthz probe
 
 
 def get(controller: str | None = None, **bind):

@@ -9,11 +9,10 @@ collector), so keeping them true costs nothing per event.
 from __future__ import annotations
 
 from collections import Counter as Tally
+from collections.abc import Mapping
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-
-from .cache import Cache
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -42,16 +41,10 @@ events_posted = Counter("volplane_events_total", "Kubernetes Events posted",
                         ["type", "reason"])
 leader = Gauge("volplane_leader", "1 when this replica holds the leader lease")
 watch_events = Counter("volplane_watch_events_total",
-                       "Watch events applied to the cache, by resource and type",
-                       ["resource", "type"])
-watch_lists = Counter("volplane_watch_lists_total",
-                      "Full (paginated) LISTs by resource: 1 at start, more after 410 Gone",
-                      ["resource"])
-watch_streams = Counter("volplane_watch_streams_total",
-                        "Watch streams opened by resource (one per server timeout, reconnect or "
-                        "LIST)", ["resource"])
+                       "Watch events Kopf handed to the controllers, by resource and type "
+                       "(LISTED: the initial listing)", ["resource", "type"])
 watch_errors = Counter("volplane_watch_errors_total",
-                       "Watch/list failures that caused a reconnect, by resource",
+                       "Failed LIST/WATCH attempts Kopf reported (it retries), by resource",
                        ["resource"])
 
 
@@ -65,18 +58,29 @@ def _class_of(obj: dict) -> str:
 
 
 class PVCollector:
-    """pv_collector_* gauges with upstream's names and labels."""
+    """pv_collector_* gauges with upstream's names and labels, from the listers."""
 
-    def __init__(self, cache: Cache):
-        self.cache = cache
+    def __init__(self, pvs: Mapping[str, dict], pvcs: Mapping[str, dict]):
+        self.pvs = pvs
+        self.pvcs = pvcs
 
     def collect(self):
+        # Scrapes run in prometheus-client's thread while the event loop updates the
+        # listers: a "changed size during iteration" just means "read again".
+        for _ in range(5):
+            try:
+                return list(self._collect())
+            except RuntimeError:
+                continue
+        return []
+
+    def _collect(self):
         bound_pv, unbound_pv = Tally(), Tally()
-        for pv in self.cache.pvs.values():
+        for pv in list(self.pvs.values()):
             phase = (pv.get("status") or {}).get("phase")
             (bound_pv if phase == "Bound" else unbound_pv)[_class_of(pv)] += 1
         bound_pvc, unbound_pvc = Tally(), Tally()
-        for pvc in self.cache.pvcs.values():
+        for pvc in list(self.pvcs.values()):
             phase = (pvc.get("status") or {}).get("phase")
             vac = (pvc.get("spec") or {}).get("volumeAttributesClassName") or ""
             key = (pvc["metadata"].get("namespace", ""), _class_of(pvc), vac)

@@ -1,27 +1,16 @@
-"""Wires the controllers to Kopf: which resources are watched, and when controllers start.
+"""The wiring: which controllers run, what Kopf watches for them, and when they start.
 
-Kopf runs the operator: start-up and clean-up ordering, signals, credentials,
-the liveness endpoint and its probes. What feeds the caches depends on
-`--watch-layer`:
+runtime loads controllers; controllers never import runtime (they name the kinds they
+read from kinds.py). Kopf runs the operator: start-up and clean-up ordering, signals,
+credentials (its login), the liveness endpoint, and the watch layer itself: the
+listers, derived indexes and event handlers of every kind the enabled controllers
+declared (informers.py).
 
-- `reflector` (default): one paginated LIST+WATCH reflector per kind
-  (reflector.py) feeds each Store. The caches are synced when every reflector
-  has completed its first LIST.
-- `kopf` (the design until 0.2, kept for comparison; see docs/benchmarks.md):
-  `@kopf.index` and `@kopf.on.event`, which write nothing to the watched
-  objects. Each watched kind gets:
-
-- an indexer that upserts the object into our cache (Store). Kopf runs
-  indexers for the initial listing *before* any handler, so when the first
-  handler runs anywhere, every store is fully populated;
-- an event handler that applies deletions (Kopf does not call indexers for
-  DELETED events; it runs them for every other event, listing included).
-
-  The "caches synced" barrier: Kopf holds every handler until all indexes are
-populated. Namespaces always exist ("default", "kube-system"), so the first
-namespace event handler call is proof that all stores are complete. Only then
-do the controllers' loops start, so no controller decides on a partial view
-(e.g. provisioning a new PV because the existing match was not listed yet).
+The "caches synced" barrier is Kopf's own guarantee that no handler runs before every
+index is populated: the first call of the handler of the ``default`` namespace (which
+always exists) sets ``ctx.synced``. Only then do the controllers' loops start, so no
+controller decides on a partial view (e.g. provisioning a new PV because the existing
+match was not listed yet).
 """
 
 from __future__ import annotations
@@ -30,30 +19,18 @@ import asyncio
 import ctypes
 import ctypes.util
 import importlib
-from dataclasses import dataclass
+import os
+from typing import Any
 
 import kopf
 
 from . import logs, settings
-from .cache import key_of
 from .context import Context
-from .reflector import Reflector, Reflectors
+from .informers import NAMESPACES, handler_id
 from .serving import state as readiness
+from .watchhealth import WatchHealth
 
 log = logs.get("runtime")
-
-
-@dataclass(frozen=True)
-class Watch:
-    group: str
-    version: str
-    plural: str
-    kind: str
-
-
-PVS = Watch("", "v1", "persistentvolumes", "PersistentVolume")
-PVCS = Watch("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
-CLASSES = Watch("storage.k8s.io", "v1", "storageclasses", "StorageClass")
 
 # name -> "module:Class", in start order. All are on by default ("*").
 CONTROLLERS: dict[str, str] = {
@@ -85,28 +62,22 @@ def load(name: str):
     return getattr(importlib.import_module(mod), cls)
 
 
-def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegistry:
-    """A Kopf registry that feeds the cache and starts `enabled` controllers.
+def build(ctx: Context, enabled: list[str], elector=None, *, health: WatchHealth | None = None,
+          watch_initial: str = "auto", watch_timeout: int = 300) -> kopf.OperatorRegistry:
+    """A Kopf registry that feeds the informers and starts `enabled` controllers.
 
     Followers (elector given, lease not held) keep their caches warm but run no
     controller, so a failover costs no re-list.
     """
     registry = kopf.OperatorRegistry()
     controllers = [load(n)(ctx) for n in enabled]
-    watches: dict[str, Watch] = {}
-    for c in controllers:
-        for w in c.watches:
-            watches[w.plural] = w
-    reflectors = Reflectors()
-    for w in watches.values():
-        if ctx.options.watch_layer == "kopf":
-            _register_watch(registry, ctx, w)
-        else:
-            store = ctx.cache.add_store(w.plural, w.kind)
-            reflectors.add(Reflector(ctx.kube, store, group=w.group, version=w.version,
-                                     plural=w.plural, kind=w.kind,
-                                     page_size=ctx.options.list_page_size,
-                                     watch_timeout=ctx.options.watch_timeout))
+    informers = ctx.informers
+    informers.register(registry)
+    kinds = list(informers.kinds.values())
+    if health is not None:
+        health.watch(kinds)
+        for kind in kinds:
+            informers.listen(kind, lambda *_a, _p=kind.plural: health.alive(_p))
     tasks: list[asyncio.Task] = []
 
     @kopf.on.login(registry=registry)
@@ -116,16 +87,13 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, **_):
-        _configure(settings)
+    async def startup(settings: kopf.OperatorSettings, **kwargs: Any):
+        streaming = await _initial_streaming(ctx, watch_initial)
+        _configure(settings, [*kinds, NAMESPACES], streaming, watch_timeout)
+        informers.bind(kwargs)  # Kopf's (still empty) indexes: populated before handlers
         ctx.events.start()
-        for r in reflectors.items:
-            tasks.append(_guarded(r.run(), f"reflector-{r.plural}"))
-        if reflectors.items:
-            async def synced_when_listed():
-                await reflectors.wait_synced()
-                ctx.synced.set()
-            tasks.append(_guarded(synced_when_listed(), "reflectors-synced"))
+        log.info("watching", kinds=[k.plural for k in kinds],
+                 initial="stream" if streaming else "list")
 
         async def start_when_synced():
             readiness.leader_election = elector is not None
@@ -135,11 +103,12 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
                 tasks.append(_guarded(elector.run(), "leader-election"))
             await ctx.synced.wait()
             readiness.synced = True
-            _release_memory()
+            tasks.append(_guarded(_release_memory_later(settings.queueing.idle_timeout),
+                                  "release-memory"))
             if elector is not None:
                 await elector.leading.wait()
                 readiness.leading = True
-            counts = {p: len(ctx.cache.stores[p]) for p in watches}
+            counts = {p: len(lister) for p, lister in informers.listers.items()}
             log.info("caches synced", controllers=enabled, objects=counts)
             for c in controllers:
                 tasks.append(_guarded(c.run(), f"controller-{c.name}"))
@@ -147,34 +116,56 @@ def build(ctx: Context, enabled: list[str], elector=None) -> kopf.OperatorRegist
 
         tasks.append(_guarded(start_when_synced(), "start-when-synced"))
 
+    @kopf.on.event(NAMESPACES.group, NAMESPACES.version, NAMESPACES.plural, registry=registry,
+                   id=handler_id("caches-synced"))
+    async def barrier(**_: Any):
+        if not ctx.synced.is_set():
+            ctx.synced.set()
+
     @kopf.on.cleanup(registry=registry)
-    async def cleanup(**_):
+    async def cleanup(**_: Any):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await ctx.events.stop()
         await ctx.kube.aclose()
 
-    @kopf.on.probe(registry=registry, id="watches")
-    def watches_probe(**_):
-        return reflectors.status()
-
-    if ctx.options.watch_layer == "kopf":
-        @kopf.on.event("", "v1", "namespaces", registry=registry)
-        async def barrier(**_):
-            if not ctx.synced.is_set():
-                ctx.synced.set()
+    @kopf.on.probe(registry=registry, id="watches", errors=kopf.ErrorsMode.PERMANENT)
+    async def watches_probe(**_: Any):
+        if health is None:
+            return {}
+        dead = health.dead()
+        if dead:
+            # Kopf answers /healthz with 500 when a probe fails: the kubelet restarts us.
+            raise kopf.PermanentError(
+                f"watch streams failing for more than {health.budget:g} s: {', '.join(dead)}")
+        return health.report()
 
     return registry
 
 
-def _release_memory() -> None:
-    """Give the initial LIST's transient memory back to the OS (glibc only).
+async def _initial_streaming(ctx: Context, mode: str) -> bool:
+    """Stream the initial state (WatchList) when the server has it (>= 1.34)."""
+    if mode != "auto":
+        return mode == "stream"
+    try:
+        v = await ctx.kube.get("/version")
+        major, minor = int(v.get("major") or 0), int(str(v.get("minor") or 0).rstrip("+"))
+    except Exception as e:  # noqa: BLE001 - any doubt: the paginated LIST always works
+        log.warning("cannot read the server version; listing", error=str(e))
+        return False
+    return (major, minor) >= (1, 34)
 
-    The pages of JSON are decoded and dropped one at a time, but glibc keeps the
-    freed heap; malloc_trim(0) returns the unused pages. Best effort: a no-op
-    elsewhere (musl, macOS).
-    """
+
+def _configure(s: kopf.OperatorSettings, kinds, streaming: bool, watch_timeout: int) -> None:
+    settings.configure(s, kinds, initial_streaming=streaming, server_timeout=watch_timeout)
+
+
+async def _release_memory_later(idle_timeout: float) -> None:
+    """Once Kopf's per-object workers of the initial listing have ended (idle_timeout
+    after their last event), give the memory they held back to the OS (glibc only:
+    malloc_trim returns freed heap pages; a no-op elsewhere)."""
+    await asyncio.sleep(idle_timeout + 2.0)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
@@ -193,26 +184,6 @@ def _guarded(coro, name: str) -> asyncio.Task:
             raise
         except Exception as e:
             log.exception("task crashed", task=name, error=str(e))
-            import os
             os._exit(70)
 
     return asyncio.create_task(run(), name=name)
-
-
-def _configure(s: kopf.OperatorSettings) -> None:
-    settings.configure(s)
-
-
-def _register_watch(registry: kopf.OperatorRegistry, ctx: Context, w: Watch) -> None:
-    store = ctx.cache.add_store(w.plural, w.kind)
-
-    @kopf.index(w.group, w.version, w.plural, registry=registry, id=f"cache-{w.plural}")
-    async def indexer(body, **_):
-        store.upsert(body)
-        return {}
-
-    @kopf.on.event(w.group, w.version, w.plural, registry=registry, id=f"watch-{w.plural}")
-    async def on_event(type, body, **_):
-        # Kopf runs the indexer above for every other event, before handlers.
-        if type == "DELETED":
-            store.remove(key_of(body))

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 
-from .helpers import scrape_metrics
+import yaml
 
 
 def test_run_connects_logs_json_and_exits_cleanly_on_sigterm(operator):
@@ -45,81 +51,91 @@ def test_version():
     assert out.stdout.startswith("volplane ")
 
 
-def test_reflectors_page_and_watch_again_without_listing_again(api, namespace, operator):
-    """Pages of 5 and watches the server ends every 2 s: the first LIST sees every PV
-    across pages, and changes made while a stream is being re-opened are not missed
-    (the next stream starts at the last resourceVersion seen; no second LIST)."""
-    import time
+class _Proxy:
+    """A TCP proxy to the API server that can be cut (listener and connections closed)
+    and restored on the same port: a network partition between operator and API."""
 
-    from .helpers import create, wait_for
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.port = 0
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.restore()
 
-    cls = f"rw-{namespace}"
+    def restore(self) -> None:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        self.port = ls.getsockname()[1]
+        ls.listen(64)
+        self.listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
 
-    def pv(i):
-        return {"apiVersion": "v1", "kind": "PersistentVolume",
-                "metadata": {"name": f"{namespace}-pv{i:02d}"},
-                "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
-                         "capacity": {"storage": "1Gi"},
-                         "persistentVolumeReclaimPolicy": "Retain",
-                         "hostPath": {"path": f"/tmp/{namespace}-pv{i:02d}"}}}
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    for i in range(12):
-        create(api, pv(i))
-    operator.start("--controllers", "pv-binder", "--list-page-size", "5",
-                   "--watch-timeout", "2")
-    operator.wait_ready()
-    import pykube
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
-    def phase_of_pvs():
-        return [p.obj.get("status", {}).get("phase") for p in pykube.PersistentVolume.objects(api)
-                if p.name.startswith(f"{namespace}-pv")]
-
-    wait_for(lambda: phase_of_pvs().count("Available") == 12, timeout=30,
-             message="all 12 listed PVs made Available")
-    for i in range(4):  # spread over several 2-second streams
-        create(api, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                     "metadata": {"name": f"c{i}", "namespace": namespace},
-                     "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
-                              "resources": {"requests": {"storage": "1Gi"}}}})
-        wait_for(lambda i=i: pykube.PersistentVolumeClaim.objects(api, namespace=namespace)
-                 .get_by_name(f"c{i}").obj.get("status", {}).get("phase") == "Bound",
-                 timeout=30, message=f"claim c{i} bound")
-        time.sleep(1.3)
-    m = scrape_metrics(operator.metrics_port)
-    for res in ("persistentvolumes", "persistentvolumeclaims"):
-        assert m[f'volplane_watch_lists_total{{resource="{res}"}}'] == 1, res
-        assert m[f'volplane_watch_streams_total{{resource="{res}"}}'] >= 3, res
-        assert m.get(f'volplane_watch_errors_total{{resource="{res}"}}', 0) == 0, res
-    assert phase_of_pvs().count("Bound") == 4
+    def cut(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        self.conns = []
 
 
-def test_kopf_watch_layer_still_binds(api, namespace, operator):
-    """--watch-layer=kopf (0.1's watch layer, kept for the benchmarks' before/after)
-    feeds the same caches: a claim binds to the smallest fitting PV."""
-    import pykube
+def _healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
-    from .helpers import create, wait_for
 
-    cls = f"kopf-{namespace}"
-    for size in ("5Gi", "2Gi"):
-        create(api, {"apiVersion": "v1", "kind": "PersistentVolume",
-                     "metadata": {"name": f"{namespace}-{size.lower()}"},
-                     "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
-                              "capacity": {"storage": size},
-                              "persistentVolumeReclaimPolicy": "Retain",
-                              "hostPath": {"path": f"/tmp/{namespace}-{size}"}}})
-    operator.start("--controllers", "pv-binder", "--watch-layer", "kopf")
-    operator.wait_ready()
-    create(api, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                 "metadata": {"name": "c", "namespace": namespace},
-                 "spec": {"storageClassName": cls, "accessModes": ["ReadWriteOnce"],
-                          "resources": {"requests": {"storage": "1Gi"}}}})
+def test_healthz_fails_while_a_watch_stream_cannot_reconnect(operator, tmp_path):
+    """The operator talks to the API server through a proxy. Cut it: Kopf keeps retrying
+    its watches, and once they have failed for longer than --watch-reconnect-budget,
+    /healthz answers 500 (the kubelet would restart the pod). Restore it: the watches
+    come back and /healthz answers 200 again."""
+    from .helpers import wait_for
 
-    def volume():
-        c = pykube.PersistentVolumeClaim.objects(api, namespace=namespace).get_by_name("c").obj
-        return c["spec"].get("volumeName") if c.get("status", {}).get("phase") == "Bound" else None
-
-    wait_for(volume, timeout=30, message="claim bound")
-    assert volume() == f"{namespace}-2gi"
-    assert "volplane_watch_lists_total" not in "".join(
-        k for k in scrape_metrics(operator.metrics_port) if 'resource="persistentvolumes"' in k)
+    cfg = yaml.safe_load(open(operator.kubeconfig))
+    server = urllib.parse.urlsplit(cfg["clusters"][0]["cluster"]["server"])
+    proxy = _Proxy((server.hostname, server.port))
+    cfg["clusters"][0]["cluster"]["server"] = f"https://{server.hostname}:{proxy.port}"
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        operator.start("--kubeconfig", str(path), "--no-leader-elect",
+                       "--controllers", "pv-binder", "--watch-reconnect-budget", "3")
+        operator.wait_ready()
+        assert _healthz(operator.health_port) == 200
+        proxy.cut()
+        wait_for(lambda: _healthz(operator.health_port) == 500, timeout=60,
+                 message="/healthz 500 while the watches cannot reconnect")
+        assert operator.running
+        proxy.restore()
+        wait_for(lambda: _healthz(operator.health_port) == 200, timeout=90,
+                 message="/healthz 200 once the watches are back")
+    finally:
+        proxy.cut()

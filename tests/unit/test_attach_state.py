@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 
+from volplane import kinds as K
 from volplane.attach import state as S
 
 DRIVER = "pool.volplane.io"
@@ -210,11 +211,11 @@ def test_slim_pod_keeps_what_the_decisions_read():
     p = pod("ns", "p", "n1", "c1", deleted=True, running=False, ephemeral=("e",))
     p["spec"]["containers"] = [{"name": "c", "image": "x" * 1000}]
     p["metadata"]["managedFields"] = [{"big": "x" * 1000}]
-    slim = S.slim_pod(p)
+    slim = K.slim_pod(p)
     assert len(str(slim)) < 600
     assert S.pod_terminated(slim) and S.pod_terminated(p)
     assert [v["name"] for v in slim["spec"]["volumes"]] == ["v0", "e"]
-    w = base_world(S.slim_pod(pod("ns", "p", "n1", "c1")))
+    w = base_world(K.slim_pod(pod("ns", "p", "n1", "c1")))
     assert list(dsw_of(w)) == [("pv1", "n1")]
 
 
@@ -222,7 +223,7 @@ def test_slim_node_keeps_labels_taints_ready_and_volume_lists():
     n = node("n1", ready=False, in_use=["x"], taints=[{"key": S.OUT_OF_SERVICE_TAINT}])
     n["status"]["images"] = [{"names": ["x" * 500]}]
     n["metadata"]["annotations"]["flannel/huge"] = "y" * 500
-    s = S.slim_node(n)
+    s = K.slim_node(n)
     assert S.node_managed(s) and not S.node_ready(s) and S.node_out_of_service(s)
     assert S.volumes_in_use(s) == {"x"}
     assert "images" not in s["status"] and "flannel/huge" not in s["metadata"]["annotations"]
@@ -338,14 +339,13 @@ def test_controller_coalesces_node_reports_while_attachments_arrive():
         ctx = make_ctx(kube)
         adc = AttachDetachController(ctx)
         adc.node_reports = S.NodeReportSchedule(debounce=0.01, min_interval=0.3)
-        c = ctx.cache
-        c.stores["nodes"].upsert(node("n1"))
+        inf = ctx.informers
+        inf.feed(node("n1"))
         kube.objs["node:n1"] = copy.deepcopy(node("n1"))
-        vas = c.stores["volumeattachments"]
         n = 12
         for i in range(n):
-            c.pvs.upsert(pv(f"pv{i}"))
-            vas.upsert(va(f"pv{i}", "n1", attached=False))
+            inf.feed(pv(f"pv{i}"))
+            inf.feed(va(f"pv{i}", "n1", attached=False))
         worker = asyncio.create_task(process(adc.node_queue, adc._sync_node,
                                              controller="test", log=None))
         try:
@@ -355,7 +355,7 @@ def test_controller_coalesces_node_reports_while_attachments_arrive():
                 obj = va(f"pv{i}", "n1")
                 obj["metadata"]["resourceVersion"] = "2"
                 obj["status"]["attachmentMetadata"] = {"devicePath": f"/dev/x{i}"}
-                vas.upsert(obj)
+                inf.feed(obj)
                 await asyncio.sleep(0.05)
             done_at = asyncio.get_running_loop().time()
             for _ in range(100):
@@ -710,22 +710,26 @@ class FakeEvents:
 
 
 def make_ctx(kube):
-    from volplane.cache import Cache
     from volplane.context import Context
-    return Context(kube=kube, cache=Cache(), events=FakeEvents())
+    from volplane.informers import Informers
+    return Context(kube=kube, informers=Informers(), events=FakeEvents())
 
 
 async def settle(kube, ctx, controllers, rounds=30):
     """Run the controllers' queues by hand; mirror the fake API into the cache like a
     watch would (so deletions by finalizer removal are seen)."""
-    vas = ctx.cache.stores["volumeattachments"]
+    inf = ctx.informers
+    vas = inf.listers["volumeattachments"]
     for _ in range(rounds):
         for name in list(vas):
             if name not in kube.objs:
-                vas.remove(name)
+                inf.delete(K.VOLUME_ATTACHMENTS, name)
         for name, obj in list(kube.objs.items()):
             if not name.startswith("node:"):
-                vas.upsert(copy.deepcopy(obj))
+                seen = vas._indexed(name)
+                if seen is None or seen["metadata"]["resourceVersion"] != \
+                        obj["metadata"]["resourceVersion"]:
+                    inf.feed(copy.deepcopy(obj), K.VOLUME_ATTACHMENTS)
         busy = False
         delayed = [q._delayed[0][0] - q.clock() for q, _ in controllers if q._delayed]
         if delayed:  # debounced keys (node status) come due
@@ -761,16 +765,16 @@ def test_controller_and_pool_attacher_attach_report_and_detach():
         ctx = make_ctx(kube)
         adc = AttachDetachController(ctx)
         pa = PoolAttacher(ctx)
-        c = ctx.cache
-        c.stores["storagepools"].upsert(pool_obj("pool-a", ["n1"], slots=2))
+        inf = ctx.informers
+        inf.feed(pool_obj("pool-a", ["n1"], slots=2))
         for n in (node("n1"), node("n2")):
-            c.stores["nodes"].upsert(n)
+            inf.feed(n)
             kube.objs[f"node:{n['metadata']['name']}"] = copy.deepcopy(n)
         for i in range(3):
-            c.pvs.upsert(pv(f"pv{i}", claim=("ns", f"c{i}", f"uid-ns-c{i}")))
-            c.pvcs.upsert(pvc("ns", f"c{i}", f"pv{i}"))
-            c.stores["pods"].upsert(pod("ns", f"p{i}", "n1", f"c{i}"))
-        c.stores["pods"].upsert(pod("ns", "elsewhere", "n2", "c0"))
+            inf.feed(pv(f"pv{i}", claim=("ns", f"c{i}", f"uid-ns-c{i}")))
+            inf.feed(pvc("ns", f"c{i}", f"pv{i}"))
+            inf.feed(pod("ns", f"p{i}", "n1", f"c{i}"))
+        inf.feed(pod("ns", "elsewhere", "n2", "c0"))
         loops = [(adc.volumes, adc._sync_volume), (pa.queue, pa.sync),
                  (adc.node_queue, adc._sync_node)]
         adc.running = True
@@ -797,8 +801,8 @@ def test_controller_and_pool_attacher_attach_report_and_detach():
         # delete an attached pod: its volume detaches, its slot goes to the waiting one
         holder = next(o for o in vas.values() if o["status"].get("attached"))
         pv_freed = holder["spec"]["source"]["persistentVolumeName"]
-        c.stores["pods"].remove(f"ns/p{pv_freed[2:]}")
-        c.stores["pods"].remove("ns/elsewhere")
+        inf.delete(K.PODS, f"ns/p{pv_freed[2:]}")
+        inf.delete(K.PODS, "ns/elsewhere")
         await settle(kube, ctx, loops)
         vas = {n: o for n, o in kube.objs.items() if not n.startswith("node:")}
         assert holder["metadata"]["name"] not in vas
@@ -818,14 +822,14 @@ def test_pool_attacher_rejects_a_node_outside_the_pool():
         kube = FakeKube()
         ctx = make_ctx(kube)
         pa = PoolAttacher(ctx)
-        c = ctx.cache
-        c.stores["storagepools"].upsert(pool_obj("pool-a", ["n1"]))
-        c.stores["nodes"].upsert(node("n2"))
-        c.pvs.upsert(pv("pv1"))
+        inf = ctx.informers
+        inf.feed(pool_obj("pool-a", ["n1"]))
+        inf.feed(node("n2"))
+        inf.feed(pv("pv1"))
         created = await kube.create("/x", {"metadata": {"name": "va1"},
                                            "spec": {"attacher": DRIVER, "nodeName": "n2",
                                                     "source": {"persistentVolumeName": "pv1"}}})
-        c.stores["volumeattachments"].upsert(created)
+        inf.feed(created, K.VOLUME_ATTACHMENTS)
         await settle(kube, ctx, [(pa.queue, pa.sync)])
         st = kube.objs["va1"]["status"]
         assert st["attached"] is False
@@ -843,17 +847,17 @@ def test_pool_attacher_concurrent_allocations_on_one_node_never_share_a_slot():
         kube = FakeKube()
         ctx = make_ctx(kube)
         pa = PoolAttacher(ctx)
-        c = ctx.cache
-        c.stores["storagepools"].upsert(pool_obj("pool-a", ["n1"], slots=8))
-        c.stores["nodes"].upsert(node("n1"))
+        inf = ctx.informers
+        inf.feed(pool_obj("pool-a", ["n1"], slots=8))
+        inf.feed(node("n1"))
         names = []
         for i in range(10):
-            c.pvs.upsert(pv(f"pv{i}"))
+            inf.feed(pv(f"pv{i}"))
             created = await kube.create("/x", {
                 "metadata": {"name": f"va{i}"},
                 "spec": {"attacher": DRIVER, "nodeName": "n1",
                          "source": {"persistentVolumeName": f"pv{i}"}}})
-            c.stores["volumeattachments"].upsert(created)
+            inf.feed(created, K.VOLUME_ATTACHMENTS)
             names.append(f"va{i}")
         await asyncio.gather(*(pa.sync(n) for n in names))   # all at once
         await settle(kube, ctx, [(pa.queue, pa.sync)])

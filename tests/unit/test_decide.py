@@ -610,7 +610,6 @@ def test_sync_claim(case: ClaimCase) -> None:
         case.claim,
         index=VolumeIndex(case.volumes),
         classes=case.classes,
-        now=0.0,
         pending_pods=case.pending_pods,
     )
     assert isinstance(decision, ClaimDecision)
@@ -622,16 +621,16 @@ def test_sync_claim(case: ClaimCase) -> None:
 def test_vanished_claim_wait_becomes_set_pending_only_when_status_differs() -> None:
     """SET_PENDING vs WAIT is decided by whether the claim status would change."""
     index = VolumeIndex()
-    waiting = sync_claim(pvc(volume="nope"), index=index, classes={}, now=0)
+    waiting = sync_claim(pvc(volume="nope"), index=index, classes={})
     assert waiting.action is ClaimAction.WAIT
-    writing = sync_claim(pvc(volume="nope", phase="Lost"), index=index, classes={}, now=0)
+    writing = sync_claim(pvc(volume="nope", phase="Lost"), index=index, classes={})
     assert writing.action is ClaimAction.SET_PENDING
 
 
 def test_malformed_selector_waits() -> None:
     claim = pvc()
     claim["spec"]["selector"] = {"matchExpressions": [{"key": "a", "operator": "Bogus"}]}
-    decision = sync_claim(claim, index=VolumeIndex([pv()]), classes={}, now=0)
+    decision = sync_claim(claim, index=VolumeIndex([pv()]), classes={})
     assert decision.action is ClaimAction.WAIT
     assert "Bogus" in decision.message
 
@@ -941,7 +940,6 @@ def test_sync_volume(case: VolumeCase) -> None:
     decision = sync_volume(
         case.volume,
         claims=claims,
-        classes=CLASSES,
         deleters=case.deleters,
         recyclers=case.recyclers,
     )
@@ -1129,7 +1127,7 @@ def apply_volume_decision(decision: VolumeDecision, volume: dict) -> dict:
 def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> None:
     """Stop the bind after any write, let the volume side run, resume: it ends fully bound."""
     volume, claim = pv("pv-1", "10Gi"), pvc("5Gi")
-    decision = sync_claim(claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={}, now=0)
+    decision = sync_claim(claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={})
     assert decision.action is ClaimAction.BIND and decision.steps == ALL_STEPS
     for step in decision.steps[: crash_after + 1]:
         volume, claim = apply_step(step, volume, claim)
@@ -1138,12 +1136,12 @@ def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> Non
         if volume_first:
             volume = apply_volume_decision(
                 sync_volume(
-                    volume, claims={"ns/claim": claim}, classes={}, deleters=set(), recyclers=set()
+                    volume, claims={"ns/claim": claim}, deleters=set(), recyclers=set()
                 ),
                 volume,
             )
         decision = sync_claim(
-            claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={}, now=0
+            claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={}
         )
         assert decision.volume_name in (None, "pv-1"), decision
         for step in decision.steps:
@@ -1151,15 +1149,15 @@ def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> Non
         if not volume_first:
             volume = apply_volume_decision(
                 sync_volume(
-                    volume, claims={"ns/claim": claim}, classes={}, deleters=set(), recyclers=set()
+                    volume, claims={"ns/claim": claim}, deleters=set(), recyclers=set()
                 ),
                 volume,
             )
     assert (
-        sync_claim(claim, index=VolumeIndex([volume]), classes={}, now=0).action is ClaimAction.NOOP
+        sync_claim(claim, index=VolumeIndex([volume]), classes={}).action is ClaimAction.NOOP
     )
     final = sync_volume(
-        volume, claims={"ns/claim": claim}, classes={}, deleters=set(), recyclers=set()
+        volume, claims={"ns/claim": claim}, deleters=set(), recyclers=set()
     )
     assert final.action is VolumeAction.NOOP
     assert claim["spec"]["volumeName"] == "pv-1"
@@ -1177,7 +1175,7 @@ def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> Non
 def test_deleting_the_claim_releases_then_deletes() -> None:
     """Claim deleted: Released first (one write), then the deleter is asked."""
     volume = pv(claim="ns/claim", uid="uid-1", phase="Bound", policy="Delete", annotations=BY_POOL)
-    kw: dict[str, Any] = {"claims": {}, "classes": {}, "deleters": {POOL}, "recyclers": set()}
+    kw: dict[str, Any] = {"claims": {}, "deleters": {POOL}, "recyclers": set()}
     first = sync_volume(volume, **kw)
     assert first.action is VolumeAction.SET_PHASE and first.phase == c.VOLUME_RELEASED
     volume = apply_volume_decision(first, volume)
@@ -1191,11 +1189,11 @@ def test_race_two_claims_one_volume() -> None:
     volume = pv("only", "10Gi", cls="pool")
     claim_a, claim_b = pvc(key="ns/a", uid="ua", cls="pool"), pvc(key="ns/b", uid="ub", cls="pool")
     index = VolumeIndex([volume])
-    decision_a = sync_claim(claim_a, index=index, classes=CLASSES, now=0)
+    decision_a = sync_claim(claim_a, index=index, classes=CLASSES)
     assert decision_a.volume_name == "only"
     volume, claim_a = apply_step(BindStep.VOLUME_CLAIM_REF, volume, claim_a)
     index.upsert(volume)
-    decision_b = sync_claim(claim_b, index=index, classes=CLASSES, now=0)
+    decision_b = sync_claim(claim_b, index=index, classes=CLASSES)
     assert decision_b.action is ClaimAction.PROVISION
-    decision_a = sync_claim(claim_a, index=index, classes=CLASSES, now=0)
+    decision_a = sync_claim(claim_a, index=index, classes=CLASSES)
     assert decision_a.action is ClaimAction.BIND and decision_a.volume_name == "only"

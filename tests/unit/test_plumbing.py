@@ -1,10 +1,9 @@
-"""Unit tests of the plumbing every controller shares: work queue, cache, CLI parsing."""
+"""Unit tests of the plumbing every controller shares: work queue, rate limit, CLI parsing."""
 
 import asyncio
 
 import pytest
 
-from volplane.cache import Store, slim
 from volplane.kube import TokenBucket
 from volplane.runtime import parse_controllers
 from volplane.workqueue import WorkQueue
@@ -69,42 +68,6 @@ def test_token_bucket_allows_burst_then_paces_at_qps():
     assert b.delay() == pytest.approx(0.1)
     clock.t = 1.0
     assert b.delay() == 0
-
-
-def pv(name, rv, **spec):
-    return {"apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": name, "resourceVersion": str(rv), "managedFields": [{}]},
-            "spec": spec}
-
-
-def test_store_ignores_stale_updates_and_notifies_listeners():
-    s = Store("PersistentVolume")
-    seen = []
-    s.listen(lambda k, old, new: seen.append((k, old is not None, new is not None)))
-    assert s.upsert(pv("a", 5))
-    assert not s.upsert(pv("a", 4))      # older than what we hold (our own write landed first)
-    assert not s.upsert(pv("a", 5))      # the same version again
-    assert s.upsert(pv("a", 6, x=1))
-    assert s["a"]["spec"] == {"x": 1}
-    assert "managedFields" not in s["a"]["metadata"]
-    s.remove("a")
-    assert seen == [("a", False, True), ("a", True, True), ("a", True, False)]
-
-
-def test_store_assume_and_restore():
-    s = Store("PersistentVolume")
-    s.upsert(pv("a", 5))
-    original = s["a"]
-    assumed = slim(pv("a", 5, claimRef={"name": "c"}))
-    assert s.assume(assumed) is original
-    assert s["a"]["spec"]["claimRef"] == {"name": "c"}
-    s.restore("a", original, assumed)
-    assert s["a"] is original
-    # a newer real object replaces an assumption; restore then leaves it alone
-    s.assume(assumed)
-    s.upsert(pv("a", 7))
-    s.restore("a", original, assumed)
-    assert s["a"]["metadata"]["resourceVersion"] == "7"
 
 
 @pytest.mark.parametrize("spec,want", [

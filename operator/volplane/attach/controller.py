@@ -38,20 +38,29 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .. import faults, logs, metrics
 from ..context import Context
+from ..kinds import (
+    ATTACHMENTS_BY_NODE,
+    ATTACHMENTS_BY_PV,
+    CSI_DRIVERS,
+    NODES,
+    PODS,
+    PODS_BY_CLAIM,
+    PODS_BY_NODE,
+    PVCS,
+    PVS,
+    PVS_BY_CLAIM,
+    VOLUME_ATTACHMENTS,
+    claim_ref_keys,
+    pod_claim_keys,
+)
 from ..kube import ApiError
-from ..runtime import PVCS, PVS, Watch
 from ..workqueue import WorkQueue, process
 from . import state as S
 
 log = logs.get("attachdetach")
 COMPONENT = "attachdetach-controller"
 
-PODS = Watch("", "v1", "pods", "Pod")
-NODES = Watch("", "v1", "nodes", "Node")
-VOLUME_ATTACHMENTS = Watch("storage.k8s.io", "v1", "volumeattachments", "VolumeAttachment")
-CSI_DRIVERS = Watch("storage.k8s.io", "v1", "csidrivers", "CSIDriver")
-
-VA_PATH = "/apis/storage.k8s.io/v1/volumeattachments"
+VA_PATH = VOLUME_ATTACHMENTS.path()
 NODE_STATUS_DEBOUNCE = S.NODE_STATUS_DEBOUNCE          # (the write floor uses them too)
 NODE_STATUS_MIN_INTERVAL = S.NODE_STATUS_MIN_INTERVAL
 
@@ -76,6 +85,22 @@ def _node_view(node: dict | None) -> tuple:
             tuple(sorted(S.volumes_in_use(node))))
 
 
+def _pod_view(pod: dict | None) -> tuple | None:
+    """The parts of a Pod its volumes' desired state depends on (status churn that
+    changes none of them queues nothing)."""
+    if pod is None:
+        return None
+    return ((pod.get("spec") or {}).get("nodeName"), pod_claim_keys(pod),
+            S.pod_terminated(pod))
+
+
+def _claim_view(claim: dict | None) -> tuple | None:
+    if claim is None:
+        return None
+    return ((claim.get("metadata") or {}).get("uid"), (claim.get("spec") or {}).get(
+        "volumeName"), (claim.get("status") or {}).get("phase"))
+
+
 class AttachDetachController:
     name = "attachdetach"
     watches = (PODS, NODES, PVS, PVCS, VOLUME_ATTACHMENTS, CSI_DRIVERS)
@@ -83,25 +108,23 @@ class AttachDetachController:
     def __init__(self, ctx: Context, *, clock=time.monotonic):
         self.ctx = ctx
         self.clock = clock
-        c = ctx.cache
-        self.pods = c.add_store("pods", "Pod", S.slim_pod)
-        self.nodes = c.add_store("nodes", "Node", S.slim_node)
-        self.vas = c.add_store("volumeattachments", "VolumeAttachment")
-        self.drivers = c.add_store("csidrivers", "CSIDriver")
-        self.pvs = c.pvs
-        self.pvcs = c.pvcs
+        inf = ctx.informers
+        self.pods = inf.lister(PODS)
+        self.nodes = inf.lister(NODES)
+        self.vas = inf.lister(VOLUME_ATTACHMENTS)
+        self.drivers = inf.lister(CSI_DRIVERS)
+        self.pvs = inf.lister(PVS)
+        self.pvcs = inf.lister(PVCS)
+        # The desired state is derived per volume when it is synced: the PV's claim,
+        # the pods using that claim (an index), each pod's volumes (state.pod_volumes).
+        # The actual state is the VolumeAttachments, found by PV and by node (indexes).
+        self.pods_by_claim = inf.index(PODS_BY_CLAIM)
+        self.pods_by_node = inf.index(PODS_BY_NODE)
+        self.pvs_by_claim = inf.index(PVS_BY_CLAIM)
+        self.vas_by_pv = inf.index(ATTACHMENTS_BY_PV)
+        self.vas_by_node = inf.index(ATTACHMENTS_BY_NODE)
         self.max_wait = ctx.options.unmount_max_wait  # --unmount-max-wait
 
-        # desired state, per pod: pod key -> (node, volumes, PodRef)
-        self.pod_desired: dict[str, tuple[str, tuple[S.VolumeRef, ...], S.PodRef]] = {}
-        self.vol_pods: dict[str, set[str]] = {}       # pv -> pod keys needing it
-        self.claim_pods: dict[str, set[str]] = {}     # "ns/claim" -> pod keys naming it
-        self.pod_claims: dict[str, tuple[str, ...]] = {}
-        self.node_pods: dict[str, set[str]] = {}      # node -> pod keys scheduled there
-        self.pod_node: dict[str, str] = {}
-        # actual state indexes
-        self.va_by_pv: dict[str, set[str]] = {}
-        self.va_by_node: dict[str, set[str]] = {}
         # reconcile memory
         self.detach_requested: dict[tuple[str, str], float] = {}
         self.detaching: set[tuple[str, str]] = set()  # detach started (not reported)
@@ -116,84 +139,48 @@ class AttachDetachController:
         self.node_queue = WorkQueue("attachdetach-nodes")
         self.running = False
 
-        self.pods.listen(self._on_pod)
-        self.pvcs.listen(self._on_claim)
-        self.pvs.listen(self._on_volume)
-        self.nodes.listen(self._on_node)
-        self.vas.listen(self._on_attachment)
-        self.drivers.listen(self._on_driver)
+        inf.listen(PODS, self._on_pod)
+        inf.listen(PVCS, self._on_claim)
+        inf.listen(PVS, self._on_volume)
+        inf.listen(NODES, self._on_node)
+        inf.listen(VOLUME_ATTACHMENTS, self._on_attachment)
+        inf.listen(CSI_DRIVERS, self._on_driver)
         metrics.register_collector("attachdetach", _Collector(self))
 
-    # -- gather: the desired state, kept per pod ------------------------------------------
-    def _recompute_pod(self, key: str) -> None:
-        pod = self.pods.get(key)
-        old = self.pod_desired.pop(key, None)
-        new = None
-        if pod is not None:
-            node, vols = S.pod_volumes(pod, pvcs=self.pvcs, pvs=self.pvs,
-                                       drivers=self.drivers, nodes=self.nodes)
-            if vols:
-                new = (node, tuple(vols), S.PodRef.of(pod))
-                self.pod_desired[key] = new
-        if old == new:
-            return
-        for entry in (old, new):
-            if entry is None:
-                continue
-            for v in entry[1]:
-                self.volumes.add(v.pv_name)
-        for v in old[1] if old else ():
-            pods = self.vol_pods.get(v.pv_name)
-            if pods is not None:
-                pods.discard(key)
-                if not pods:
-                    del self.vol_pods[v.pv_name]
-        for v in new[1] if new else ():
-            self.vol_pods.setdefault(v.pv_name, set()).add(key)
+    # -- gather: listeners (they only queue volumes and node reports) ---------------------
+    def _claim_volumes(self, claim_key: str) -> set[str]:
+        """The PVs a claim is (or is being) bound to."""
+        out = set(self.pvs_by_claim.get(claim_key))
+        vol = ((self.pvcs.get(claim_key) or {}).get("spec") or {}).get("volumeName")
+        if vol:
+            out.add(vol)
+        return out
 
-    @staticmethod
-    def _index_move(index: dict[str, set[str]], key: str, old: Iterable[str],
-                    new: Iterable[str]) -> None:
-        old, new = set(old), set(new)
-        for k in old - new:
-            members = index.get(k)
-            if members is not None:
-                members.discard(key)
-                if not members:
-                    del index[k]
-        for k in new - old:
-            index.setdefault(k, set()).add(key)
+    def _queue_claims(self, claim_keys) -> None:
+        for ck in claim_keys:
+            for pv in self._claim_volumes(ck):
+                self.volumes.add(pv)
 
     def _on_pod(self, key: str, old: dict | None, new: dict | None) -> None:
-        claims: tuple[str, ...] = ()
-        node = None
-        if new is not None:
-            ns = new["metadata"].get("namespace") or ""
-            claims = tuple(
-                f"{ns}/{name}" for v in (new.get("spec") or {}).get("volumes") or ()
-                if (name := S.pod_claim_name(new, v)[0]))
-            node = (new.get("spec") or {}).get("nodeName")
-        self._index_move(self.claim_pods, key, self.pod_claims.pop(key, ()), claims)
-        if claims:
-            self.pod_claims[key] = claims
-        old_node = self.pod_node.pop(key, None)
-        self._index_move(self.node_pods, key, [old_node] if old_node else [],
-                         [node] if node else [])
-        if node:
-            self.pod_node[key] = node
-        self._recompute_pod(key)
+        if _pod_view(old) == _pod_view(new):
+            return
+        for obj in (old, new):
+            if obj is not None:
+                self._queue_claims(pod_claim_keys(obj))
 
     def _on_claim(self, key: str, old: dict | None, new: dict | None) -> None:
-        for pod_key in list(self.claim_pods.get(key, ())):
-            self._recompute_pod(pod_key)
+        if key not in self.pods_by_claim or _claim_view(old) == _claim_view(new):
+            return  # no pod uses it, or nothing the desired state reads changed
+        for obj in (old, new):
+            vol = ((obj or {}).get("spec") or {}).get("volumeName")
+            if vol:
+                self.volumes.add(vol)
+        for pv in self.pvs_by_claim.get(key):
+            self.volumes.add(pv)
 
     def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
         self.volumes.add(name)
-        for obj in (old, new):
-            ref = ((obj or {}).get("spec") or {}).get("claimRef") or {}
-            if ref.get("name"):
-                self._on_claim(f"{ref.get('namespace') or ''}/{ref['name']}", None, None)
-        for va in self.va_by_pv.get(name, ()):
+        for va in self.vas_by_pv.get(name):
             node = ((self.vas.get(va) or {}).get("spec") or {}).get("nodeName")
             if node:
                 self._node_changed(node)
@@ -201,10 +188,12 @@ class AttachDetachController:
     def _on_node(self, name: str, old: dict | None, new: dict | None) -> None:
         before, after = _node_view(old), _node_view(new)
         if before[:1] != after[:1]:  # managed / existence changed: pods there count or not
-            for pod_key in list(self.node_pods.get(name, ())):
-                self._recompute_pod(pod_key)
+            for pod_key in self.pods_by_node.get(name):
+                pod = self.pods.get(pod_key)
+                if pod is not None:
+                    self._queue_claims(pod_claim_keys(pod))
         if before != after:
-            for va in self.va_by_node.get(name, ()):
+            for va in self.vas_by_node.get(name):
                 pv = (((self.vas.get(va) or {}).get("spec") or {}).get("source") or {}).get(
                     "persistentVolumeName")
                 if pv:
@@ -213,8 +202,7 @@ class AttachDetachController:
             self._node_changed(name)  # (not on heartbeats: the report reads only these)
 
     def _on_driver(self, name: str, old: dict | None, new: dict | None) -> None:
-        for pod_key in list(self.pods):
-            self._recompute_pod(pod_key)
+        self._queue_claims(self.pods_by_claim.keys())
 
     def _on_attachment(self, name: str, old: dict | None, new: dict | None) -> None:
         def where(obj):
@@ -222,9 +210,6 @@ class AttachDetachController:
             return (spec.get("source") or {}).get("persistentVolumeName"), spec.get("nodeName")
 
         (opv, onode), (npv, nnode) = where(old), where(new)
-        self._index_move(self.va_by_pv, name, [opv] if opv else [], [npv] if npv else [])
-        self._index_move(self.va_by_node, name, [onode] if onode else [],
-                         [nnode] if nnode else [])
         for pv in {opv, npv} - {None}:
             self.volumes.add(pv)
         for node in {onode, nnode} - {None}:
@@ -269,10 +254,19 @@ class AttachDetachController:
             return
         self.node_queue.add_after(node, delay)
 
+    def _pod_volumes(self, pod: dict) -> tuple[str | None, list[S.VolumeRef]]:
+        return S.pod_volumes(pod, pvcs=self.pvcs, pvs=self.pvs, drivers=self.drivers,
+                             nodes=self.nodes)
+
     def _node_busy(self, node: str) -> bool:
-        desired = [(v.pv_name, node) for pod_key in self.node_pods.get(node, ())
-                   if (entry := self.pod_desired.get(pod_key)) is not None and entry[0] == node
-                   for v in entry[1]]
+        desired = []
+        for pod_key in self.pods_by_node.get(node):
+            pod = self.pods.get(pod_key)
+            if pod is None:
+                continue
+            where, vols = self._pod_volumes(pod)
+            if where == node:
+                desired += [(v.pv_name, node) for v in vols]
         return S.node_attach_in_progress(self._actual_on_node(node), node, desired)
 
     def _attach_succeeded(self, pv: str | None, node: str | None) -> None:
@@ -288,33 +282,40 @@ class AttachDetachController:
 
     # -- views for one volume -------------------------------------------------------------
     def _desired_for(self, pv: str) -> S.DSW:
+        """The desired state of one volume: the pods using its claim that need it
+        attached, by node."""
+        pv_obj = self.pvs.get(pv)
         acc: dict[tuple[str, str], tuple[S.VolumeRef, list[S.PodRef]]] = {}
-        for pod_key in self.vol_pods.get(pv, ()):
-            entry = self.pod_desired.get(pod_key)
-            if entry is None:
-                continue
-            node, vols, ref = entry
-            for v in vols:
-                if v.pv_name == pv:
-                    acc.setdefault((pv, node), (v, []))[1].append(ref)
+        for claim_key in claim_ref_keys(pv_obj or {}):
+            for pod_key in self.pods_by_claim.get(claim_key):
+                pod = self.pods.get(pod_key)
+                if pod is None:
+                    continue
+                node, vols = self._pod_volumes(pod)
+                for v in vols:
+                    if v.pv_name == pv and node:
+                        acc.setdefault((pv, node), (v, []))[1].append(S.PodRef.of(pod))
         return {k: S.Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
 
     def _actual_for(self, pv: str) -> S.ASW:
-        return S.build_asw((self.vas[n] for n in self.va_by_pv.get(pv, ()) if n in self.vas),
+        return S.build_asw([va for n in self.vas_by_pv.get(pv) if (va := self.vas.get(n))],
                            pvs=self.pvs, nodes=self.nodes)
 
     def _actual_on_node(self, node: str) -> list[S.Actual]:
         out = []
-        for n in self.va_by_node.get(node, ()):
+        for n in self.vas_by_node.get(node):
             va = self.vas.get(n)
             a = S.actual_of(va, pvs=self.pvs, nodes=self.nodes) if va else None
             if a is not None:
                 out.append(a)
         return out
 
+    def _volumes_with_pods(self) -> set[str]:
+        return {pv for ck in self.pods_by_claim.keys() for pv in self._claim_volumes(ck)}
+
     def desired_state(self) -> S.DSW:
         out: S.DSW = {}
-        for pv in list(self.vol_pods):
+        for pv in self._volumes_with_pods():
             out.update(self._desired_for(pv))
         return out
 
@@ -324,14 +325,13 @@ class AttachDetachController:
     # -- loops ----------------------------------------------------------------------------
     async def run(self) -> None:
         self.running = True
-        for key in list(self.pods):
-            self._recompute_pod(key)
-        for pv in set(self.vol_pods) | set(self.va_by_pv):
+        with_pods = self._volumes_with_pods()
+        for pv in with_pods | set(self.vas_by_pv.keys()):
             self.volumes.add(pv)
         for node in list(self.nodes):
             self.node_queue.add(node)
         log.info("attach/detach controller started", pods=len(self.pods),
-                 desired=sum(len(v) for v in self.vol_pods.values()), attachments=len(self.vas),
+                 volumes_with_pods=len(with_pods), attachments=len(self.vas),
                  max_wait_for_unmount=self.max_wait)
         n = max(1, self.ctx.options.workers)
         tasks = [asyncio.create_task(process(self.volumes, self._sync_volume, controller=self.name, log=log))
@@ -350,7 +350,7 @@ class AttachDetachController:
         period = max(60.0, self.ctx.options.resync_period * 4)
         while True:
             await asyncio.sleep(period)
-            for pv in set(self.vol_pods) | set(self.va_by_pv):
+            for pv in self._volumes_with_pods() | set(self.vas_by_pv.keys()):
                 self.volumes.add(pv)
             metrics.queue_depth.labels("attachdetach-volumes").set(len(self.volumes))
 
@@ -415,7 +415,7 @@ class AttachDetachController:
             va = await self.ctx.kube.get(f"{VA_PATH}/{name}")
         self.attach_started.setdefault(name, self.clock())
         faults.point("attach-1")
-        self.vas.upsert(va)
+        self.vas.put(va)
         log.info("attach", volume=op.pv_name, node=op.node, attachment=name,
                  attacher=op.volume.driver, action="attach")
 
@@ -437,7 +437,7 @@ class AttachDetachController:
             gone = None
         self.detach_started.setdefault(op.va_name, self.clock())
         if isinstance(gone, dict) and (gone.get("metadata") or {}).get("deletionTimestamp"):
-            self.vas.upsert(gone)  # held by the attacher's finalizer: now DETACHING
+            self.vas.put(gone)  # held by the attacher's finalizer: now DETACHING
         faults.point("detach-2")
         if op.forced:
             forced_detaches.labels(op.forced).inc()
@@ -483,7 +483,7 @@ class AttachDetachController:
                 return False
             raise
         metrics.api_writes.labels(self.name, "nodes", "patch-status").inc()
-        self.nodes.upsert(new)
+        self.nodes.put(new)
         log.info("node volumesAttached", node=name, count=len(want), action="report")
         return True
 
@@ -523,7 +523,8 @@ class _Collector:
                                    labels=["node", "volume_plugin"])
         desired: dict[str, int] = {}
         per_node: dict[tuple[str, str], int] = {}
-        for node, vols, _ in list(ctl.pod_desired.values()):
+        for pod in list(ctl.pods.values()):
+            node, vols = ctl._pod_volumes(pod)
             for v in vols:
                 per_node[(node, v.plugin)] = per_node.get((node, v.plugin), 0) + 1
         for d in ctl.desired_state().values():

@@ -37,22 +37,27 @@ pool (an attachment gone) queues the waiting attachments again.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 
 from prometheus_client.core import GaugeMetricFamily
 
 from .. import faults, logs, metrics
 from ..context import Context
+from ..kinds import (
+    ATTACHMENTS_BY_NODE,
+    ATTACHMENTS_BY_PV,
+    NODES,
+    POOLS,
+    PVS,
+    VOLUME_ATTACHMENTS,
+)
 from ..kube import ApiError
-from ..runtime import PVS, Watch
+from ..objects import now_rfc3339, rv_int
 from ..workqueue import WorkQueue, process
 from . import state as S
-from .controller import NODES, VA_PATH, VOLUME_ATTACHMENTS
 
 log = logs.get("pool-attacher")
 COMPONENT = "pool-attacher"
-
-POOLS = Watch("volplane.io", "v1alpha1", "storagepools", "StoragePool")
+VA_PATH = VOLUME_ATTACHMENTS.path()
 
 try:  # the pool engineers' definition of "the nodes a pool reaches"
     from ..pools.ledger import pool_nodes as _pool_nodes
@@ -79,51 +84,34 @@ def pool_reaches(pool: dict, node_name: str, nodes) -> bool:
     return False
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class PoolAttacher:
     name = "pool-attacher"
     watches = (VOLUME_ATTACHMENTS, PVS, NODES, POOLS)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        c = ctx.cache
-        self.vas = c.add_store("volumeattachments", "VolumeAttachment")
-        self.nodes = c.add_store("nodes", "Node", S.slim_node)
-        self.pools = c.add_store("storagepools", "StoragePool")
-        self.pvs = c.pvs
+        inf = ctx.informers
+        self.vas = inf.lister(VOLUME_ATTACHMENTS)
+        self.nodes = inf.lister(NODES)
+        self.pools = inf.lister(POOLS)
+        self.pvs = inf.lister(PVS)
+        self.vas_by_node = inf.index(ATTACHMENTS_BY_NODE)
+        self.vas_by_pv = inf.index(ATTACHMENTS_BY_PV)
         self.queue = WorkQueue("pool-attacher")
-        self.ours_by_node: dict[str, set[str]] = {}   # node -> our VolumeAttachments
-        self.ours_by_pv: dict[str, set[str]] = {}
         # (node, pool) -> slot -> attachment: slots being written right now
         self.reserved: dict[tuple[str, str], dict[int, str]] = {}
-        self.vas.listen(self._on_attachment)
-        self.pvs.listen(self._on_volume)
-        self.nodes.listen(self._on_node)
-        self.pools.listen(self._on_pool)
+        inf.listen(VOLUME_ATTACHMENTS, self._on_attachment)
+        inf.listen(PVS, self._on_volume)
+        inf.listen(NODES, self._on_node)
+        inf.listen(POOLS, self._on_pool)
         metrics.register_collector("pool-attacher", _SlotCollector(self))
 
-    # -- gather -----------------------------------------------------------------------------
+    # -- gather: listeners (they only queue attachments) -------------------------------------
     @staticmethod
     def _ours(va: dict | None) -> bool:
         return bool(va) and (va.get("spec") or {}).get("attacher") == S.POOL_DRIVER
 
     def _on_attachment(self, name: str, old: dict | None, new: dict | None) -> None:
-        for obj, add in ((old, False), (new, True)):
-            if not self._ours(obj):
-                continue
-            spec = obj.get("spec") or {}
-            node = spec.get("nodeName") or ""
-            pv = (spec.get("source") or {}).get("persistentVolumeName") or ""
-            for index, k in ((self.ours_by_node, node), (self.ours_by_pv, pv)):
-                if add:
-                    index.setdefault(k, set()).add(name)
-                elif k in index:
-                    index[k].discard(name)
-                    if not index[k]:
-                        del index[k]
         if self._ours(new):
             self.queue.add(name)
         # A slot freed (attachment gone, or its slot dropped): wake the ones waiting there.
@@ -131,14 +119,15 @@ class PoolAttacher:
             self._wake_node(old["spec"].get("nodeName"))
 
     def _wake_node(self, node: str | None) -> None:
-        for n in list(self.ours_by_node.get(node or "", ())):
+        for n in self.vas_by_node.get(node or ""):
             va = self.vas.get(n)
-            if va is not None and not (va.get("status") or {}).get("attached"):
+            if self._ours(va) and not (va.get("status") or {}).get("attached"):
                 self.queue.add(n)
 
     def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
-        for n in list(self.ours_by_pv.get(name, ())):
-            self.queue.add(n)
+        for n in self.vas_by_pv.get(name):
+            if self._ours(self.vas.get(n)):
+                self.queue.add(n)
 
     def _on_node(self, name: str, old: dict | None, new: dict | None) -> None:
         if (old or {}).get("metadata", {}).get("labels") != (new or {}).get(
@@ -148,11 +137,9 @@ class PoolAttacher:
     def _on_pool(self, name: str, old: dict | None, new: dict | None) -> None:
         if (old or {}).get("spec") == (new or {}).get("spec"):
             return
-        for names in list(self.ours_by_node.values()):
-            for n in list(names):
-                va = self.vas.get(n)
-                if va is not None and not (va.get("status") or {}).get("attached"):
-                    self.queue.add(n)
+        for n, va in list(self.vas.items()):
+            if self._ours(va) and not (va.get("status") or {}).get("attached"):
+                self.queue.add(n)
 
     # -- loops ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -172,11 +159,10 @@ class PoolAttacher:
             va = await self.ctx.kube.get(f"{VA_PATH}/{name}")
         except ApiError as e:
             if e.not_found:
-                self.vas.remove(name)
+                self.vas.gone(name)
                 return None
             raise
-        self.vas.upsert(va)
-        return self.vas.get(name)
+        return self.vas.put(va)
 
     # -- decide + act -----------------------------------------------------------------------
     async def sync(self, name: str) -> None:
@@ -225,7 +211,7 @@ class PoolAttacher:
         await self._mark_attached(va, slot)
 
     def _ours_on(self, node: str) -> list[dict]:
-        return [self.vas[n] for n in self.ours_by_node.get(node, ()) if n in self.vas]
+        return [va for n in self.vas_by_node.get(node) if self._ours(va := self.vas.get(n))]
 
     def _holder(self, node: str, slot: tuple[str, int]) -> str | None:
         return S.slots_in_use(self._ours_on(node), node, slot[0]).get(slot[1])
@@ -263,9 +249,9 @@ class PoolAttacher:
                 f"{VA_PATH}/{va['metadata']['name']}/status",
                 {"metadata": {"resourceVersion": va["metadata"]["resourceVersion"]},
                  "status": {"attached": False,
-                            "attachError": {"time": _now(), "message": message}}})
+                            "attachError": {"time": now_rfc3339(), "message": message}}})
             metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
-            self.vas.upsert(new)
+            self.vas.put(new)
             log.info("attach failed", attachment=va["metadata"]["name"], error=message)
         self.ctx.events.emit(va, "Warning", reason, message, component=COMPONENT)
 
@@ -284,7 +270,7 @@ class PoolAttacher:
             new = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}", patch)
         except ApiError as e:
             if e.not_found:
-                self.vas.remove(md["name"])
+                self.vas.gone(md["name"])
                 self._release(node, pool, slot)
                 return None
             if e.conflict:  # not written
@@ -299,10 +285,10 @@ class PoolAttacher:
             self._release(node, pool, slot)
             raise
         metrics.api_writes.labels(self.name, "volumeattachments", "patch").inc()
-        self.vas.upsert(new)
+        stored = self.vas.put(new)
         self._release(node, pool, slot)
         faults.point("pool-attach-1")
-        return self.vas.get(md["name"]) or new
+        return stored
 
     async def _mark_attached(self, va: dict, slot: tuple[str, int]) -> None:
         """Write 3: status.attached with the device path."""
@@ -317,7 +303,7 @@ class PoolAttacher:
                        "attachmentMetadata": {"devicePath": path, "pool": slot[0],
                                               "slot": str(slot[1])}}})
         metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
-        self.vas.upsert(new)
+        self.vas.put(new)
         faults.point("pool-attach-2")
         log.info("attached", attachment=md["name"], node=va["spec"].get("nodeName"),
                  volume=(va["spec"].get("source") or {}).get("persistentVolumeName"),
@@ -334,7 +320,7 @@ class PoolAttacher:
                 "status": {"attached": False, "attachmentMetadata": None,
                            "detachError": None}})
             metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
-            self.vas.upsert(va)
+            va = self.vas.put(va) or va
             faults.point("pool-detach-1")
             md = va["metadata"]
         rest = [f for f in md.get("finalizers") or () if f != S.ATTACHER_FINALIZER]
@@ -344,16 +330,17 @@ class PoolAttacher:
         except ApiError as e:
             if not e.not_found:
                 raise
-            self.vas.remove(md["name"])
+            self.vas.gone(md["name"])
             return
         metrics.api_writes.labels(self.name, "volumeattachments", "patch").inc()
         faults.point("pool-detach-2")
         # Without finalizers the object is gone: drop it now (its slot is free, and the
         # attachments waiting for one are woken) rather than when the watch says so.
         if isinstance(new, dict) and not (new.get("metadata") or {}).get("finalizers"):
-            self.vas.remove(md["name"])
+            self.vas.gone(md["name"], rv_int(new))
+            self._wake_node(va["spec"].get("nodeName"))  # its slot is free now
         elif isinstance(new, dict):
-            self.vas.upsert(new)
+            self.vas.put(new)
         log.info("detached", attachment=md["name"], node=va["spec"].get("nodeName"),
                  slot=(md.get("annotations") or {}).get(S.SLOT_ANNOTATION), action="detach")
 

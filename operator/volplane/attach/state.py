@@ -51,10 +51,10 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+
+from volplane.kinds import MANAGED_ANNOTATION, any_container_running
 
 # -- names ---------------------------------------------------------------------------------
-MANAGED_ANNOTATION = "volumes.kubernetes.io/controller-managed-attach-detach"
 OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 CSI_PLUGIN = "kubernetes.io/csi"
 CSI_VOLUME_SEP = "^"
@@ -114,67 +114,6 @@ def _status(obj: Mapping | None) -> Mapping:
     return (obj or {}).get("status") or {}
 
 
-# -- projections stored in the cache (many Pods and Nodes: keep only what is read) ---------
-def _any_container_running(status: Mapping) -> bool:
-    """upstream notRunning(), negated, over init, app and ephemeral container statuses:
-    a status with neither `terminated` nor `waiting` state counts as running."""
-    for k in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
-        for cs in status.get(k) or ():
-            state = cs.get("state") or {}
-            if not state.get("terminated") and not state.get("waiting"):
-                return True
-    return False
-
-
-def slim_pod(body: Mapping[str, Any]) -> dict:
-    """A Pod reduced to what the AD controller reads (a few hundred bytes)."""
-    md = body.get("metadata") or {}
-    spec = body.get("spec") or {}
-    st = body.get("status") or {}
-    vols = []
-    for v in spec.get("volumes") or ():
-        if v.get("persistentVolumeClaim"):
-            vols.append({"name": v.get("name"),
-                         "persistentVolumeClaim": {
-                             "claimName": v["persistentVolumeClaim"].get("claimName")}})
-        elif v.get("ephemeral"):
-            vols.append({"name": v.get("name"), "ephemeral": {}})
-    meta = {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion",
-                               "creationTimestamp", "deletionTimestamp") if k in md}
-    return {
-        "apiVersion": "v1", "kind": "Pod", "metadata": meta,
-        "spec": {"nodeName": spec.get("nodeName"), "volumes": vols},
-        "status": {"phase": st.get("phase"), "containersRunning": _any_container_running(st)},
-    }
-
-
-_NODE_ANNOTATIONS = (MANAGED_ANNOTATION, "csi.volume.kubernetes.io/nodeid")
-
-
-def slim_node(body: Mapping[str, Any]) -> dict:
-    """A Node reduced to what the AD controller and pool attacher read: labels (pool
-    selectors), the attach/detach annotation, taints, the Ready condition and the
-    volume lists of its status."""
-    md = body.get("metadata") or {}
-    spec = body.get("spec") or {}
-    st = body.get("status") or {}
-    meta = {k: md[k] for k in ("name", "uid", "resourceVersion", "labels",
-                               "creationTimestamp", "deletionTimestamp") if k in md}
-    ann = md.get("annotations") or {}
-    kept = {k: v for k, v in ann.items() if k in _NODE_ANNOTATIONS or k.startswith("volplane.io/")}
-    if kept:
-        meta["annotations"] = kept
-    out_spec = {k: spec[k] for k in ("taints", "unschedulable") if k in spec}
-    conds = [{"type": c.get("type"), "status": c.get("status")}
-             for c in st.get("conditions") or () if c.get("type") == "Ready"]
-    out_st: dict = {"conditions": conds}
-    for k in ("volumesInUse", "volumesAttached"):
-        if k in st:
-            out_st[k] = st[k]
-    return {"apiVersion": "v1", "kind": "Node", "metadata": meta, "spec": out_spec,
-            "status": out_st}
-
-
 # -- node predicates -----------------------------------------------------------------------
 def node_managed(node: Mapping | None) -> bool:
     return node is not None and MANAGED_ANNOTATION in (_md(node).get("annotations") or {})
@@ -204,7 +143,7 @@ def pod_terminated(pod: Mapping) -> bool:
         return True
     if not _md(pod).get("deletionTimestamp"):
         return False
-    running = st["containersRunning"] if "containersRunning" in st else _any_container_running(st)
+    running = st["containersRunning"] if "containersRunning" in st else any_container_running(st)
     return not running
 
 

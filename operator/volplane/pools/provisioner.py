@@ -44,13 +44,13 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from .. import faults, logs, metrics
-from ..cache import key_of
 from ..context import Context
+from ..kinds import ALLOCATIONS, CLASSES, NODES, POOLS, PVCS, PVS, UNBOUND_CLAIMS_BY_CLASS
 from ..kube import ApiError, pv_path, pvc_path
+from ..objects import key_of
 from ..pv import constants as C
 from ..pv.index import access_modes, claim_class, claim_request, volume_capacity
 from ..quantity import format_quantity, parse_quantity
-from ..runtime import CLASSES, PVCS, PVS, Watch
 from ..workqueue import WorkQueue, process
 from .ledger import (
     API_VERSION,
@@ -71,10 +71,6 @@ from .ledger import (
 
 log = logs.get("pool-provisioner")
 COMPONENT = PROVISIONER
-
-NODES = Watch("", "v1", "nodes", "Node")
-POOLS = Watch("volplane.io", "v1alpha1", "storagepools", "StoragePool")
-ALLOCATIONS = Watch("volplane.io", "v1alpha1", "storageallocations", "StorageAllocation")
 
 FINALIZER = "volplane.io/allocation"
 PV_PROTECTION = "kubernetes.io/pv-protection"
@@ -186,16 +182,6 @@ def build_pv(claim: dict, storage_class: dict, pool: str, size: int, affinity: d
     }
 
 
-def _node_slimmer():
-    """The attach controllers' Node projection (it keeps labels and deletionTimestamp,
-    all we read). The first store creator's projection wins, so use the same one."""
-    try:
-        from ..attach.state import slim_node
-    except ImportError:  # pragma: no cover - attach controllers not installed
-        return None
-    return slim_node
-
-
 class PoolCollector:
     """volplane_pool_* gauges computed at scrape time from the ledger."""
 
@@ -234,12 +220,19 @@ class PoolProvisioner:
 
     def __init__(self, ctx: Context, *, clock=time.monotonic):
         self.ctx = ctx
-        self.cache = ctx.cache
         self.clock = clock
-        self.pools = self.cache.add_store(POOLS.plural, POOLS.kind)
-        self.allocations = self.cache.add_store(ALLOCATIONS.plural, ALLOCATIONS.kind)
-        self.nodes = self.cache.add_store(NODES.plural, NODES.kind, _node_slimmer())
+        inf = ctx.informers
+        self.pvs = inf.lister(PVS)
+        self.pvcs = inf.lister(PVCS)
+        self.classes = inf.lister(CLASSES)
+        self.pools = inf.lister(POOLS)
+        self.allocations = inf.lister(ALLOCATIONS)
+        self.nodes = inf.lister(NODES)
+        self.unbound_by_class = inf.index(UNBOUND_CLAIMS_BY_CLASS)
+        # The capacity ledger: the allocation records plus this process's reservations
+        # of writes in flight. `_stale` names the records whose lister entry changed.
         self.ledger = Ledger()
+        self._stale: set[str] = set()
         self.namespace = (os.environ.get("VOLPLANE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
                           or "volplane-system")
         self.finishing = WorkQueue("pool-deletions")   # PVs being deleted: free + unfinalize
@@ -249,12 +242,12 @@ class PoolProvisioner:
         self._published: dict[str, dict] | None = None  # CSIStorageCapacity name -> object
         self._orphans: dict[str, float] = {}  # allocation -> first time seen orphaned
         self._loaded = asyncio.Event()      # the ledger was checked against a fresh LIST
-        self.allocations.listen(self._on_allocation)
-        self.pools.listen(self._on_pool)
-        self.nodes.listen(self._on_node)
-        self.cache.classes.listen(self._on_class)
-        self.cache.pvs.listen(self._on_volume)
-        self.cache.pvcs.listen(self._on_claim)
+        inf.listen(ALLOCATIONS, self._on_allocation)
+        inf.listen(POOLS, self._on_pool)
+        inf.listen(NODES, self._on_node)
+        inf.listen(CLASSES, self._on_class)
+        inf.listen(PVS, self._on_volume)
+        inf.listen(PVCS, self._on_claim)
         pvc = ctx.pv_controller
         if pvc is None:
             log.warning("no PV controller: pool provisioning is off (enable pv-binder)")
@@ -265,19 +258,29 @@ class PoolProvisioner:
         _collector.controller = self
         metrics.register_collector("pool-provisioner", _collector)
 
-    # -- gather: listeners (synchronous, cheap) ---------------------------------------------
+    # -- gather: listeners (synchronous, cheap: they only mark and queue) -------------------
     def _on_allocation(self, name: str, old: dict | None, new: dict | None) -> None:
+        self._stale.add(name)
         if new is None:
-            self.ledger.release(name)
             self._requeue_pending = True
-        else:
-            spec = new.get("spec") or {}
-            try:
-                self.ledger.observe(name, spec["pool"], int(spec["sizeBytes"]))
-            except (KeyError, TypeError, ValueError):
-                log.warning("malformed StorageAllocation ignored", name=name)
-                return
         self._dirty.set()
+
+    def _refresh_ledger(self) -> None:
+        """Bring the ledger up to the allocation lister for the records that changed."""
+        while self._stale:
+            name = self._stale.pop()
+            record = self.allocations.get(name)
+            if record is None:
+                self.ledger.release(name)
+                continue
+            self._observe(name, record)
+
+    def _observe(self, name: str, record: dict) -> None:
+        spec = record.get("spec") or {}
+        try:
+            self.ledger.observe(name, spec["pool"], int(spec["sizeBytes"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("malformed StorageAllocation ignored", name=name)
 
     def _on_pool(self, name: str, old: dict | None, new: dict | None) -> None:
         if new is None or old is None or (new.get("spec") != old.get("spec")):
@@ -315,7 +318,7 @@ class PoolProvisioner:
     def _wants_expansion(self, claim: dict) -> bool:
         if (claim.get("status") or {}).get("phase") != C.CLAIM_BOUND:
             return False
-        pv = self.cache.pvs.get((claim.get("spec") or {}).get("volumeName") or "")
+        pv = self.pvs.get((claim.get("spec") or {}).get("volumeName") or "")
         if pv is None or not is_ours(pv):
             return False
         try:
@@ -336,10 +339,10 @@ class PoolProvisioner:
             asyncio.create_task(process(self.finishing, self._finish_key, controller=self.name, log=log)),
             asyncio.create_task(process(self.expanding, self._expand_key, controller=self.name, log=log)),
         ]
-        for name, pv in list(self.cache.pvs.items()):
+        for name, pv in list(self.pvs.items()):
             if self._needs_finishing(pv):
                 self.finishing.add(name)
-        for key, claim in list(self.cache.pvcs.items()):
+        for key, claim in list(self.pvcs.items()):
             if self._wants_expansion(claim):
                 self.expanding.add(key)
         self._dirty.set()
@@ -371,10 +374,14 @@ class PoolProvisioner:
                 log.warning("cannot list StorageAllocations; provisioning waits", error=str(e))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+        self._refresh_ledger()
         for item in (body or {}).get("items") or []:
             item.setdefault("apiVersion", API_VERSION)
             item.setdefault("kind", "StorageAllocation")
-            self.allocations.upsert(item)
+            name = item["metadata"]["name"]
+            if name not in self.allocations:
+                self.allocations.put(item)
+            self._observe(name, item)
         self._loaded.set()
         self._requeue_pending_claims()
 
@@ -384,12 +391,13 @@ class PoolProvisioner:
         t0 = time.monotonic()
         md = claim["metadata"]
         name = volume_name(claim)
-        if name in self.cache.pvs:
+        if name in self.pvs:
             return  # already made; the PV controller binds it
         if not self._loaded.is_set():
             return  # the claim is requeued once the ledger is loaded
+        self._refresh_ledger()
         class_name = getattr(decision, "storage_class", None) or claim_class(claim)
-        sc = self.cache.classes.get(class_name)
+        sc = self.classes.get(class_name)
         if sc is None:
             return  # the PV controller reports the missing class
         try:
@@ -435,7 +443,7 @@ class PoolProvisioner:
             except BaseException:
                 self.ledger.cancel(name)
                 raise
-            self.allocations.upsert(record)
+            self.allocations.put(record)
             self.ledger.observe(name, record["spec"]["pool"], int(record["spec"]["sizeBytes"]))
             metrics.api_writes.labels(self.name, "storageallocations", "create").inc()
             faults.point("provision-1")
@@ -460,7 +468,7 @@ class PoolProvisioner:
                 raise
             created = await self.ctx.kube.get(pv_path(name))
         metrics.api_writes.labels(self.name, "persistentvolumes", "create").inc()
-        self.cache.pvs.upsert(created)
+        self.pvs.put(created)
         faults.point("provision-2")
         elapsed = time.monotonic() - t0
         provision_seconds.labels("success").observe(elapsed)
@@ -493,7 +501,7 @@ class PoolProvisioner:
             new = await self.ctx.kube.merge_patch(pvc_path(md["namespace"], md["name"]), {
                 "metadata": {"resourceVersion": md["resourceVersion"],
                              "annotations": {C.ANN_SELECTED_NODE: None}}})
-            self.cache.pvcs.upsert(new)
+            self.pvcs.put(new)
             metrics.api_writes.labels(self.name, "persistentvolumeclaims", "patch").inc()
         except ApiError as e:
             if e.not_found:
@@ -509,6 +517,7 @@ class PoolProvisioner:
         name = md["name"]
         if not self._loaded.is_set():
             return False  # retried on the PV controller's next sync
+        self._refresh_ledger()
         if not md.get("deletionTimestamp"):
             record = self.allocations.get(name)
             pool = (record or {}).get("spec", {}).get("pool") or pool_of_volume(pv)
@@ -552,20 +561,20 @@ class PoolProvisioner:
                 patch = {"metadata": {"resourceVersion": md["resourceVersion"]},
                          "spec": {"claimRef": {"uid": None, "resourceVersion": None}}}
             pv = await self.ctx.kube.merge_patch(pv_path(md["name"]), patch)
-            self.cache.pvs.upsert(pv)
+            self.pvs.put(pv)
             faults.point("recycle-1")
         if (pv.get("status") or {}).get("phase") != C.VOLUME_AVAILABLE:
             pv = await self.ctx.kube.merge_patch(pv_path(md["name"], "status"), {
                 "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
                 "status": {"phase": C.VOLUME_AVAILABLE, "message": None}})
-            self.cache.pvs.upsert(pv)
+            self.pvs.put(pv)
         self.ctx.events.emit(pv, C.NORMAL, C.VOLUME_RECYCLED,
                              f"Volume {md['name']} recycled (scrubbed in its pool)",
                              component=COMPONENT)
         return True
 
     async def _finish_key(self, name: str) -> None:
-        pv = self.cache.pvs.get(name)
+        pv = self.pvs.get(name)
         if pv is None or not self._needs_finishing(pv):
             return
         await self._free_and_unfinalize(name)
@@ -578,14 +587,17 @@ class PoolProvisioner:
         except ApiError as e:
             if not e.not_found:
                 raise
-        self.allocations.remove(name)
+        self.allocations.gone(name)
+        self.ledger.release(name)
+        self._requeue_pending = True
+        self._dirty.set()
         faults.point("delete-2")
         for _ in range(5):
             try:
                 pv = await self.ctx.kube.get(pv_path(name))
             except ApiError as e:
                 if e.not_found:
-                    self.cache.pvs.remove(name)
+                    self.pvs.gone(name)
                     return
                 raise
             fins = pv["metadata"].get("finalizers") or []
@@ -603,7 +615,7 @@ class PoolProvisioner:
                 raise
             metrics.api_writes.labels(self.name, "persistentvolumes", "patch").inc()
             if new:
-                self.cache.pvs.upsert(new)
+                self.pvs.put(new)
             faults.point("delete-3")
             log.info("volume freed", kind="PersistentVolume", name=name, action="free")
             return
@@ -611,13 +623,14 @@ class PoolProvisioner:
 
     # -- expansion -------------------------------------------------------------------------------
     async def _expand_key(self, key: str) -> None:
-        claim = self.cache.pvcs.get(key)
+        claim = self.pvcs.get(key)
         if claim is None or not self._wants_expansion(claim):
             return
+        self._refresh_ledger()
         pv_name = claim["spec"]["volumeName"]
-        pv = self.cache.pvs[pv_name]
+        pv = self.pvs[pv_name]
         want = claim_request(claim)
-        sc = self.cache.classes.get(claim_class(claim))
+        sc = self.classes.get(claim_class(claim))
         if sc is None or not sc.get("allowVolumeExpansion"):
             return  # the API server's admission refuses such requests anyway
         record = self.allocations.get(pv_name)
@@ -652,7 +665,7 @@ class PoolProvisioner:
             except BaseException:
                 self.ledger.cancel(pv_name)
                 raise
-            self.allocations.upsert(record)
+            self.allocations.put(record)
             self.ledger.observe(pv_name, pool_name, int(record["spec"]["sizeBytes"]))
             metrics.api_writes.labels(self.name, "storageallocations", "patch").inc()
             faults.point("expand-1")
@@ -661,7 +674,7 @@ class PoolProvisioner:
             pv = await self.ctx.kube.merge_patch(pv_path(pv_name), {
                 "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
                 "spec": {"capacity": {"storage": size}}})
-            self.cache.pvs.upsert(pv)
+            self.pvs.put(pv)
             metrics.api_writes.labels(self.name, "persistentvolumes", "patch").inc()
             faults.point("expand-2")
         md = claim["metadata"]
@@ -669,7 +682,7 @@ class PoolProvisioner:
             "metadata": {"resourceVersion": md["resourceVersion"]},
             "status": {"capacity": {"storage": size}, "allocatedResources": {"storage": size},
                        "conditions": None}})
-        self.cache.pvcs.upsert(new)
+        self.pvcs.put(new)
         metrics.api_writes.labels(self.name, "persistentvolumeclaims", "patch-status").inc()
         self.ctx.events.emit(claim, C.NORMAL, VOLUME_RESIZE_SUCCESSFUL,
                              f"volume {pv_name} expanded to {size} in StoragePool "
@@ -688,6 +701,7 @@ class PoolProvisioner:
                 pass  # periodic refresh
             await asyncio.sleep(DEBOUNCE)
             self._dirty.clear()
+            self._refresh_ledger()
             if self._requeue_pending:
                 self._requeue_pending = False
                 self._requeue_pending_claims()
@@ -709,14 +723,14 @@ class PoolProvisioner:
         pvc = self.ctx.pv_controller
         if pvc is None:
             return
-        for key, claim in list(self.cache.pvcs.items()):
-            if (claim.get("status") or {}).get("phase") == C.CLAIM_BOUND:
+        for cls in self.unbound_by_class.keys():
+            sc = self.classes.get(cls)
+            if sc is None or sc.get("provisioner") != PROVISIONER:
                 continue
-            if (claim.get("spec") or {}).get("volumeName"):
-                continue
-            sc = self.cache.classes.get(claim_class(claim))
-            if sc is not None and sc.get("provisioner") == PROVISIONER:
-                pvc.claims.add(key)
+            for key in self.unbound_by_class.get(cls):
+                claim = self.pvcs.get(key)
+                if claim is not None and not (claim.get("spec") or {}).get("volumeName"):
+                    pvc.claims.add(key)
 
     async def _write_statuses(self) -> None:
         for name, pool in list(self.pools.items()):
@@ -732,7 +746,7 @@ class PoolProvisioner:
                 raise
             metrics.api_writes.labels(self.name, "storagepools", "patch-status").inc()
             if new:
-                self.pools.upsert(new)
+                self.pools.put(new)
 
     async def _list_published(self) -> None:
         await self._ensure_namespace()
@@ -750,7 +764,7 @@ class PoolProvisioner:
 
     async def _write_capacities(self) -> None:
         assert self._published is not None
-        desired = capacity_objects(self.pools, self.cache.classes, self.ledger, self.nodes,
+        desired = capacity_objects(self.pools, self.classes, self.ledger, self.nodes,
                                    self.namespace)
         kube = self.ctx.kube
         for name, want in desired.items():
@@ -842,10 +856,10 @@ class PoolProvisioner:
                 log.warning("allocation GC failed", error=str(e))
 
     def _orphaned(self, name: str, record: dict) -> bool:
-        if name in self.cache.pvs:
+        if name in self.pvs:
             return False
         ref = (record.get("spec") or {}).get("claim") or {}
-        claim = self.cache.pvcs.get(f"{ref.get('namespace')}/{ref.get('name')}")
+        claim = self.pvcs.get(f"{ref.get('namespace')}/{ref.get('name')}")
         if claim is None or claim["metadata"].get("uid") != ref.get("uid"):
             return True
         bound_to = (claim.get("spec") or {}).get("volumeName")
@@ -885,7 +899,10 @@ class PoolProvisioner:
             except ApiError as e:
                 if not (e.not_found or e.conflict):
                     raise
-            self.allocations.remove(name)
+            self.allocations.gone(name)
+            self.ledger.release(name)
+            self._requeue_pending = True
+            self._dirty.set()
             freed.append(name)
             log.info("orphaned allocation freed", name=name, pool=record["spec"].get("pool"),
                      claim=f"{ref['namespace']}/{ref['name']}", action="gc")

@@ -34,10 +34,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from .. import faults, logs, metrics
-from ..cache import key_of
 from ..context import Context
+from ..kinds import CLASSES, PVCS, PVS, PVS_BY_CLAIM, UNBOUND_CLAIMS_BY_CLASS
 from ..kube import ApiError, pv_path, pvc_path
-from ..runtime import CLASSES, PVCS, PVS
+from ..objects import key_of, ref_key, rv_int
 from ..workqueue import WorkQueue, process
 from . import constants as C
 from .decide import (
@@ -64,12 +64,6 @@ Provisioner = Callable[[dict, object], Awaitable[None]]  # (claim, decision)
 Deleter = Callable[[dict], Awaitable[bool]]  # pv -> done?
 
 
-def _claim_key_of_ref(ref: dict | None) -> str | None:
-    if not ref or not ref.get("name"):
-        return None
-    return f"{ref.get('namespace') or ''}/{ref['name']}"
-
-
 def _became_available(old: dict | None, new: dict) -> bool:
     if (new.get("status") or {}).get("phase") != "Available" or (new.get("spec") or {}).get(
             "claimRef"):
@@ -93,8 +87,18 @@ class PVController:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.cache = ctx.cache
+        inf = ctx.informers
+        self.pvs = inf.lister(PVS)
+        self.pvcs = inf.lister(PVCS)
+        self.classes = inf.lister(CLASSES)
+        self.pvs_by_claim = inf.index(PVS_BY_CLAIM)
+        self.unbound_by_class = inf.index(UNBOUND_CLAIMS_BY_CLASS)
+        # The matching index: the PV lister sorted for findBestMatch, plus the PVs this
+        # controller assumed bound before its write landed (upstream's PV controller
+        # keeps the same kind of cache beside its informer). `_stale` names the PVs
+        # whose lister entry changed since the index last looked.
         self.index = VolumeIndex()
+        self._stale: set[str] = set()
         self.claims = WorkQueue("claims")
         self.volumes = WorkQueue("volumes")
         # Plugins, registered by other controllers (pool provisioner, ...).
@@ -102,60 +106,60 @@ class PVController:
         self.deleters: dict[str, Deleter] = {}
         self.recyclers: dict[str, Deleter] = {}
         self._explained: dict[str, tuple[float, str]] = {}
-        self._by_claim: dict[str, set[str]] = {}
         self._reclaiming: set[str] = set()
-        self._pending_by_class: dict[str, set[str]] = {}  # unbound claims by class  # claim key -> PVs whose claimRef names it
-        self.cache.pvs.listen(self._on_volume)
-        self.cache.pvcs.listen(self._on_claim)
-        self.cache.classes.listen(self._on_class)
+        inf.listen(PVS, self._on_volume)
+        inf.listen(PVCS, self._on_claim)
+        inf.listen(CLASSES, self._on_class)
         ctx.pv_controller = self  # so plugins can find us
-        metrics.register_collector("pv-collector", metrics.PVCollector(self.cache))
+        metrics.register_collector("pv-collector", metrics.PVCollector(self.pvs, self.pvcs))
 
-    # -- gather: store listeners (called synchronously on every change) ----------------------
+    # -- gather: listeners (Kopf's event handler calls them; they only enqueue keys) -------
     def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
-        if new is None:
-            self.index.remove(name)
-        else:
-            self.index.upsert(new)
+        self._stale.add(name)
         self.volumes.add(name)
         if new is not None and _became_available(old, new):
             # A volume just became matchable: Pending claims of its class retry now
             # rather than at the next resync (upstream waits for the 15 s resync).
-            cls = volume_class(new)
-            for key in self._pending_by_class.get(cls, ()):
+            for key in self.unbound_by_class.get(volume_class(new)):
                 self.claims.add(key)
-        old_ck = _claim_key_of_ref(((old or {}).get("spec") or {}).get("claimRef"))
-        new_ck = _claim_key_of_ref(((new or {}).get("spec") or {}).get("claimRef"))
+        old_ck = ref_key(((old or {}).get("spec") or {}).get("claimRef"))
+        new_ck = ref_key(((new or {}).get("spec") or {}).get("claimRef"))
         if old_ck and old_ck != new_ck:
-            names = self._by_claim.get(old_ck)
-            if names:
-                names.discard(name)
-                if not names:
-                    del self._by_claim[old_ck]
             self.claims.add(old_ck)
         if new_ck:
-            self._by_claim.setdefault(new_ck, set()).add(name)
             self.claims.add(new_ck)
 
     def _on_claim(self, key: str, old: dict | None, new: dict | None) -> None:
         self.claims.add(key)
-        if old is not None:
-            self._pending_by_class.get(claim_class(old), set()).discard(key)
-        if new is not None and (new.get("status") or {}).get("phase") != "Bound":
-            self._pending_by_class.setdefault(claim_class(new), set()).add(key)
-        obj = new or old
+        obj = new or old or {}
         vol = (obj.get("spec") or {}).get("volumeName")
         if vol:
             self.volumes.add(vol)
         if new is None:
             # Volumes bound to a deleted claim must go Released.
-            for pv_name in self._by_claim.get(key, ()):
+            for pv_name in self.pvs_by_claim.get(key):
                 self.volumes.add(pv_name)
 
     def _on_class(self, name: str, old: dict | None, new: dict | None) -> None:
-        for key, claim in self.cache.pvcs.items():
-            if (claim.get("status") or {}).get("phase") != "Bound":
+        self._enqueue_unbound_claims()
+
+    def _enqueue_unbound_claims(self) -> None:
+        for cls in self.unbound_by_class.keys():
+            for key in self.unbound_by_class.get(cls):
                 self.claims.add(key)
+
+    def _refresh_index(self) -> None:
+        """Bring the matching index up to the PV lister for the PVs that changed. A PV
+        this controller assumed bound stays assumed until the lister shows a newer one."""
+        while self._stale:
+            name = self._stale.pop()
+            pv = self.pvs.get(name)
+            if pv is None:
+                self.index.remove(name)
+                continue
+            cur = self.index.get(name)
+            if cur is None or rv_int(pv) > rv_int(cur):
+                self.index.upsert(pv)
 
     # -- loops -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -185,10 +189,8 @@ class PVController:
         """Periodic resync of everything not settled (upstream resyncs every 15 s)."""
         while True:
             await asyncio.sleep(self.ctx.options.resync_period)
-            for key, claim in list(self.cache.pvcs.items()):
-                if (claim.get("status") or {}).get("phase") != "Bound":
-                    self.claims.add(key)
-            for name, pv in list(self.cache.pvs.items()):
+            self._enqueue_unbound_claims()
+            for name, pv in list(self.pvs.items()):
                 if (pv.get("status") or {}).get("phase") != "Bound":
                     self.volumes.add(name)
             metrics.queue_depth.labels("pv-binder-claims").set(len(self.claims))
@@ -196,16 +198,17 @@ class PVController:
 
     # -- claims ------------------------------------------------------------------------------
     async def _sync_claim_key(self, key: str) -> float | None:
-        claim = self.cache.pvcs.get(key)
+        claim = self.pvcs.get(key)
         if claim is None:
             self._explained.pop(key, None)
             return None
-        d = sync_claim(claim, index=self.index, classes=self.cache.classes, now=time.time())
+        self._refresh_index()
+        d = sync_claim(claim, index=self.index, classes=self.classes)
         a = d.action
         if a == ClaimAction.BIND:
             await self.bind(claim, d.volume_name)
         elif a == ClaimAction.SET_BOUND:
-            volume = self.cache.pvs.get(d.volume_name or claim["spec"].get("volumeName"))
+            volume = self.pvs.get(d.volume_name or claim["spec"].get("volumeName"))
             await self._patch_claim(claim, claim_status_patch(claim, C.CLAIM_BOUND, volume),
                                     status=True)
         elif a in (ClaimAction.SET_PENDING, ClaimAction.SET_LOST):
@@ -299,13 +302,21 @@ class PVController:
 
     def _written(self, resource: str, verb: str, obj: dict | None) -> None:
         metrics.api_writes.labels(self.name, resource, verb).inc()
-        if obj:
-            store = self.cache.pvs if resource == "persistentvolumes" else self.cache.pvcs
-            store.upsert(obj)
+        self._put(resource, obj)
+
+    def _put(self, resource: str, obj: dict | None) -> None:
+        """An object the API returned: the listers (and the matching index) see it now."""
+        if resource == "persistentvolumes":
+            pv = self.pvs.put(obj)
+            if pv is not None:
+                self.index.upsert(pv)
+        else:
+            self.pvcs.put(obj)
 
     # -- bind (the four writes) ----------------------------------------------------------------
     async def bind(self, claim: dict, volume_name: str) -> None:
-        pv = self.cache.pvs.get(volume_name)
+        self._refresh_index()
+        pv = self.index.get(volume_name)
         if pv is None:
             return
         t0 = time.monotonic()
@@ -317,11 +328,12 @@ class PVController:
             # Assume the PV taken before the write leaves, so no other worker picks it.
             assumed = copy.deepcopy(pv)
             assumed.setdefault("spec", {}).update(patch.get("spec") or {})
-            original = self.cache.pvs.assume(assumed)
+            self.index.upsert(assumed)
             try:
                 pv = await self._patch_volume(pv, patch, point="bind-1")
             except BaseException:
-                self.cache.pvs.restore(volume_name, original, assumed)
+                if self.index.get(volume_name) is assumed:
+                    self.index.upsert(self.pvs.get(volume_name) or pv)
                 raise
         if BindStep.VOLUME_PHASE in steps or BindStep.VOLUME_CLAIM_REF in steps:
             pv = await self._patch_volume(pv, volume_phase_patch(pv, C.VOLUME_BOUND),
@@ -341,21 +353,23 @@ class PVController:
 
     async def _reread_pv(self, name: str) -> None:
         try:
-            self.cache.pvs.upsert(await self.ctx.kube.get(pv_path(name)))
+            self._put("persistentvolumes", await self.ctx.kube.get(pv_path(name)))
         except ApiError as e:
             if e.not_found:
-                self.cache.pvs.remove(name)
+                self.pvs.gone(name)
+                self.index.remove(name)
 
     async def _reread_claim(self, ns: str, name: str) -> None:
         try:
-            self.cache.pvcs.upsert(await self.ctx.kube.get(pvc_path(ns, name)))
+            self._put("persistentvolumeclaims", await self.ctx.kube.get(pvc_path(ns, name)))
         except ApiError as e:
             if e.not_found:
-                self.cache.pvcs.remove(f"{ns}/{name}")
+                self.pvcs.gone(f"{ns}/{name}")
 
     # -- volumes -----------------------------------------------------------------------------
     async def _sync_volume_key(self, name: str) -> float | None:
-        pv = self.cache.pvs.get(name)
+        self._refresh_index()
+        pv = self.pvs.get(name)
         if pv is None:
             return None
         d = self._decide_volume(pv)
@@ -380,7 +394,7 @@ class PVController:
                                  component=COMPONENT)
         if d.claim_event and d.enqueue_claim is None:
             ref = (pv.get("spec") or {}).get("claimRef") or {}
-            claim = self.cache.pvcs.get(_claim_key_of_ref(ref) or "")
+            claim = self.pvcs.get(ref_key(ref) or "")
             if claim:
                 self.ctx.events.emit(claim, d.claim_event.type, d.claim_event.reason,
                                      d.claim_event.message, component=COMPONENT)
@@ -390,8 +404,8 @@ class PVController:
         return None
 
     def _decide_volume(self, pv: dict):
-        return sync_volume(pv, claims=self.cache.pvcs, classes=self.cache.classes,
-                           deleters=set(self.deleters), recyclers=set(self.recyclers))
+        return sync_volume(pv, claims=self.pvcs, deleters=set(self.deleters),
+                           recyclers=set(self.recyclers))
 
     async def _reclaim(self, pv: dict, d) -> None:
         """Hand a Released volume to its deleter/recycler, once at a time per volume."""
@@ -404,8 +418,8 @@ class PVController:
             return
         # Re-check on fresh objects right before the irreversible step.
         await self._reread_pv(name)
-        fresh = self.cache.pvs.get(name)
-        if fresh is None or not is_volume_released(fresh, self.cache.pvcs):
+        fresh = self.pvs.get(name)
+        if fresh is None or not is_volume_released(fresh, self.pvcs):
             return
         self._reclaiming.add(name)
         try:

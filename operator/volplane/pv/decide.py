@@ -396,17 +396,14 @@ def sync_claim(
     *,
     index: VolumeIndex,
     classes: Mapping[str, Mapping[str, Any]],
-    now: float = 0.0,
     pending_pods: Sequence[str] = (),
 ) -> ClaimDecision:
     """Decide the next step for a claim (upstream syncClaim).
 
     ``index`` holds every PV (deleting ones too), ``classes`` StorageClasses by name.
     ``pending_pods``: names of live, not yet scheduled pods using the claim; they only
-    change the wording of the WaitForFirstConsumer event. ``now`` is accepted for
-    time-based rules; upstream's claim state machine has none, so it is unused today.
+    change the wording of the WaitForFirstConsumer event.
     """
-    del now  # no time-based rule in the claim state machine (kept for a stable signature)
     if c.ANN_BIND_COMPLETED in _annotations(claim):
         return _sync_bound_claim(claim, index)
     return _sync_unbound_claim(claim, index, classes, pending_pods)
@@ -657,7 +654,6 @@ def sync_volume(
     volume: Mapping[str, Any],
     *,
     claims: Mapping[str, Mapping[str, Any]],
-    classes: Mapping[str, Mapping[str, Any]],
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
 ) -> VolumeDecision:
@@ -665,8 +661,6 @@ def sync_volume(
 
     ``claims`` maps "namespace/name" to claims; ``deleters``/``recyclers`` name the
     provisioners (or CSI drivers) whose volumes volplane itself can delete/recycle.
-    ``classes`` is accepted for symmetry with sync_claim; upstream's volume state
-    machine only needs it for metrics, so it is unused.
 
     States, by the PV's claimRef:
 
@@ -680,7 +674,6 @@ def sync_volume(
     * claim bound to another PV -> a provisioned Delete volume is released and deleted;
       otherwise the binding is rolled back (UNBIND).
     """
-    del classes
     ref = _spec(volume).get("claimRef")
     if not ref:
         return _volume_phase(volume, c.VOLUME_AVAILABLE, "volume is unused")

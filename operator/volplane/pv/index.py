@@ -425,7 +425,7 @@ class VolumeIndex:
     """
 
     def __init__(self, volumes: Iterable[Mapping[str, Any]] = ()) -> None:
-        self._volumes: dict[str, dict] = {}
+        self._volumes: dict[str, Mapping[str, Any]] = {}
         self._slots: dict[str, _Slot] = {}
         # (class, volumeMode) -> access-mode set -> sorted [(capacity, name)]
         self._buckets: dict[tuple[str, str], dict[frozenset[str], list[tuple[int, str]]]] = {}
@@ -449,7 +449,7 @@ class VolumeIndex:
             slot = _Slot(slot.capacity, bucket=key)
             lists = self._buckets.setdefault(key[:2], {})
             bisect.insort(lists.setdefault(key[2], []), (slot.capacity, name))
-        self._volumes[name] = dict(volume)
+        self._volumes[name] = volume  # shared with the lister, never modified in place
         self._slots[name] = slot
 
     def remove(self, name: str) -> None:
@@ -473,7 +473,7 @@ class VolumeIndex:
             if not lists:
                 del self._buckets[slot.bucket[:2]]
 
-    def get(self, name: str) -> dict | None:
+    def get(self, name: str) -> Any:
         """The PV called ``name`` (deleting PVs included), or None."""
         return self._volumes.get(name)
 
@@ -483,7 +483,7 @@ class VolumeIndex:
     def __contains__(self, name: object) -> bool:
         return name in self._volumes
 
-    def volumes(self) -> Iterator[dict]:
+    def volumes(self) -> Iterator[Mapping[str, Any]]:
         """All indexed PVs, in no particular order."""
         return iter(self._volumes.values())
 

@@ -1,0 +1,410 @@
+"""The watch layer: Kopf's handlers feed every cache the controllers read.
+
+For every kind a controller watches (``kinds.Kind``) the wiring registers:
+
+- a lister, ``@kopf.index`` returning ``{namespace/name: slim(body)}``: Kopf keeps
+  the slim object, keyed by name, and updates it on every event;
+- one ``@kopf.index`` per derived index (``kinds.IndexSpec``: PVs by claim, pods by
+  node and by claim, attachments by node and by PV, unbound claims by class);
+- one ``@kopf.on.event`` that only enqueues: it hands ``(key, old, new)`` to the
+  controllers' listeners, which put keys on their work queues. ``old`` is the slim
+  object the previous event of the same object left in Kopf's per-object ``memo``
+  (a reference to what the lister held, not a copy); ``new`` is what the lister holds
+  now (Kopf runs the indexers of an event before its handlers).
+
+Kopf runs no handler before every index has been populated by the initial listing,
+so the first handler call proves every lister complete. The kind listed last may be
+empty, so the proof comes from a kind that never is: one namespace, ``default``
+(field-selected; it cannot be deleted). Its handler sets the "caches synced" barrier;
+only then do the controllers' loops start (runtime.py).
+
+Controllers read through ``Lister`` (a ``Mapping`` of key -> slim object) and
+``IndexView``. A lister also takes the objects the controller's own writes returned
+(``written``/``gone``), so the next decision sees its own writes before the watch
+brings them; such an entry is dropped as soon as Kopf's index has caught up (by
+resourceVersion). Kopf's indexes themselves are never written by volplane.
+
+Without Kopf (unit tests), ``Informers.feed``/``delete`` play the watch: the same
+slimmers and index functions fill in-memory indexes of the same shape, and the same
+listeners run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import logs, metrics
+from .kinds import IndexSpec, Kind
+from .objects import key_of, md, rv_int
+
+log = logs.get("informers")
+
+Listener = Callable[[str, dict | None, dict | None], None]
+MEMO_KEY = "volplane.slim"  # where an object's last slim value sits in Kopf's memo
+OVERLAY_TTL = 120.0         # a written object the watch never confirmed is dropped then
+
+NAMESPACES = Kind("", "v1", "namespaces", "Namespace", field_selector="metadata.name=default")
+
+
+def handler_id(name: str) -> str:
+    """Kopf handler and index ids: prefixed, so that no index (handed to every handler
+    as a keyword argument by Kopf) can shadow one of Kopf's own (``body``, ``memo``)."""
+    return f"volplane.{name}"
+
+
+# --- what Kopf's Index looks like, for tests and before binding -------------------------
+
+
+class MemoryIndex(Mapping[Hashable, list]):
+    """An in-memory stand-in with the shape of Kopf's ``Index``: key -> values of the
+    objects filed under it. Used by ``Informers.feed`` (tests, no Kopf)."""
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, dict[str, Any]] = {}
+        self._reverse: dict[str, set[Hashable]] = {}
+
+    def __getitem__(self, key: Hashable) -> list:
+        return list(self._items[key].values())
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def replace(self, uid: str, values: Mapping[Hashable, Any]) -> None:
+        self.discard(uid)
+        for k, v in values.items():
+            self._items.setdefault(k, {})[uid] = v
+        if values:
+            self._reverse[uid] = set(values)
+
+    def discard(self, uid: str) -> None:
+        for k in self._reverse.pop(uid, ()):
+            store = self._items.get(k)
+            if store is not None:
+                store.pop(uid, None)
+                if not store:
+                    del self._items[k]
+
+
+# --- listers ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    obj: dict | None   # None: a tombstone (the API said the object is gone)
+    rv: int
+    at: float
+
+
+class Lister(Mapping[str, dict]):
+    """Slim objects of one kind by key: Kopf's index, plus the controller's own writes
+    until the watch confirms them. Objects are shared, never modified in place."""
+
+    def __init__(self, kind: Kind, clock: Callable[[], float] = time.monotonic) -> None:
+        self.kind = kind
+        self.clock = clock
+        self._source: Mapping[Hashable, Iterable[dict]] = MemoryIndex()
+        self._overlay: dict[str, _Entry] = {}
+        self._swept = 0.0
+
+    def bind(self, source: Mapping[Hashable, Iterable[dict]]) -> None:
+        self._source = source
+
+    # -- reads --
+    def _indexed(self, key: str) -> dict | None:
+        try:
+            values = self._source[key]
+        except KeyError:
+            return None
+        best = None
+        for v in values:  # two objects of one name: a deletion and a re-creation in flight
+            if best is None or rv_int(v) > rv_int(best):
+                best = v
+        return best
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        base = self._indexed(key)
+        e = self._overlay.get(key)
+        if e is None:
+            return default if base is None else base
+        if base is not None and (rv_int(base) > e.rv or (
+                rv_int(base) == e.rv and e.obj is not None)):
+            del self._overlay[key]  # the watch has caught up
+            return base
+        if e.obj is None:
+            if base is None:
+                del self._overlay[key]
+            return default
+        return e.obj
+
+    def __getitem__(self, key: str) -> dict:
+        obj = self.get(key)
+        if obj is None:
+            raise KeyError(key)
+        return obj
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        for key in list(self._source):
+            if key in self._overlay:
+                if self.get(key) is None:
+                    continue
+            yield key
+        for key in [k for k in self._overlay if k not in self._source]:
+            if self.get(key) is not None:
+                yield key
+
+    def __len__(self) -> int:
+        n = len(self._source)
+        for key, e in self._overlay.items():
+            indexed = key in self._source
+            if e.obj is None and indexed:
+                n -= 1
+            elif e.obj is not None and not indexed:
+                n += 1
+        return n
+
+    def items(self) -> Iterator[tuple[str, dict]]:  # type: ignore[override]
+        for key in list(self._source):
+            obj = self.get(key) if key in self._overlay else self._indexed(key)
+            if obj is not None:
+                yield key, obj
+        for key in [k for k in self._overlay if k not in self._source]:
+            obj = self.get(key)
+            if obj is not None:
+                yield key, obj
+
+    def values(self) -> Iterator[dict]:  # type: ignore[override]
+        for _, obj in self.items():
+            yield obj
+
+    def pending(self) -> list[dict]:
+        """Objects this process wrote that the watch has not brought yet."""
+        return [e.obj for e in self._overlay.values() if e.obj is not None]
+
+    # -- the controller's own writes --
+    def put(self, body: Mapping[str, Any] | None) -> dict | None:
+        """An object as the API just returned it (our write's response, or a fresh
+        read): visible at once, until the watch brings it or something newer."""
+        if not body:
+            return None
+        obj = self.kind.slimmer(body)
+        obj.setdefault("apiVersion", self.kind.api_version)
+        obj["kind"] = obj.get("kind") or self.kind.kind
+        self._overlay[key_of(obj)] = _Entry(obj, rv_int(obj), self.clock())
+        return obj
+
+    def gone(self, key: str, rv: int | None = None) -> None:
+        """The API says the object is gone (404, or it lost its last finalizer)."""
+        current = self.get(key)
+        at = rv if rv is not None else rv_int(current)
+        self._overlay[key] = _Entry(None, at, self.clock())
+
+    def caught_up(self, key: str, rv: int) -> None:
+        """A watch event at `rv` was indexed: drop what it supersedes. Entries the watch
+        never confirms (an object outside a field selector) expire after OVERLAY_TTL."""
+        e = self._overlay.get(key)
+        if e is not None and (rv > e.rv or (rv == e.rv and e.obj is not None)):
+            del self._overlay[key]
+        if self._overlay:
+            now = self.clock()
+            if now - self._swept > OVERLAY_TTL / 4:
+                self._swept = now
+                for k in [k for k, x in self._overlay.items() if now - x.at > OVERLAY_TTL]:
+                    del self._overlay[k]
+
+
+class IndexView:
+    """A derived index (kinds.IndexSpec): key -> values of the objects filed under it.
+
+    Kopf's index follows the watch; objects this process wrote and the watch has not
+    brought yet (its lister's ``pending``) are filed too, so an attachment created a
+    moment ago is found by its node. Values are object keys: resolve them through the
+    lister, which also knows what was deleted a moment ago."""
+
+    def __init__(self, spec: IndexSpec, lister: Lister) -> None:
+        self.spec = spec
+        self.lister = lister
+        self._source: Mapping[Hashable, Iterable[Any]] = MemoryIndex()
+
+    def bind(self, source: Mapping[Hashable, Iterable[Any]]) -> None:
+        self._source = source
+
+    def get(self, key: Hashable) -> list:
+        try:
+            out = list(self._source[key])
+        except KeyError:
+            out = []
+        for obj in self.lister.pending():
+            if key in self.spec.keys(obj):
+                v = self.spec.value(obj)
+                if v not in out:
+                    out.append(v)
+        return out
+
+    def keys(self) -> list[Hashable]:
+        return list(self._source)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._source
+
+
+# --- the registry of kinds, indexes and listeners ---------------------------------------
+
+
+class Informers:
+    """Every lister, derived index and listener of one process."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.kinds: dict[str, Kind] = {}
+        self.listers: dict[str, Lister] = {}
+        self.specs: dict[str, IndexSpec] = {}
+        self.views: dict[str, IndexView] = {}
+        self.listeners: dict[str, list[Listener]] = {}
+        self._memory: dict[str, MemoryIndex] = {}   # feed(): lister and spec sources
+        self._memos: dict[tuple[str, str], dict] = {}
+        self._events: dict[tuple[str, str | None], Any] = {}
+
+    # -- declarations (controllers, at construction) --
+    def lister(self, kind: Kind) -> Lister:
+        if kind.plural not in self.listers:
+            self.kinds[kind.plural] = kind
+            self.listers[kind.plural] = Lister(kind, self.clock)
+            self.listeners.setdefault(kind.plural, [])
+        return self.listers[kind.plural]
+
+    def index(self, spec: IndexSpec) -> IndexView:
+        lister = self.lister(spec.kind)
+        if spec.name not in self.views:
+            self.specs[spec.name] = spec
+            self.views[spec.name] = IndexView(spec, lister)
+        return self.views[spec.name]
+
+    def listen(self, kind: Kind, fn: Listener) -> None:
+        self.lister(kind)
+        self.listeners[kind.plural].append(fn)
+
+    def specs_of(self, kind: Kind) -> list[IndexSpec]:
+        return [s for s in self.specs.values() if s.kind.plural == kind.plural]
+
+    # -- Kopf --
+    def register(self, registry: Any) -> None:
+        """The Kopf handlers: a lister and the derived indexes per kind, and the event
+        handler that runs the listeners."""
+        for kind in self.kinds.values():
+            _register_kind(registry, self, kind)
+            for spec in self.specs_of(kind):
+                _register_index(registry, spec)
+
+    def bind(self, indices: Mapping[str, Any]) -> None:
+        """Point every lister and view at its Kopf index (Kopf hands them to every
+        handler as keyword arguments, empty until populated)."""
+        for plural, lister in self.listers.items():
+            lister.bind(indices[handler_id(plural)])
+        for name, view in self.views.items():
+            view.bind(indices[handler_id(name)])
+
+    def on_event(self, kind: Kind, type_: str | None, body: Mapping[str, Any],
+                 memo: Any) -> None:
+        """One watch event, after Kopf has indexed it: run the listeners."""
+        key = key_of(body)
+        lister = self.listers[kind.plural]
+        old = memo.get(MEMO_KEY)
+        if type_ == "DELETED":
+            new = None
+            memo.pop(MEMO_KEY, None)
+        else:
+            uid = md(body).get("uid")
+            new = None
+            try:
+                for v in lister._source[key]:
+                    if md(v).get("uid") == uid:
+                        new = v
+                        break
+            except KeyError:
+                pass
+            memo[MEMO_KEY] = new
+        lister.caught_up(key, rv_int(body))
+        counter = self._events.get((kind.plural, type_))
+        if counter is None:
+            counter = self._events[(kind.plural, type_)] = metrics.watch_events.labels(
+                kind.plural, type_ or "LISTED")
+        counter.inc()
+        for fn in self.listeners[kind.plural]:
+            fn(key, old, new)
+
+    # -- without Kopf: play the watch (unit tests) --
+    def _source(self, name: str) -> MemoryIndex:
+        src = self._memory.get(name)
+        if src is None:
+            src = self._memory[name] = MemoryIndex()
+            if name in self.listers:
+                self.listers[name].bind(src)
+            else:
+                self.views[name].bind(src)
+        return src
+
+    def feed(self, body: Mapping[str, Any], kind: Kind | None = None) -> None:
+        """An ADDED/MODIFIED event of `body` (its kind from its ``kind`` field)."""
+        kind = kind or next(k for k in self.kinds.values() if k.kind == body.get("kind"))
+        uid = md(body).get("uid") or key_of(body)
+        body = {**body, "metadata": {**md(body), "uid": uid}}
+        obj = kind.slimmer(body)
+        self._source(kind.plural).replace(uid, {key_of(body): obj})
+        for spec in self.specs_of(kind):
+            value = spec.value(body)
+            self._source(spec.name).replace(uid, {k: value for k in spec.keys(body)})
+        memo = self._memos.setdefault((kind.plural, uid), {})
+        self.on_event(kind, "MODIFIED", body, memo)
+
+    def delete(self, kind: Kind, key: str) -> None:
+        """A DELETED event of the object `key`."""
+        obj = self.listers[kind.plural]._indexed(key)
+        if obj is None:
+            return
+        uid = md(obj).get("uid") or key
+        self._source(kind.plural).discard(uid)
+        for spec in self.specs_of(kind):
+            self._source(spec.name).discard(uid)
+        memo = self._memos.pop((kind.plural, uid), {})
+        self.on_event(kind, "DELETED", obj, memo)
+
+
+def _register_kind(registry: Any, informers: Informers, kind: Kind) -> None:
+    import kopf
+
+    slimmer = kind.slimmer
+
+    @kopf.index(kind.group, kind.version, kind.plural, registry=registry,
+                id=handler_id(kind.plural))
+    async def lister(body: Any, **_: Any) -> dict:
+        return {key_of(body): slimmer(body)}
+
+    @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry,
+                   id=handler_id(f"{kind.plural}.events"))
+    async def events(type: str | None, body: Any, memo: Any, **_: Any) -> None:  # noqa: A002
+        informers.on_event(kind, type, body, memo)
+
+
+def _register_index(registry: Any, spec: IndexSpec) -> None:
+    import kopf
+
+    keys, value = spec.keys, spec.value
+
+    @kopf.index(spec.kind.group, spec.kind.version, spec.kind.plural, registry=registry,
+                id=handler_id(spec.name))
+    async def derived(body: Any, **_: Any) -> dict:
+        # Always a dict (maybe empty): None would leave the object's old keys in place.
+        ks = keys(body)
+        if not ks:
+            return {}
+        v = value(body)
+        return {k: v for k in ks}
