@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib import ANN_PAIR, REPO, Api, client_ssl, watch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "operator"))
-from volplane.attach import state as S  # noqa: E402  (pure: the node-report schedule)
+from volplane.attach import reports as S  # noqa: E402  (pure: the node-report schedule)
+from volplane.attach.names import volume_attachment_name  # noqa: E402
 
 BOUND_BY = "pv.kubernetes.io/bound-by-controller"
 BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
@@ -167,7 +168,7 @@ def attachments(pod: dict, pool: str) -> list[tuple[str, str, str]]:
     for v in pod["spec"].get("volumes") or ():
         if v.get("persistentVolumeClaim"):
             pv = v["persistentVolumeClaim"]["claimName"].replace("-pvc-", "-pv-")  # (so named)
-            out.append((S.volume_attachment_name(f"{pool}/{pv}", DRIVER, node), pv, node))
+            out.append((volume_attachment_name(f"{pool}/{pv}", DRIVER, node), pv, node))
     return out
 
 

@@ -24,4 +24,3 @@ class Context:
     events: EventRecorder
     options: Options = field(default_factory=Options)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
-    pv_controller: object | None = None  # set by the PV controller; plugins register on it

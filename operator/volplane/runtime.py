@@ -37,7 +37,7 @@ CONTROLLERS: dict[str, str] = {
     "pv-binder": "volplane.pv.controller:PVController",
     "pool-provisioner": "volplane.pools.provisioner:PoolProvisioner",
     "attachdetach": "volplane.attach.controller:AttachDetachController",
-    "pool-attacher": "volplane.attach.pool_attacher:PoolAttacher",
+    "pool-attacher": "volplane.pools.attacher:PoolAttacher",
 }
 
 
@@ -71,6 +71,7 @@ def build(ctx: Context, enabled: list[str], elector=None, *, health: WatchHealth
     """
     registry = kopf.OperatorRegistry()
     controllers = [load(n)(ctx) for n in enabled]
+    _inject_plugins(controllers)
     informers = ctx.informers
     informers.register(registry)
     kinds = list(informers.kinds.values())
@@ -142,6 +143,18 @@ def build(ctx: Context, enabled: list[str], elector=None, *, health: WatchHealth
         return health.report()
 
     return registry
+
+
+def _inject_plugins(controllers: list) -> None:
+    """Hand the volume plugins of the enabled controllers (``plugins``) to the PV
+    controller (``use_plugins``): the pool provisioner is one such plugin."""
+    plugins = [p for c in controllers for p in getattr(c, "plugins", ())]
+    hosts = [c for c in controllers if hasattr(c, "use_plugins")]
+    for host in hosts:
+        host.use_plugins(plugins)
+    if plugins and not hosts:
+        log.warning("no PV controller: its volume plugins are idle (enable pv-binder)",
+                    plugins=[p.name for p in plugins])
 
 
 async def _initial_streaming(ctx: Context, mode: str) -> bool:

@@ -24,7 +24,10 @@ import pytest
 import requests
 import yaml
 
-from volplane.attach import state as S
+from volplane.attach.names import unique_volume_name, volume_attachment_name
+from volplane.attach.reconcile import OUT_OF_SERVICE_TAINT, node_ready
+from volplane.kinds import MANAGED_ANNOTATION
+from volplane.pools.slots import ATTACHER_FINALIZER, SLOT_ANNOTATION
 
 from .conftest import REPO_ROOT, load_cluster_module
 from .helpers import (
@@ -172,10 +175,10 @@ class World:
             "metadata": {"name": name,
                          "labels": {"type": "kwok-e2e", "kubernetes.io/hostname": name},
                          "annotations": {"kwok.x-k8s.io/node": "fake",
-                                         S.MANAGED_ANNOTATION: "true"}},
+                                         MANAGED_ANNOTATION: "true"}},
             "spec": {"taints": [{"key": "volplane.io/e2e", "effect": "NoSchedule"}]}})
         self.nodes.append(name)
-        wait_for(lambda: S.node_ready(node_obj(self.api, name)), timeout=30,
+        wait_for(lambda: node_ready(node_obj(self.api, name)), timeout=30,
                  message=f"node {name} Ready")
         return name
 
@@ -185,7 +188,7 @@ class World:
                 if (v["spec"].get("source") or {}).get("persistentVolumeName") in self.pvs}
 
     def va_for(self, pv_name: str, node: str, handle: str, driver: str = POOL_DRIVER):
-        name = S.volume_attachment_name(handle, driver, node)
+        name = volume_attachment_name(handle, driver, node)
         obj = get_or_none(self.api, "storage.k8s.io/v1", "VolumeAttachment", name)
         return obj.obj if obj else None
 
@@ -333,13 +336,13 @@ def test_statefulset_on_a_pool_class_gets_upstream_named_attachments(api, world,
         world.pvs.append(pv["metadata"]["name"])
         csi = pv["spec"]["csi"]
         va = world.wait_attached(pv["metadata"]["name"], node, csi["volumeHandle"])
-        assert va["metadata"]["name"] == S.volume_attachment_name(
+        assert va["metadata"]["name"] == volume_attachment_name(
             csi["volumeHandle"], POOL_DRIVER, node)
         assert va["spec"] == {"attacher": POOL_DRIVER, "nodeName": node,
                               "source": {"persistentVolumeName": pv["metadata"]["name"]}}
         path = va["status"]["attachmentMetadata"]["devicePath"]
         assert path.startswith(f"/dev/volplane/{csi['volumeHandle'].split('/')[0]}/slot-")
-        unique = S.unique_volume_name(POOL_DRIVER, csi["volumeHandle"])
+        unique = unique_volume_name(POOL_DRIVER, csi["volumeHandle"])
         wait_for(lambda n=node, u=unique, d=path: world.reported(n).get(u) == d,
                  timeout=15, message=f"{node} status.volumesAttached lists {unique}")
         assert any(e["reason"] == "SuccessfulAttachVolume"
@@ -354,10 +357,10 @@ def test_deleting_a_pod_detaches_and_frees_its_slot(api, world, operator, cluste
     claim, pv, handle = world.volume(0, pool=pool)
     world.pod("p0", node, claim)
     va = world.wait_attached(pv, node, handle)
-    assert va["metadata"]["annotations"][S.SLOT_ANNOTATION] == "0"
-    assert S.ATTACHER_FINALIZER in va["metadata"]["finalizers"]
+    assert va["metadata"]["annotations"][SLOT_ANNOTATION] == "0"
+    assert ATTACHER_FINALIZER in va["metadata"]["finalizers"]
     assert va["status"]["attachmentMetadata"]["devicePath"] == f"/dev/volplane/{pool}/slot-0"
-    unique = S.unique_volume_name(POOL_DRIVER, handle)
+    unique = unique_volume_name(POOL_DRIVER, handle)
     wait_for(lambda: unique in world.reported(node), timeout=15, message="reported attached")
 
     world.delete_pod("p0")
@@ -367,7 +370,7 @@ def test_deleting_a_pod_detaches_and_frees_its_slot(api, world, operator, cluste
     claim1, pv1, handle1 = world.volume(1, pool=pool)
     world.pod("p1", node, claim1)
     va1 = world.wait_attached(pv1, node, handle1)
-    assert va1["metadata"]["annotations"][S.SLOT_ANNOTATION] == "0"
+    assert va1["metadata"]["annotations"][SLOT_ANNOTATION] == "0"
 
 
 class VAWatch:
@@ -410,7 +413,7 @@ def test_moving_a_rwo_volume_detaches_from_the_old_node_first(api, world, operat
     n0, n1 = kwok_nodes(cluster)[:2]
     pool = world.pool(nodes=[n0, n1])
     claim, pv, handle = world.volume(0, pool=pool)
-    unique = S.unique_volume_name(POOL_DRIVER, handle)
+    unique = unique_volume_name(POOL_DRIVER, handle)
     world.pod("old", n0, claim)
     old_va = world.wait_attached(pv, n0, handle)["metadata"]["name"]
     # n0's kubelet still has it mounted: the move must wait for the unmount
@@ -419,7 +422,7 @@ def test_moving_a_rwo_volume_detaches_from_the_old_node_first(api, world, operat
     try:
         world.delete_pod("old")
         world.pod("new", n1, claim)
-        new_va = S.volume_attachment_name(handle, POOL_DRIVER, n1)
+        new_va = volume_attachment_name(handle, POOL_DRIVER, n1)
         holds_for(lambda: world.va_for(pv, n1, handle) is None and
                   world.va_for(pv, n0, handle) is not None, duration=4,
                   message="no attachment on the new node while the old one is mounted")
@@ -468,7 +471,7 @@ def test_volume_in_use_stays_attached_until_unmounted(api, world, operator, clus
     node = kwok_nodes(cluster)[2]
     pool = world.pool(nodes=[node])
     claim, pv, handle = world.volume(0, pool=pool)
-    unique = S.unique_volume_name(POOL_DRIVER, handle)
+    unique = unique_volume_name(POOL_DRIVER, handle)
     world.pod("p", node, claim)
     world.wait_attached(pv, node, handle)
     patch_status(api, f"/api/v1/nodes/{node}", {"status": {"volumesInUse": [unique]}})
@@ -489,7 +492,7 @@ def test_out_of_service_taint_detaches_at_once(api, world, operator, cluster):
     node = world.fake_node()
     pool = world.pool(nodes=[node])
     claim, pv, handle = world.volume(0, pool=pool)
-    unique = S.unique_volume_name(POOL_DRIVER, handle)
+    unique = unique_volume_name(POOL_DRIVER, handle)
     world.pod("p", node, claim)
     world.wait_attached(pv, node, handle)
     patch_status(api, f"/api/v1/nodes/{node}", {"status": {"volumesInUse": [unique]}})
@@ -501,7 +504,7 @@ def test_out_of_service_taint_detaches_at_once(api, world, operator, cluster):
     t0 = time.monotonic()
     patch(api, f"/api/v1/nodes/{node}", {"spec": {"taints": [
         {"key": "volplane.io/e2e", "effect": "NoSchedule"},
-        {"key": S.OUT_OF_SERVICE_TAINT, "value": "shutdown", "effect": "NoExecute"}]}})
+        {"key": OUT_OF_SERVICE_TAINT, "value": "shutdown", "effect": "NoExecute"}]}})
     world.wait_no_va(pv, timeout=15)
     assert time.monotonic() - t0 < 10
 
@@ -513,7 +516,7 @@ def test_not_ready_node_is_force_detached_after_the_max_wait(api, world, operato
     node = f"{world.tag}-dead"
     create(api, {"apiVersion": "v1", "kind": "Node",
                  "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node},
-                              "annotations": {S.MANAGED_ANNOTATION: "true"}},
+                              "annotations": {MANAGED_ANNOTATION: "true"}},
                  "spec": {"taints": [{"key": "volplane.io/e2e", "effect": "NoSchedule"}]}})
     world.nodes.append(node)
     patch_status(api, f"/api/v1/nodes/{node}", {"status": {"conditions": [
@@ -522,7 +525,7 @@ def test_not_ready_node_is_force_detached_after_the_max_wait(api, world, operato
          "lastTransitionTime": "2024-01-01T00:00:00Z"}]}})
     pool = world.pool(nodes=[node])
     claim, pv, handle = world.volume(0, pool=pool)
-    unique = S.unique_volume_name(POOL_DRIVER, handle)
+    unique = unique_volume_name(POOL_DRIVER, handle)
     world.pod("p", node, claim)  # no kubelet: stays Pending, but it is scheduled
     world.wait_attached(pv, node, handle)
     patch_status(api, f"/api/v1/nodes/{node}", {"status": {"volumesInUse": [unique]}})
@@ -547,7 +550,7 @@ def test_deleting_a_node_cleans_up_its_attachments_within_seconds(api, world, op
     node = world.fake_node()
     pool = world.pool(nodes=[node])
     claim, pv, handle = world.volume(0, pool=pool)
-    unique = S.unique_volume_name(POOL_DRIVER, handle)
+    unique = unique_volume_name(POOL_DRIVER, handle)
     world.pod("p", node, claim)
     world.wait_attached(pv, node, handle)
     # even a volume the node reported in use: the node is gone
@@ -568,14 +571,14 @@ def test_foreign_attachable_driver_gets_attachments_and_non_attachable_none(api,
     claim_b, pv_b, handle_b = world.volume(1, driver=plain)
     world.pod("a", node, claim_a)
     world.pod("b", node, claim_b)
-    name = S.volume_attachment_name(handle_a, attachable, node)
+    name = volume_attachment_name(handle_a, attachable, node)
     va = wait_for(lambda: world.va_for(pv_a, node, handle_a, attachable), timeout=20,
                   message="VolumeAttachment for the foreign driver")
     assert va["metadata"]["name"] == name
     assert va["spec"] == {"attacher": attachable, "nodeName": node,
                           "source": {"persistentVolumeName": pv_a}}
     assert not (va.get("status") or {}).get("attached")
-    unique = S.unique_volume_name(attachable, handle_a)
+    unique = unique_volume_name(attachable, handle_a)
     assert unique not in world.reported(node)
     # the pool attacher leaves it alone; "its attacher" (this test) reports an error first
     patch_status(api, f"/apis/storage.k8s.io/v1/volumeattachments/{name}",
@@ -624,8 +627,8 @@ def test_slot_exhaustion_gives_a_clear_error_and_recovers(api, world, operator, 
              timeout=15, message="FailedAttachVolume event on p2")
     world.delete_pod("p0")
     va = world.wait_attached(vols[2][1], node, vols[2][2], timeout=20)
-    assert va["metadata"]["annotations"][S.SLOT_ANNOTATION] in ("0", "1")
-    slots = sorted(v["metadata"]["annotations"][S.SLOT_ANNOTATION]
+    assert va["metadata"]["annotations"][SLOT_ANNOTATION] in ("0", "1")
+    slots = sorted(v["metadata"]["annotations"][SLOT_ANNOTATION]
                    for v in world.my_vas().values())
     assert slots == ["0", "1"]
 
@@ -635,7 +638,7 @@ def assert_converged(api, world, pool: str, running: dict[str, tuple[str, str, s
                      timeout: float = 90) -> None:
     """running: pod -> (node, pv, handle). Every running pod's volume attached on its node
     under the upstream name, nothing else attached, slots unique, node reports exact."""
-    want = {S.volume_attachment_name(h, POOL_DRIVER, n): (pv, n) for n, pv, h in running.values()}
+    want = {volume_attachment_name(h, POOL_DRIVER, n): (pv, n) for n, pv, h in running.values()}
 
     def converged():
         vas = world.my_vas()
@@ -648,13 +651,13 @@ def assert_converged(api, world, pool: str, running: dict[str, tuple[str, str, s
                    message=f"{len(want)} attachments exactly, all attached")
     seen = {}
     for name, v in vas.items():
-        slot = (v["spec"]["nodeName"], v["metadata"]["annotations"][S.SLOT_ANNOTATION])
+        slot = (v["spec"]["nodeName"], v["metadata"]["annotations"][SLOT_ANNOTATION])
         assert slot not in seen, f"slot {slot} held by {seen[slot]} and {name}"
         seen[slot] = name
         assert v["status"]["attachmentMetadata"]["devicePath"] == (
             f"/dev/volplane/{pool}/slot-{slot[1]}")
     for node in {n for n, _, _ in running.values()}:
-        expected = {S.unique_volume_name(POOL_DRIVER, h) for n, _, h in running.values()
+        expected = {unique_volume_name(POOL_DRIVER, h) for n, _, h in running.values()
                     if n == node}
         wait_for(lambda n=node, e=expected: set(world.reported(n)) >= e and not [
             u for u in world.reported(n) if u.endswith(tuple(world.pvs)) and u not in e],

@@ -1,7 +1,9 @@
-"""The Attach/Detach controller and volplane's own attacher for `pool.volplane.io`.
+"""The Attach/Detach controller: VolumeAttachments for every attachable CSI volume.
 
-``state`` is the pure decision layer (desired and actual state of world, the
-reconciler's decisions, attachment names, the device-slot ledger); ``controller``
-carries the decisions out through VolumeAttachments and Node status;
-``pool_attacher`` plays the external-attacher for the pool driver.
+Generic: it knows no driver (volplane's own attacher lives with its driver in
+``pools/``). The pure layer: ``names`` (upstream's attachment and volume names),
+``desired`` (the desired state of world, from pods), ``actual`` (the actual state,
+from VolumeAttachments), ``reconcile`` (detaches, then attaches), ``reports`` (what and
+when to write in each node's ``status.volumesAttached``). ``controller`` carries the
+decisions out.
 """

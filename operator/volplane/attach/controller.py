@@ -55,14 +55,18 @@ from ..kinds import (
 )
 from ..kube import ApiError
 from ..workqueue import WorkQueue, process
-from . import state as S
+from . import actual as A
+from . import desired as D
+from . import names as N
+from . import reconcile as RC
+from . import reports as R
 
 log = logs.get("attachdetach")
 COMPONENT = "attachdetach-controller"
 
 VA_PATH = VOLUME_ATTACHMENTS.path()
-NODE_STATUS_DEBOUNCE = S.NODE_STATUS_DEBOUNCE          # (the write floor uses them too)
-NODE_STATUS_MIN_INTERVAL = S.NODE_STATUS_MIN_INTERVAL
+NODE_STATUS_DEBOUNCE = R.NODE_STATUS_DEBOUNCE          # (the write floor uses them too)
+NODE_STATUS_MIN_INTERVAL = R.NODE_STATUS_MIN_INTERVAL
 
 forced_detaches = Counter(
     "attachdetach_controller_forced_detaches",
@@ -81,8 +85,8 @@ def _node_view(node: dict | None) -> tuple:
     """The parts of a Node the reconcile reads (a change elsewhere re-syncs nothing)."""
     if node is None:
         return (None,)
-    return (S.node_managed(node), S.node_ready(node), S.node_out_of_service(node),
-            tuple(sorted(S.volumes_in_use(node))))
+    return (D.node_managed(node), RC.node_ready(node), RC.node_out_of_service(node),
+            tuple(sorted(RC.volumes_in_use(node))))
 
 
 def _pod_view(pod: dict | None) -> tuple | None:
@@ -91,7 +95,7 @@ def _pod_view(pod: dict | None) -> tuple | None:
     if pod is None:
         return None
     return ((pod.get("spec") or {}).get("nodeName"), pod_claim_keys(pod),
-            S.pod_terminated(pod))
+            D.pod_terminated(pod))
 
 
 def _claim_view(claim: dict | None) -> tuple | None:
@@ -132,7 +136,7 @@ class AttachDetachController:
         self.attach_started: dict[str, float] = {}    # VA name -> clock
         self.detach_started: dict[str, float] = {}
         self.node_locks: dict[str, asyncio.Lock] = {}
-        self.node_reports = S.NodeReportSchedule(NODE_STATUS_DEBOUNCE,
+        self.node_reports = R.NodeReportSchedule(NODE_STATUS_DEBOUNCE,
                                                  NODE_STATUS_MIN_INTERVAL)
 
         self.volumes = WorkQueue("attachdetach-volumes")
@@ -217,7 +221,7 @@ class AttachDetachController:
         now = self.clock()
         was = bool(((old or {}).get("status") or {}).get("attached"))
         is_ = bool(((new or {}).get("status") or {}).get("attached"))
-        plugin = S.plugin_name(((new or old or {}).get("spec") or {}).get("attacher") or "")
+        plugin = N.plugin_name(((new or old or {}).get("spec") or {}).get("attacher") or "")
         for field, op_name in (("attachError", "volume_attach"),
                                ("detachError", "volume_detach")):
             msg = (((new or {}).get("status") or {}).get(field) or {}).get("message")
@@ -254,8 +258,8 @@ class AttachDetachController:
             return
         self.node_queue.add_after(node, delay)
 
-    def _pod_volumes(self, pod: dict) -> tuple[str | None, list[S.VolumeRef]]:
-        return S.pod_volumes(pod, pvcs=self.pvcs, pvs=self.pvs, drivers=self.drivers,
+    def _pod_volumes(self, pod: dict) -> tuple[str | None, list[D.VolumeRef]]:
+        return D.pod_volumes(pod, pvcs=self.pvcs, pvs=self.pvs, drivers=self.drivers,
                              nodes=self.nodes)
 
     def _node_busy(self, node: str) -> bool:
@@ -267,7 +271,7 @@ class AttachDetachController:
             where, vols = self._pod_volumes(pod)
             if where == node:
                 desired += [(v.pv_name, node) for v in vols]
-        return S.node_attach_in_progress(self._actual_on_node(node), node, desired)
+        return R.node_attach_in_progress(self._actual_on_node(node), node, desired)
 
     def _attach_succeeded(self, pv: str | None, node: str | None) -> None:
         if not self.running or not pv:
@@ -277,15 +281,15 @@ class AttachDetachController:
             return
         msg = f'AttachVolume.Attach succeeded for volume "{pv}" '
         for p in d.pods:
-            self.ctx.events.emit(p.as_object(), "Normal", S.SUCCESSFUL_ATTACH, msg,
+            self.ctx.events.emit(p.as_object(), "Normal", N.SUCCESSFUL_ATTACH, msg,
                                  component=COMPONENT)
 
     # -- views for one volume -------------------------------------------------------------
-    def _desired_for(self, pv: str) -> S.DSW:
+    def _desired_for(self, pv: str) -> D.DSW:
         """The desired state of one volume: the pods using its claim that need it
         attached, by node."""
         pv_obj = self.pvs.get(pv)
-        acc: dict[tuple[str, str], tuple[S.VolumeRef, list[S.PodRef]]] = {}
+        acc: dict[tuple[str, str], tuple[D.VolumeRef, list[D.PodRef]]] = {}
         for claim_key in claim_ref_keys(pv_obj or {}):
             for pod_key in self.pods_by_claim.get(claim_key):
                 pod = self.pods.get(pod_key)
@@ -294,18 +298,18 @@ class AttachDetachController:
                 node, vols = self._pod_volumes(pod)
                 for v in vols:
                     if v.pv_name == pv and node:
-                        acc.setdefault((pv, node), (v, []))[1].append(S.PodRef.of(pod))
-        return {k: S.Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
+                        acc.setdefault((pv, node), (v, []))[1].append(D.PodRef.of(pod))
+        return {k: D.Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
 
-    def _actual_for(self, pv: str) -> S.ASW:
-        return S.build_asw([va for n in self.vas_by_pv.get(pv) if (va := self.vas.get(n))],
+    def _actual_for(self, pv: str) -> A.ASW:
+        return A.build_asw([va for n in self.vas_by_pv.get(pv) if (va := self.vas.get(n))],
                            pvs=self.pvs, nodes=self.nodes)
 
-    def _actual_on_node(self, node: str) -> list[S.Actual]:
+    def _actual_on_node(self, node: str) -> list[A.Actual]:
         out = []
         for n in self.vas_by_node.get(node):
             va = self.vas.get(n)
-            a = S.actual_of(va, pvs=self.pvs, nodes=self.nodes) if va else None
+            a = A.actual_of(va, pvs=self.pvs, nodes=self.nodes) if va else None
             if a is not None:
                 out.append(a)
         return out
@@ -313,14 +317,14 @@ class AttachDetachController:
     def _volumes_with_pods(self) -> set[str]:
         return {pv for ck in self.pods_by_claim.keys() for pv in self._claim_volumes(ck)}
 
-    def desired_state(self) -> S.DSW:
-        out: S.DSW = {}
+    def desired_state(self) -> D.DSW:
+        out: D.DSW = {}
         for pv in self._volumes_with_pods():
             out.update(self._desired_for(pv))
         return out
 
-    def actual_state(self) -> S.ASW:
-        return S.build_asw(list(self.vas.values()), pvs=self.pvs, nodes=self.nodes)
+    def actual_state(self) -> A.ASW:
+        return A.build_asw(list(self.vas.values()), pvs=self.pvs, nodes=self.nodes)
 
     # -- loops ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -362,49 +366,49 @@ class AttachDetachController:
             self.detaching.discard(key)
         now = self.clock()
         requested = {k: t for k, t in self.detach_requested.items() if k[0] == pv}
-        ops = S.reconcile(dsw, asw, self.nodes, now, self.max_wait, requested)
+        ops = RC.reconcile(dsw, asw, self.nodes, now, self.max_wait, requested)
         for k in requested:
             self.detach_requested.pop(k, None)
         retry: float | None = None
         multi_now: set[tuple[str, str]] = set()
         for op in ops:
-            if op.kind is S.OpKind.DETACH:
+            if op.kind is RC.OpKind.DETACH:
                 if op.va_name in self.detach_started:
                     continue  # deleted already; the watch has not caught up yet
                 await self._detach(op)
-            elif op.kind is S.OpKind.WAIT_UNMOUNT:
+            elif op.kind is RC.OpKind.WAIT_UNMOUNT:
                 self.detach_requested[op.key] = op.since
                 if op.retry_at is not None:
                     wait = max(0.05, op.retry_at - now + 0.05)
                     retry = wait if retry is None else min(retry, wait)
-            elif op.kind is S.OpKind.ATTACH:
+            elif op.kind is RC.OpKind.ATTACH:
                 await self._attach(op)
-            elif op.kind is S.OpKind.MULTI_ATTACH:
+            elif op.kind is RC.OpKind.MULTI_ATTACH:
                 multi_now.add(op.key)
                 if op.key not in self.multi_reported:
                     self.multi_reported.add(op.key)
-                    self._post(op.events, S.FAILED_ATTACH)
+                    self._post(op.events, N.FAILED_ATTACH)
                     log.info("multi-attach error", volume=pv, node=op.node,
                              pods=[p.key for p, _ in op.events])
-            elif op.kind is S.OpKind.ATTACH_FAILED:
-                self._post(op.events, S.FAILED_ATTACH)
-            elif op.kind is S.OpKind.DETACH_FAILED:
+            elif op.kind is RC.OpKind.ATTACH_FAILED:
+                self._post(op.events, N.FAILED_ATTACH)
+            elif op.kind is RC.OpKind.DETACH_FAILED:
                 pv_obj = self.pvs.get(pv)
                 if pv_obj is not None:
-                    self.ctx.events.emit(pv_obj, "Warning", S.FAILED_DETACH, op.reason,
+                    self.ctx.events.emit(pv_obj, "Warning", N.FAILED_DETACH, op.reason,
                                          component=COMPONENT)
         for key in [k for k in self.multi_reported if k[0] == pv and k not in multi_now]:
             self.multi_reported.discard(key)
         metrics.sync_total.labels(self.name, "volumes", "ok").inc()
         return retry
 
-    def _post(self, events: Iterable[tuple[S.PodRef, str]], reason: str) -> None:
+    def _post(self, events: Iterable[tuple[D.PodRef, str]], reason: str) -> None:
         for pod, message in events:
             self.ctx.events.emit(pod.as_object(), "Warning", reason, message,
                                  component=COMPONENT)
 
-    async def _attach(self, op: S.Op) -> None:
-        body = S.volume_attachment_body(op.volume, op.node)
+    async def _attach(self, op: RC.Op) -> None:
+        body = RC.volume_attachment_body(op.volume, op.node)
         name = body["metadata"]["name"]
         try:
             va = await self.ctx.kube.create(VA_PATH, body)
@@ -419,7 +423,7 @@ class AttachDetachController:
         log.info("attach", volume=op.pv_name, node=op.node, attachment=name,
                  attacher=op.volume.driver, action="attach")
 
-    async def _detach(self, op: S.Op) -> None:
+    async def _detach(self, op: RC.Op) -> None:
         self.detaching.add(op.key)
         try:
             await self._sync_node(op.node, force=True)  # report it detached first
@@ -469,7 +473,7 @@ class AttachDetachController:
             self.node_locks.pop(name, None)
             self.node_reports.forget(name)
             return False
-        want = S.node_volumes_attached(self._actual_on_node(name), name, self.detaching)
+        want = R.node_volumes_attached(self._actual_on_node(name), name, self.detaching)
         have = sorted(({"name": e.get("name"), "devicePath": e.get("devicePath") or ""}
                        for e in (node.get("status") or {}).get("volumesAttached") or ()),
                       key=lambda e: e["name"] or "")
@@ -531,8 +535,8 @@ class _Collector:
             desired[d.volume.plugin] = desired.get(d.volume.plugin, 0) + 1
         actual: dict[str, int] = {}
         for a in ctl.actual_state().values():
-            if a.state is S.AState.ATTACHED:
-                p = S.plugin_name(a.attacher)
+            if a.state is A.AState.ATTACHED:
+                p = N.plugin_name(a.attacher)
                 actual[p] = actual.get(p, 0) + 1
         for p, n in desired.items():
             total.add_metric([p, "desired_state_of_world"], n)

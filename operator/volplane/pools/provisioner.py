@@ -1,9 +1,10 @@
 """The pool provisioner: volumes for StorageClasses with ``provisioner: pool.volplane.io``.
 
-A plugin of the PV controller (it registers ``provisioners``, ``deleters`` and
-``recyclers`` under "pool.volplane.io"), plus its own loops: pool status, the
-CSIStorageCapacity objects the scheduler reads, expansion, and garbage collection of
-allocation records whose claim went away before its PV was made.
+The volume plugin of the PV controller for "pool.volplane.io" (``PoolVolumePlugin``:
+provision, delete, recycle, expand; the wiring hands it to the PV controller), plus the
+pool driver's own loops: the publisher (pool status, the CSIStorageCapacity objects the
+scheduler reads), the garbage collector of allocation records whose claim went away
+before its PV was made, and the last two steps of deleting a PV.
 
 Provisioning a claim ``C`` (uid ``U``) is two durable writes, both named after ``U``:
 
@@ -36,51 +37,40 @@ on. The space is freed only after the PV's deletion is irreversible.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from typing import Any
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
 
 from .. import faults, logs, metrics
 from ..context import Context
-from ..kinds import ALLOCATIONS, CLASSES, NODES, POOLS, PVCS, PVS, UNBOUND_CLAIMS_BY_CLASS
+from ..kinds import ALLOCATIONS, CLASSES, NODES, POOLS, PVCS, PVS
 from ..kube import ApiError, pv_path, pvc_path
 from ..objects import key_of
 from ..pv import constants as C
-from ..pv.index import access_modes, claim_class, claim_request, volume_capacity
-from ..quantity import format_quantity, parse_quantity
+from ..pv.index import access_modes, claim_class, claim_request
+from ..pv.plugins import PluginHost
+from ..quantity import format_quantity
 from ..workqueue import WorkQueue, process
-from .ledger import (
+from .context import PoolContext
+from .expander import Expander
+from .gc import GarbageCollector
+from .parameters import ParameterError, parse_class_parameters
+from .placement import choose_pool, node_affinity, pool_capacity, pool_nodes, topology_nodes
+from .publisher import Publisher
+from .records import (
     API_VERSION,
-    MANAGED_BY,
+    FINALIZER,
     PROVISIONER,
-    Ledger,
-    ParameterError,
-    capacity_objects,
-    choose_pool,
-    node_affinity,
-    parse_class_parameters,
-    pool_capacity,
-    pool_nodes,
-    pool_status,
-    status_differs,
-    topology_nodes,
+    PV_PROTECTION,
+    alloc_path,
+    build_allocation,
+    build_pv,
+    pool_of_volume,
+    volume_name,
 )
 
 log = logs.get("pool-provisioner")
 COMPONENT = PROVISIONER
-
-FINALIZER = "volplane.io/allocation"
-PV_PROTECTION = "kubernetes.io/pv-protection"
-ANN_POOL = "volplane.io/pool"
-VOLUME_RESIZE_FAILED = "VolumeResizeFailed"
-VOLUME_RESIZE_SUCCESSFUL = "VolumeResizeSuccessful"
-ORPHAN_GRACE = 30.0      # seconds an allocation record must look orphaned before GC
-GC_PERIOD = 15.0
-CAPACITY_RELIST = 300.0  # re-list our CSIStorageCapacity objects (someone may delete them)
-DEBOUNCE = 0.2
 
 provision_seconds = Histogram(
     "volplane_pool_provision_duration_seconds",
@@ -92,200 +82,66 @@ provision_failures = Counter(
     ["reason"])
 
 
-def alloc_path(name: str = "") -> str:
-    base = "/apis/volplane.io/v1alpha1/storageallocations"
-    return f"{base}/{name}" if name else base
+class PoolVolumePlugin:
+    """The PV controller's volume plugin for "pool.volplane.io" (pv/plugins.py)."""
 
+    name = PROVISIONER
 
-def pool_path(name: str, sub: str = "") -> str:
-    return f"/apis/volplane.io/v1alpha1/storagepools/{name}" + (f"/{sub}" if sub else "")
+    def __init__(self, owner: PoolProvisioner):
+        self.owner = owner
 
+    def attach(self, host: PluginHost) -> None:
+        self.owner.publisher.host = host
 
-def capacity_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/storage.k8s.io/v1/namespaces/{namespace}/csistoragecapacities"
-    return f"{base}/{name}" if name else base
+    async def provision(self, claim: dict, storage_class: str,
+                        selected_node: str | None) -> None:
+        await self.owner.provision(claim, storage_class, selected_node)
 
+    async def delete(self, pv: dict) -> bool:
+        return await self.owner.delete(pv)
 
-def volume_name(claim: dict) -> str:
-    """The PV (and allocation record) name for a claim, as external-provisioner names it."""
-    return f"pvc-{claim['metadata']['uid']}"
+    async def recycle(self, pv: dict) -> bool:
+        return await self.owner.recycle(pv)
 
-
-def pool_of_volume(pv: dict) -> str | None:
-    """The pool a PV of ours lives in: volumeHandle is "<pool>/<pv name>"."""
-    handle = ((pv.get("spec") or {}).get("csi") or {}).get("volumeHandle") or ""
-    pool, sep, _ = handle.partition("/")
-    return pool if sep else None
-
-
-def is_ours(pv: dict) -> bool:
-    ann = (pv.get("metadata") or {}).get("annotations") or {}
-    driver = ((pv.get("spec") or {}).get("csi") or {}).get("driver")
-    return ann.get(C.ANN_PROVISIONED_BY) == PROVISIONER or driver == PROVISIONER
-
-
-def build_allocation(claim: dict, storage_class: str, pool: str, size: int,
-                     node: str | None) -> dict:
-    md = claim["metadata"]
-    spec: dict[str, Any] = {
-        "pool": pool,
-        "sizeBytes": size,
-        "claim": {"namespace": md["namespace"], "name": md["name"], "uid": md["uid"]},
-        "storageClassName": storage_class,
-    }
-    if node:
-        spec["node"] = node
-    labels = {MANAGED_BY: "volplane"}
-    if len(pool) <= 63:
-        labels[ANN_POOL] = pool
-    return {"apiVersion": API_VERSION, "kind": "StorageAllocation",
-            "metadata": {"name": volume_name(claim), "labels": labels}, "spec": spec}
-
-
-def build_pv(claim: dict, storage_class: dict, pool: str, size: int, affinity: dict,
-             fs_type: str | None) -> dict:
-    """The PV for a claim: CSI source of our driver, pre-bound to the claim."""
-    md = claim["metadata"]
-    cspec = claim.get("spec") or {}
-    name = volume_name(claim)
-    volume_mode = cspec.get("volumeMode") or C.FILESYSTEM
-    csi: dict[str, Any] = {
-        "driver": PROVISIONER,
-        "volumeHandle": f"{pool}/{name}",
-        "volumeAttributes": {"pool": pool, "storage.kubernetes.io/csiProvisionerIdentity":
-                             PROVISIONER},
-    }
-    if fs_type and volume_mode == C.FILESYSTEM:
-        csi["fsType"] = fs_type
-    spec: dict[str, Any] = {
-        "capacity": {"storage": format_quantity(size)},
-        "accessModes": list(cspec.get("accessModes") or ["ReadWriteOnce"]),
-        "volumeMode": volume_mode,
-        "storageClassName": storage_class["metadata"]["name"],
-        "persistentVolumeReclaimPolicy": storage_class.get("reclaimPolicy") or C.RECLAIM_DELETE,
-        "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
-                     "namespace": md["namespace"], "name": md["name"], "uid": md["uid"]},
-        "csi": csi,
-        "nodeAffinity": affinity,
-    }
-    if storage_class.get("mountOptions"):
-        spec["mountOptions"] = list(storage_class["mountOptions"])
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {
-            "name": name,
-            "annotations": {C.ANN_PROVISIONED_BY: PROVISIONER, ANN_POOL: pool},
-            "finalizers": [FINALIZER],
-        },
-        "spec": spec,
-    }
-
-
-class PoolCollector:
-    """volplane_pool_* gauges computed at scrape time from the ledger."""
-
-    def __init__(self) -> None:
-        self.controller: PoolProvisioner | None = None
-
-    def collect(self):
-        c = self.controller
-        fams = {
-            "capacity": GaugeMetricFamily("volplane_pool_capacity_bytes",
-                                          "StoragePool capacity", labels=["pool"]),
-            "allocated": GaugeMetricFamily("volplane_pool_allocated_bytes",
-                                           "Bytes allocated from the pool", labels=["pool"]),
-            "available": GaugeMetricFamily("volplane_pool_available_bytes",
-                                           "Free bytes in the pool", labels=["pool"]),
-            "volumes": GaugeMetricFamily("volplane_pool_volumes",
-                                         "Volumes allocated from the pool", labels=["pool"]),
-        }
-        if c is not None:
-            for name, pool in list(c.pools.items()):
-                cap = pool_capacity(pool) or 0
-                alloc = c.ledger.allocated(name)
-                fams["capacity"].add_metric([name], cap)
-                fams["allocated"].add_metric([name], alloc)
-                fams["available"].add_metric([name], max(0, cap - alloc))
-                fams["volumes"].add_metric([name], c.ledger.count(name))
-        yield from fams.values()
-
-
-_collector = PoolCollector()
+    async def expand(self, claim: dict, pv: dict) -> None:
+        await self.owner.expander.expand(claim, pv)
 
 
 class PoolProvisioner:
+    """The "pool-provisioner" controller: provisions and frees pool volumes (as the PV
+    controller's plugin) and runs the pool driver's loops."""
+
     name = "pool-provisioner"
     watches = (PVS, PVCS, CLASSES, NODES, POOLS, ALLOCATIONS)
 
     def __init__(self, ctx: Context, *, clock=time.monotonic):
-        self.ctx = ctx
+        pc = self.pc = PoolContext(ctx)
+        self.kube = pc.kube
+        self.events = pc.events
+        self.pvs = pc.pvs
+        self.pvcs = pc.pvcs
+        self.classes = pc.classes
+        self.pools = pc.pools
+        self.allocations = pc.allocations
+        self.nodes = pc.nodes
+        self.ledger = pc.ledger
         self.clock = clock
-        inf = ctx.informers
-        self.pvs = inf.lister(PVS)
-        self.pvcs = inf.lister(PVCS)
-        self.classes = inf.lister(CLASSES)
-        self.pools = inf.lister(POOLS)
-        self.allocations = inf.lister(ALLOCATIONS)
-        self.nodes = inf.lister(NODES)
-        self.unbound_by_class = inf.index(UNBOUND_CLAIMS_BY_CLASS)
-        # The capacity ledger: the allocation records plus this process's reservations
-        # of writes in flight. `_stale` names the records whose lister entry changed.
-        self.ledger = Ledger()
-        self._stale: set[str] = set()
-        self.namespace = (os.environ.get("VOLPLANE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
-                          or "volplane-system")
+        self.expander = Expander(pc)
+        self.publisher = Publisher(pc, clock=clock)
+        self.gc = GarbageCollector(pc, clock=clock)
         self.finishing = WorkQueue("pool-deletions")   # PVs being deleted: free + unfinalize
-        self.expanding = WorkQueue("pool-expansions")  # bound claims asking for more space
-        self._dirty = asyncio.Event()       # pool status / capacity objects to refresh
-        self._requeue_pending = False       # space was freed: retry Pending pool claims
-        self._published: dict[str, dict] | None = None  # CSIStorageCapacity name -> object
-        self._orphans: dict[str, float] = {}  # allocation -> first time seen orphaned
-        self._loaded = asyncio.Event()      # the ledger was checked against a fresh LIST
-        inf.listen(ALLOCATIONS, self._on_allocation)
+        self.plugins = (PoolVolumePlugin(self),)       # given to the PV controller
+        inf = ctx.informers
         inf.listen(POOLS, self._on_pool)
         inf.listen(NODES, self._on_node)
         inf.listen(CLASSES, self._on_class)
         inf.listen(PVS, self._on_volume)
-        inf.listen(PVCS, self._on_claim)
-        pvc = ctx.pv_controller
-        if pvc is None:
-            log.warning("no PV controller: pool provisioning is off (enable pv-binder)")
-        else:
-            pvc.provisioners[PROVISIONER] = self.provision
-            pvc.deleters[PROVISIONER] = self.delete
-            pvc.recyclers[PROVISIONER] = self.recycle
-        _collector.controller = self
-        metrics.register_collector("pool-provisioner", _collector)
 
     # -- gather: listeners (synchronous, cheap: they only mark and queue) -------------------
-    def _on_allocation(self, name: str, old: dict | None, new: dict | None) -> None:
-        self._stale.add(name)
-        if new is None:
-            self._requeue_pending = True
-        self._dirty.set()
-
-    def _refresh_ledger(self) -> None:
-        """Bring the ledger up to the allocation lister for the records that changed."""
-        while self._stale:
-            name = self._stale.pop()
-            record = self.allocations.get(name)
-            if record is None:
-                self.ledger.release(name)
-                continue
-            self._observe(name, record)
-
-    def _observe(self, name: str, record: dict) -> None:
-        spec = record.get("spec") or {}
-        try:
-            self.ledger.observe(name, spec["pool"], int(spec["sizeBytes"]))
-        except (KeyError, TypeError, ValueError):
-            log.warning("malformed StorageAllocation ignored", name=name)
-
     def _on_pool(self, name: str, old: dict | None, new: dict | None) -> None:
         if new is None or old is None or (new.get("spec") != old.get("spec")):
-            self._requeue_pending = True
-        self._dirty.set()
+            self.pc.space_freed = True
+        self.pc.dirty.set()
 
     def _on_node(self, name: str, old: dict | None, new: dict | None) -> None:
         # Heartbeats change node status all the time; only membership and labels matter.
@@ -294,20 +150,16 @@ class PoolProvisioner:
             return md.get("labels"), bool(md.get("deletionTimestamp"))
 
         if old is None or new is None or shape(old) != shape(new):
-            self._requeue_pending = True
-            self._dirty.set()
+            self.pc.space_freed = True
+            self.pc.dirty.set()
 
     def _on_class(self, name: str, old: dict | None, new: dict | None) -> None:
         if (new or old or {}).get("provisioner") == PROVISIONER:
-            self._dirty.set()
+            self.pc.dirty.set()
 
     def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
         if new is not None and self._needs_finishing(new):
             self.finishing.add(name)
-
-    def _on_claim(self, key: str, old: dict | None, new: dict | None) -> None:
-        if new is not None and self._wants_expansion(new):
-            self.expanding.add(key)
 
     @staticmethod
     def _needs_finishing(pv: dict) -> bool:
@@ -315,39 +167,22 @@ class PoolProvisioner:
         fins = md.get("finalizers") or ()
         return bool(md.get("deletionTimestamp")) and FINALIZER in fins and PV_PROTECTION not in fins
 
-    def _wants_expansion(self, claim: dict) -> bool:
-        if (claim.get("status") or {}).get("phase") != C.CLAIM_BOUND:
-            return False
-        pv = self.pvs.get((claim.get("spec") or {}).get("volumeName") or "")
-        if pv is None or not is_ours(pv):
-            return False
-        try:
-            return claim_request(claim) > volume_capacity(pv) or claim_request(claim) > \
-                parse_quantity(((claim.get("status") or {}).get("capacity") or {}).get(
-                    "storage") or "0")
-        except ValueError:
-            return False
-
     # -- loops -------------------------------------------------------------------------------
     async def run(self) -> None:
         await self._load_allocations()
         tasks = [
-            asyncio.create_task(self._ensure_driver(), name="pool-csidriver"),
-            asyncio.create_task(self._publisher(), name="pool-publisher"),
-            asyncio.create_task(self._gc(), name="pool-gc"),
-            asyncio.create_task(process(self.finishing, self._finish_key, controller=self.name, log=log)),
-            asyncio.create_task(process(self.finishing, self._finish_key, controller=self.name, log=log)),
-            asyncio.create_task(process(self.expanding, self._expand_key, controller=self.name, log=log)),
+            asyncio.create_task(self.publisher.ensure_driver(), name="pool-csidriver"),
+            asyncio.create_task(self.publisher.run(), name="pool-publisher"),
+            asyncio.create_task(self.gc.run(), name="pool-gc"),
+            *(asyncio.create_task(process(self.finishing, self._finish_key,
+                                          controller=self.name, log=log)) for _ in range(2)),
         ]
         for name, pv in list(self.pvs.items()):
             if self._needs_finishing(pv):
                 self.finishing.add(name)
-        for key, claim in list(self.pvcs.items()):
-            if self._wants_expansion(claim):
-                self.expanding.add(key)
-        self._dirty.set()
+        self.pc.dirty.set()
         log.info("pool provisioner running", pools=len(self.pools),
-                 allocations=len(self.ledger), namespace=self.namespace)
+                 allocations=len(self.ledger), namespace=self.pc.namespace)
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -366,7 +201,7 @@ class PoolProvisioner:
         delay = 0.5
         while True:
             try:
-                body = await self.ctx.kube.get(alloc_path())
+                body = await self.kube.get(alloc_path())
                 break
             except asyncio.CancelledError:
                 raise
@@ -374,29 +209,30 @@ class PoolProvisioner:
                 log.warning("cannot list StorageAllocations; provisioning waits", error=str(e))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-        self._refresh_ledger()
+        self.pc.refresh_ledger()
         for item in (body or {}).get("items") or []:
             item.setdefault("apiVersion", API_VERSION)
             item.setdefault("kind", "StorageAllocation")
             name = item["metadata"]["name"]
             if name not in self.allocations:
                 self.allocations.put(item)
-            self._observe(name, item)
-        self._loaded.set()
-        self._requeue_pending_claims()
+            self.pc.observe(name, item)
+        self.pc.loaded.set()
+        self.publisher._requeue_pending_claims()
 
     # -- provision -------------------------------------------------------------------------------
-    async def provision(self, claim: dict, decision: Any) -> None:
-        """PV controller plugin: make (or finish making) the PV for a Pending claim."""
+    async def provision(self, claim: dict, storage_class: str,
+                        selected_node: str | None) -> None:
+        """Make (or finish making) the PV for a Pending claim of a pool class."""
         t0 = time.monotonic()
         md = claim["metadata"]
         name = volume_name(claim)
         if name in self.pvs:
             return  # already made; the PV controller binds it
-        if not self._loaded.is_set():
+        if not self.pc.loaded.is_set():
             return  # the claim is requeued once the ledger is loaded
-        self._refresh_ledger()
-        class_name = getattr(decision, "storage_class", None) or claim_class(claim)
+        self.pc.refresh_ledger()
+        class_name = storage_class or claim_class(claim)
         sc = self.classes.get(class_name)
         if sc is None:
             return  # the PV controller reports the missing class
@@ -411,9 +247,8 @@ class PoolProvisioner:
         except ParameterError as e:
             return self._failed(claim, "bad-parameter",
                                 f'StorageClass "{class_name}": {e}', t0)
-        node = None
-        if sc.get("volumeBindingMode") == C.WAIT_FOR_FIRST_CONSUMER:
-            node = (md.get("annotations") or {}).get(C.ANN_SELECTED_NODE) or None
+        # The scheduler's choice counts for WaitForFirstConsumer classes only.
+        node = selected_node if sc.get("volumeBindingMode") == C.WAIT_FOR_FIRST_CONSUMER else None
         nodes = self.nodes
 
         record = self.allocations.get(name)
@@ -433,13 +268,13 @@ class PoolProvisioner:
                 return
             body = build_allocation(claim, class_name, choice.pool, size, node)
             try:
-                record = await self.ctx.kube.create(alloc_path(), body)
+                record = await self.kube.create(alloc_path(), body)
             except ApiError as e:
                 self.ledger.cancel(name)
                 if not e.already_exists:
                     provision_failures.labels("error").inc()
                     raise
-                record = await self.ctx.kube.get(alloc_path(name))
+                record = await self.kube.get(alloc_path(name))
             except BaseException:
                 self.ledger.cancel(name)
                 raise
@@ -460,13 +295,13 @@ class PoolProvisioner:
         size = int(record["spec"]["sizeBytes"])
         pv = build_pv(claim, sc, pool_name, size, node_affinity(usable, nodes), params.fs_type)
         try:
-            created = await self.ctx.kube.create("/api/v1/persistentvolumes", pv)
+            created = await self.kube.create("/api/v1/persistentvolumes", pv)
         except ApiError as e:
             if not e.already_exists:
                 provision_failures.labels("error").inc()
                 metrics.volume_operation_errors.labels(PROVISIONER, "provision").inc()
                 raise
-            created = await self.ctx.kube.get(pv_path(name))
+            created = await self.kube.get(pv_path(name))
         metrics.api_writes.labels(self.name, "persistentvolumes", "create").inc()
         self.pvs.put(created)
         faults.point("provision-2")
@@ -474,7 +309,7 @@ class PoolProvisioner:
         provision_seconds.labels("success").observe(elapsed)
         metrics.volume_operation_seconds.labels(PROVISIONER, "provision", "success").observe(
             elapsed)
-        self.ctx.events.emit(claim, C.NORMAL, C.PROVISIONING_SUCCEEDED,
+        self.events.emit(claim, C.NORMAL, C.PROVISIONING_SUCCEEDED,
                              f'Successfully provisioned volume {name} ({format_quantity(size)}) '
                              f'in StoragePool "{pool_name}"', component=COMPONENT)
         log.info("provisioned", kind="PersistentVolumeClaim", namespace=md["namespace"],
@@ -485,7 +320,7 @@ class PoolProvisioner:
         provision_failures.labels(reason).inc()
         provision_seconds.labels("failure").observe(time.monotonic() - t0)
         metrics.volume_operation_errors.labels(PROVISIONER, "provision").inc()
-        posted = self.ctx.events.emit(claim, C.WARNING, C.PROVISIONING_FAILED, message,
+        posted = self.events.emit(claim, C.WARNING, C.PROVISIONING_FAILED, message,
                                       component=COMPONENT)
         (log.info if posted else log.debug)(
             "provisioning failed", kind="PersistentVolumeClaim",
@@ -498,7 +333,7 @@ class PoolProvisioner:
             return self._failed(claim, "no-room", reason, t0)
         md = claim["metadata"]
         try:
-            new = await self.ctx.kube.merge_patch(pvc_path(md["namespace"], md["name"]), {
+            new = await self.kube.merge_patch(pvc_path(md["namespace"], md["name"]), {
                 "metadata": {"resourceVersion": md["resourceVersion"],
                              "annotations": {C.ANN_SELECTED_NODE: None}}})
             self.pvcs.put(new)
@@ -515,21 +350,21 @@ class PoolProvisioner:
         """PV controller deleter for a Released PV with reclaim policy Delete."""
         md = pv["metadata"]
         name = md["name"]
-        if not self._loaded.is_set():
+        if not self.pc.loaded.is_set():
             return False  # retried on the PV controller's next sync
-        self._refresh_ledger()
+        self.pc.refresh_ledger()
         if not md.get("deletionTimestamp"):
             record = self.allocations.get(name)
             pool = (record or {}).get("spec", {}).get("pool") or pool_of_volume(pv)
             if pool and pool not in self.pools:
-                self.ctx.events.emit(
+                self.events.emit(
                     pv, C.WARNING, C.VOLUME_FAILED_DELETE,
                     f'StoragePool "{pool}" no longer exists: volume {name} cannot be freed and '
                     "stays until an operator acts (recreate the pool, or remove the "
                     f"{FINALIZER} finalizer and delete the volume)", component=COMPONENT)
                 return False
             try:
-                await self.ctx.kube.request("DELETE", pv_path(name), {
+                await self.kube.request("DELETE", pv_path(name), {
                     "kind": "DeleteOptions", "apiVersion": "v1",
                     "preconditions": {"uid": md.get("uid")}})
             except ApiError as e:
@@ -560,15 +395,15 @@ class PoolProvisioner:
             else:
                 patch = {"metadata": {"resourceVersion": md["resourceVersion"]},
                          "spec": {"claimRef": {"uid": None, "resourceVersion": None}}}
-            pv = await self.ctx.kube.merge_patch(pv_path(md["name"]), patch)
+            pv = await self.kube.merge_patch(pv_path(md["name"]), patch)
             self.pvs.put(pv)
             faults.point("recycle-1")
         if (pv.get("status") or {}).get("phase") != C.VOLUME_AVAILABLE:
-            pv = await self.ctx.kube.merge_patch(pv_path(md["name"], "status"), {
+            pv = await self.kube.merge_patch(pv_path(md["name"], "status"), {
                 "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
                 "status": {"phase": C.VOLUME_AVAILABLE, "message": None}})
             self.pvs.put(pv)
-        self.ctx.events.emit(pv, C.NORMAL, C.VOLUME_RECYCLED,
+        self.events.emit(pv, C.NORMAL, C.VOLUME_RECYCLED,
                              f"Volume {md['name']} recycled (scrubbed in its pool)",
                              component=COMPONENT)
         return True
@@ -582,19 +417,16 @@ class PoolProvisioner:
     async def _free_and_unfinalize(self, name: str) -> None:
         """Delete steps 2 and 3, for a PV whose deletion has begun."""
         try:
-            await self.ctx.kube.delete(alloc_path(name))
+            await self.kube.delete(alloc_path(name))
             metrics.api_writes.labels(self.name, "storageallocations", "delete").inc()
         except ApiError as e:
             if not e.not_found:
                 raise
-        self.allocations.gone(name)
-        self.ledger.release(name)
-        self._requeue_pending = True
-        self._dirty.set()
+        self.pc.released(name)
         faults.point("delete-2")
         for _ in range(5):
             try:
-                pv = await self.ctx.kube.get(pv_path(name))
+                pv = await self.kube.get(pv_path(name))
             except ApiError as e:
                 if e.not_found:
                     self.pvs.gone(name)
@@ -604,7 +436,7 @@ class PoolProvisioner:
             if FINALIZER not in fins:
                 return
             try:
-                new = await self.ctx.kube.merge_patch(pv_path(name), {"metadata": {
+                new = await self.kube.merge_patch(pv_path(name), {"metadata": {
                     "resourceVersion": pv["metadata"]["resourceVersion"],
                     "finalizers": [f for f in fins if f != FINALIZER]}})
             except ApiError as e:
@@ -620,293 +452,3 @@ class PoolProvisioner:
             log.info("volume freed", kind="PersistentVolume", name=name, action="free")
             return
         raise ApiError(409, "Conflict", {"message": f"finalizer of {name}: too many conflicts"})
-
-    # -- expansion -------------------------------------------------------------------------------
-    async def _expand_key(self, key: str) -> None:
-        claim = self.pvcs.get(key)
-        if claim is None or not self._wants_expansion(claim):
-            return
-        self._refresh_ledger()
-        pv_name = claim["spec"]["volumeName"]
-        pv = self.pvs[pv_name]
-        want = claim_request(claim)
-        sc = self.classes.get(claim_class(claim))
-        if sc is None or not sc.get("allowVolumeExpansion"):
-            return  # the API server's admission refuses such requests anyway
-        record = self.allocations.get(pv_name)
-        if record is None:
-            self.ctx.events.emit(claim, C.WARNING, VOLUME_RESIZE_FAILED,
-                                 f"no StorageAllocation {pv_name}: cannot expand",
-                                 component=COMPONENT)
-            return
-        pool_name = record["spec"]["pool"]
-        if int(record["spec"]["sizeBytes"]) < want:
-            pool = self.pools.get(pool_name)
-            capacity = pool_capacity(pool) if pool else None
-            if capacity is None:
-                self.ctx.events.emit(claim, C.WARNING, VOLUME_RESIZE_FAILED,
-                                     f'StoragePool "{pool_name}" is gone or invalid: cannot '
-                                     "expand", component=COMPONENT)
-                return
-            current = self.ledger.get(pv_name)
-            have = current.size if current else int(record["spec"]["sizeBytes"])
-            if not self.ledger.grow(pv_name, want, capacity):
-                free = max(0, capacity - self.ledger.allocated(pool_name))
-                self.ctx.events.emit(
-                    claim, C.WARNING, VOLUME_RESIZE_FAILED,
-                    f"cannot expand {pv_name} to {format_quantity(want)}: StoragePool "
-                    f'"{pool_name}" has {format_quantity(free)} free, '
-                    f"{format_quantity(want - have)} more needed", component=COMPONENT)
-                return
-            try:
-                record = await self.ctx.kube.merge_patch(alloc_path(pv_name), {
-                    "metadata": {"resourceVersion": record["metadata"]["resourceVersion"]},
-                    "spec": {"sizeBytes": want}})
-            except BaseException:
-                self.ledger.cancel(pv_name)
-                raise
-            self.allocations.put(record)
-            self.ledger.observe(pv_name, pool_name, int(record["spec"]["sizeBytes"]))
-            metrics.api_writes.labels(self.name, "storageallocations", "patch").inc()
-            faults.point("expand-1")
-        size = format_quantity(int(record["spec"]["sizeBytes"]))
-        if volume_capacity(pv) < want:
-            pv = await self.ctx.kube.merge_patch(pv_path(pv_name), {
-                "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
-                "spec": {"capacity": {"storage": size}}})
-            self.pvs.put(pv)
-            metrics.api_writes.labels(self.name, "persistentvolumes", "patch").inc()
-            faults.point("expand-2")
-        md = claim["metadata"]
-        new = await self.ctx.kube.merge_patch(pvc_path(md["namespace"], md["name"], "status"), {
-            "metadata": {"resourceVersion": md["resourceVersion"]},
-            "status": {"capacity": {"storage": size}, "allocatedResources": {"storage": size},
-                       "conditions": None}})
-        self.pvcs.put(new)
-        metrics.api_writes.labels(self.name, "persistentvolumeclaims", "patch-status").inc()
-        self.ctx.events.emit(claim, C.NORMAL, VOLUME_RESIZE_SUCCESSFUL,
-                             f"volume {pv_name} expanded to {size} in StoragePool "
-                             f'"{pool_name}"', component=COMPONENT)
-        log.info("expanded", kind="PersistentVolumeClaim", namespace=md["namespace"],
-                 name=md["name"], volume=pv_name, size=size, action="expand")
-
-    # -- pool status and capacity for the scheduler -------------------------------------------------
-    async def _publisher(self) -> None:
-        """Debounced: after any allocation/pool/node/class change, refresh what we publish."""
-        last_relist = self.clock()
-        while True:
-            try:
-                await asyncio.wait_for(self._dirty.wait(), timeout=60)
-            except TimeoutError:
-                pass  # periodic refresh
-            await asyncio.sleep(DEBOUNCE)
-            self._dirty.clear()
-            self._refresh_ledger()
-            if self._requeue_pending:
-                self._requeue_pending = False
-                self._requeue_pending_claims()
-            try:
-                if self._published is None or self.clock() - last_relist > CAPACITY_RELIST:
-                    await self._list_published()
-                    last_relist = self.clock()
-                await self._write_statuses()
-                await self._write_capacities()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("publishing pool status/capacity failed", error=str(e))
-                self._published = None
-                await asyncio.sleep(1.0)
-                self._dirty.set()
-
-    def _requeue_pending_claims(self) -> None:
-        pvc = self.ctx.pv_controller
-        if pvc is None:
-            return
-        for cls in self.unbound_by_class.keys():
-            sc = self.classes.get(cls)
-            if sc is None or sc.get("provisioner") != PROVISIONER:
-                continue
-            for key in self.unbound_by_class.get(cls):
-                claim = self.pvcs.get(key)
-                if claim is not None and not (claim.get("spec") or {}).get("volumeName"):
-                    pvc.claims.add(key)
-
-    async def _write_statuses(self) -> None:
-        for name, pool in list(self.pools.items()):
-            desired = pool_status(pool, self.ledger.sizes(name), self.nodes)
-            if not status_differs(pool.get("status"), desired):
-                continue
-            try:
-                new = await self.ctx.kube.merge_patch(pool_path(name, "status"),
-                                                      {"status": desired})
-            except ApiError as e:
-                if e.not_found:
-                    continue
-                raise
-            metrics.api_writes.labels(self.name, "storagepools", "patch-status").inc()
-            if new:
-                self.pools.put(new)
-
-    async def _list_published(self) -> None:
-        await self._ensure_namespace()
-        body = await self.ctx.kube.get(capacity_path(self.namespace), query={
-            "labelSelector": f"{MANAGED_BY}=volplane,volplane.io/driver={PROVISIONER}"})
-        self._published = {o["metadata"]["name"]: o for o in (body or {}).get("items") or []}
-
-    async def _ensure_namespace(self) -> None:
-        try:
-            await self.ctx.kube.create("/api/v1/namespaces", {
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}})
-        except ApiError as e:
-            if not (e.already_exists or e.conflict or e.status == 403):
-                raise
-
-    async def _write_capacities(self) -> None:
-        assert self._published is not None
-        desired = capacity_objects(self.pools, self.classes, self.ledger, self.nodes,
-                                   self.namespace)
-        kube = self.ctx.kube
-        for name, want in desired.items():
-            have = self._published.get(name)
-            if have is not None and (have.get("storageClassName") != want["storageClassName"]
-                                     or have.get("nodeTopology") != want["nodeTopology"]):
-                await self._delete_capacity(name)  # immutable fields: replace the object
-                have = None
-            if have is None:
-                try:
-                    self._published[name] = await kube.create(capacity_path(self.namespace), want)
-                    metrics.api_writes.labels(self.name, "csistoragecapacities", "create").inc()
-                except ApiError as e:
-                    if not e.already_exists:
-                        raise
-                    self._published = None  # out of sync: re-list next round
-                    self._dirty.set()
-                    return
-            elif (have.get("capacity") != want["capacity"]
-                  or have.get("maximumVolumeSize") != want["maximumVolumeSize"]):
-                try:
-                    self._published[name] = await kube.merge_patch(
-                        capacity_path(self.namespace, name),
-                        {"capacity": want["capacity"],
-                         "maximumVolumeSize": want["maximumVolumeSize"]})
-                    metrics.api_writes.labels(self.name, "csistoragecapacities", "patch").inc()
-                except ApiError as e:
-                    if not e.not_found:
-                        raise
-                    self._published.pop(name, None)
-                    self._dirty.set()
-        for name in [n for n in self._published if n not in desired]:
-            await self._delete_capacity(name)
-
-    async def _delete_capacity(self, name: str) -> None:
-        try:
-            await self.ctx.kube.delete(capacity_path(self.namespace, name))
-            metrics.api_writes.labels(self.name, "csistoragecapacities", "delete").inc()
-        except ApiError as e:
-            if not e.not_found:
-                raise
-        if self._published is not None:
-            self._published.pop(name, None)
-
-    async def _ensure_driver(self) -> None:
-        """Make sure the CSIDriver object exists, so the scheduler reads our capacity."""
-        path = f"/apis/storage.k8s.io/v1/csidrivers/{PROVISIONER}"
-        body = {
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "CSIDriver",
-            "metadata": {"name": PROVISIONER, "labels": {MANAGED_BY: "volplane"}},
-            "spec": {"attachRequired": True, "storageCapacity": True, "podInfoOnMount": False,
-                     "volumeLifecycleModes": ["Persistent"]},
-        }
-        delay = 1.0
-        while True:
-            try:
-                try:
-                    have = await self.ctx.kube.get(path)
-                except ApiError as e:
-                    if not e.not_found:
-                        raise
-                    await self.ctx.kube.create("/apis/storage.k8s.io/v1/csidrivers", body)
-                    log.info("CSIDriver created", name=PROVISIONER)
-                    return
-                spec = have.get("spec") or {}
-                if not spec.get("storageCapacity"):
-                    await self.ctx.kube.merge_patch(path, {"spec": {"storageCapacity": True}})
-                if spec.get("attachRequired") is False:
-                    log.warning("CSIDriver has attachRequired: false (immutable); delete it "
-                                "and restart volplane to fix", name=PROVISIONER)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("cannot ensure CSIDriver", name=PROVISIONER, error=str(e))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-
-    # -- garbage collection of orphaned allocation records ----------------------------------------
-    async def _gc(self) -> None:
-        while True:
-            await asyncio.sleep(GC_PERIOD)
-            try:
-                await self.collect_orphans()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("allocation GC failed", error=str(e))
-
-    def _orphaned(self, name: str, record: dict) -> bool:
-        if name in self.pvs:
-            return False
-        ref = (record.get("spec") or {}).get("claim") or {}
-        claim = self.pvcs.get(f"{ref.get('namespace')}/{ref.get('name')}")
-        if claim is None or claim["metadata"].get("uid") != ref.get("uid"):
-            return True
-        bound_to = (claim.get("spec") or {}).get("volumeName")
-        return bool(bound_to) and bound_to != name
-
-    async def collect_orphans(self) -> list[str]:
-        """Delete records with no PV whose claim is gone (seen so for ORPHAN_GRACE)."""
-        now = self.clock()
-        freed = []
-        seen = set()
-        for name, record in list(self.allocations.items()):
-            if not self._orphaned(name, record):
-                continue
-            seen.add(name)
-            first = self._orphans.setdefault(name, now)
-            if now - first < ORPHAN_GRACE:
-                continue
-            try:  # the cache may lag: confirm with the API server
-                await self.ctx.kube.get(pv_path(name))
-                continue
-            except ApiError as e:
-                if not e.not_found:
-                    raise
-            ref = record["spec"]["claim"]
-            try:
-                live = await self.ctx.kube.get(pvc_path(ref["namespace"], ref["name"]))
-                if live["metadata"].get("uid") == ref["uid"] and (
-                        (live.get("spec") or {}).get("volumeName") in (None, "", name)):
-                    continue
-            except ApiError as e:
-                if not e.not_found:
-                    raise
-            try:
-                await self.ctx.kube.request("DELETE", alloc_path(name), {
-                    "kind": "DeleteOptions", "apiVersion": "v1",
-                    "preconditions": {"uid": record["metadata"].get("uid")}})
-            except ApiError as e:
-                if not (e.not_found or e.conflict):
-                    raise
-            self.allocations.gone(name)
-            self.ledger.release(name)
-            self._requeue_pending = True
-            self._dirty.set()
-            freed.append(name)
-            log.info("orphaned allocation freed", name=name, pool=record["spec"].get("pool"),
-                     claim=f"{ref['namespace']}/{ref['name']}", action="gc")
-        for name in list(self._orphans):
-            if name not in seen or name in freed:
-                self._orphans.pop(name, None)
-        return freed

@@ -27,17 +27,15 @@ resourceVersion precondition lets only one of two racing writers win.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import copy
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from .. import faults, logs, metrics
 from ..context import Context
 from ..kinds import CLASSES, PVCS, PVS, PVS_BY_CLAIM, UNBOUND_CLAIMS_BY_CLASS
 from ..kube import ApiError, pv_path, pvc_path
-from ..objects import key_of, ref_key, rv_int
+from ..objects import key_of, parse_rfc3339, ref_key, rv_int
 from ..workqueue import WorkQueue, process
 from . import constants as C
 from .decide import (
@@ -50,19 +48,17 @@ from .decide import (
     is_volume_released,
     missing_bind_steps,
     sync_claim,
+    sync_expansion,
     sync_volume,
     volume_bind_patch,
     volume_phase_patch,
     volume_unbind_patch,
 )
 from .index import VolumeIndex, claim_class, volume_class
+from .plugins import VolumePlugin
 
 log = logs.get("pv-binder")
 COMPONENT = "persistentvolume-controller"
-
-Provisioner = Callable[[dict, object], Awaitable[None]]  # (claim, decision)
-Deleter = Callable[[dict], Awaitable[bool]]  # pv -> done?
-
 
 def _became_available(old: dict | None, new: dict) -> bool:
     if (new.get("status") or {}).get("phase") != "Available" or (new.get("spec") or {}).get(
@@ -70,15 +66,6 @@ def _became_available(old: dict | None, new: dict) -> bool:
         return False
     return old is None or (old.get("status") or {}).get("phase") != "Available" or bool(
         (old.get("spec") or {}).get("claimRef"))
-
-
-def _ts(s: str | None) -> float | None:
-    if not s:
-        return None
-    try:
-        return calendar.timegm(time.strptime(s, "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return None
 
 
 class PVController:
@@ -101,17 +88,34 @@ class PVController:
         self._stale: set[str] = set()
         self.claims = WorkQueue("claims")
         self.volumes = WorkQueue("volumes")
-        # Plugins, registered by other controllers (pool provisioner, ...).
-        self.provisioners: dict[str, Provisioner] = {}
-        self.deleters: dict[str, Deleter] = {}
-        self.recyclers: dict[str, Deleter] = {}
+        self.expansions = WorkQueue("expansions")  # bound claims asking for more space
+        # Volume plugins by provisioner / driver name (pv/plugins.py), given by the wiring.
+        self.plugins: dict[str, VolumePlugin] = {}
         self._explained: dict[str, tuple[float, str]] = {}
         self._reclaiming: set[str] = set()
         inf.listen(PVS, self._on_volume)
         inf.listen(PVCS, self._on_claim)
         inf.listen(CLASSES, self._on_class)
-        ctx.pv_controller = self  # so plugins can find us
         metrics.register_collector("pv-collector", metrics.PVCollector(self.pvs, self.pvcs))
+
+    # -- plugins -------------------------------------------------------------------------
+    def use_plugins(self, plugins) -> None:
+        """The wiring's injection: the volume plugins this controller may call."""
+        for plugin in plugins:
+            self.plugins[plugin.name] = plugin
+            plugin.attach(self)
+
+    def retry_claims(self, provisioner: str) -> None:
+        """PluginHost: the plugin for `provisioner` has room again (space freed, a pool
+        appeared): its unbound claims without a volume are synced again."""
+        for cls in self.unbound_by_class.keys():
+            sc = self.classes.get(cls)
+            if sc is None or sc.get("provisioner") != provisioner:
+                continue
+            for key in self.unbound_by_class.get(cls):
+                claim = self.pvcs.get(key)
+                if claim is not None and not (claim.get("spec") or {}).get("volumeName"):
+                    self.claims.add(key)
 
     # -- gather: listeners (Kopf's event handler calls them; they only enqueue keys) -------
     def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
@@ -131,6 +135,8 @@ class PVController:
 
     def _on_claim(self, key: str, old: dict | None, new: dict | None) -> None:
         self.claims.add(key)
+        if new is not None and self._expansion_plugin(new) is not None:
+            self.expansions.add(key)
         obj = new or old or {}
         vol = (obj.get("spec") or {}).get("volumeName")
         if vol:
@@ -179,6 +185,8 @@ class PVController:
                                             controller=self.name, log=log))
                 for _ in range(n)
             ]
+            tasks.append(asyncio.create_task(process(self.expansions, self._sync_expansion_key,
+                                                     controller=self.name, log=log)))
             tasks.append(asyncio.create_task(self._resync()))
             await asyncio.gather(*tasks)
         finally:
@@ -219,14 +227,14 @@ class PVController:
         elif a == ClaimAction.ANNOTATE_PROVISIONER:
             claim = await self._annotate_provisioner(claim, d.provisioner)
         elif a == ClaimAction.PROVISION:
-            plugin = self.provisioners.get(d.provisioner or C.POOL_PROVISIONER)
+            plugin = self.plugins.get(d.provisioner or C.POOL_PROVISIONER)
             if plugin is None:
                 # The pool provisioner is not running (--controllers): say so once.
                 d = replace(d, event=Event(C.WARNING, C.PROVISIONING_FAILED,
                     f'provisioner "{d.provisioner}" is not enabled in this volplane'))
             else:
                 claim = await self._annotate_provisioner(claim, d.provisioner)
-                await plugin(claim, d)
+                await plugin.provision(claim, d.storage_class, d.selected_node)
         self._emit_claim_event(claim, d)
         metrics.sync_total.labels(self.name, "claims", a.name.lower()).inc()
         return None
@@ -343,7 +351,7 @@ class PVController:
                                         status=True, point="bind-4")
         md = claim["metadata"]
         if not was_bound:
-            created = _ts(md.get("creationTimestamp"))
+            created = parse_rfc3339(md.get("creationTimestamp"))
             if created:
                 metrics.claim_bind_seconds.labels(claim_class(claim)).observe(
                     max(0.0, time.time() - created))
@@ -404,16 +412,15 @@ class PVController:
         return None
 
     def _decide_volume(self, pv: dict):
-        return sync_volume(pv, claims=self.pvcs, deleters=set(self.deleters),
-                           recyclers=set(self.recyclers))
+        return sync_volume(pv, claims=self.pvcs, deleters=set(self.plugins),
+                           recyclers=set(self.plugins))
 
     async def _reclaim(self, pv: dict, d) -> None:
         """Hand a Released volume to its deleter/recycler, once at a time per volume."""
         name = pv["metadata"]["name"]
         if name in self._reclaiming:
             return
-        plugins = self.deleters if d.action == VolumeAction.RECLAIM_DELETE else self.recyclers
-        plugin = plugins.get(d.provisioner)
+        plugin = self.plugins.get(d.provisioner or "")
         if plugin is None:
             return
         # Re-check on fresh objects right before the irreversible step.
@@ -423,6 +430,22 @@ class PVController:
             return
         self._reclaiming.add(name)
         try:
-            await plugin(fresh)
+            if d.action == VolumeAction.RECLAIM_DELETE:
+                await plugin.delete(fresh)
+            else:
+                await plugin.recycle(fresh)
         finally:
             self._reclaiming.discard(name)
+
+    # -- expansion ---------------------------------------------------------------------------
+    def _expansion_plugin(self, claim: dict) -> str | None:
+        volume = self.pvs.get((claim.get("spec") or {}).get("volumeName") or "")
+        return sync_expansion(claim, volume, classes=self.classes, expanders=set(self.plugins))
+
+    async def _sync_expansion_key(self, key: str) -> None:
+        claim = self.pvcs.get(key)
+        if claim is None:
+            return
+        name = self._expansion_plugin(claim)
+        if name is not None:
+            await self.plugins[name].expand(claim, self.pvs[claim["spec"]["volumeName"]])

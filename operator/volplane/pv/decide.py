@@ -65,6 +65,7 @@ __all__ = [
     "is_volume_released",
     "missing_bind_steps",
     "sync_claim",
+    "sync_expansion",
     "sync_volume",
     "volume_bind_patch",
     "volume_phase_patch",
@@ -645,6 +646,43 @@ def _lost(claim: Mapping[str, Any], reason: str, text: str) -> ClaimDecision:
     return ClaimDecision(
         ClaimAction.SET_LOST, text, phase=c.CLAIM_LOST, event=Event(c.WARNING, reason, text)
     )
+
+
+# --- expansion ---------------------------------------------------------------------------
+
+
+def sync_expansion(
+    claim: Mapping[str, Any],
+    volume: Mapping[str, Any] | None,
+    *,
+    classes: Mapping[str, Mapping[str, Any]],
+    expanders: AbstractSet[str],
+) -> str | None:
+    """Which plugin must grow ``volume`` to its claim's request, or None.
+
+    A Bound claim asks for more than its volume holds (``spec.capacity``) or than its
+    status records (an expansion interrupted between the volume and the claim), its
+    class allows expansion, and the volume belongs to a plugin among ``expanders``
+    (provisioned-by, then CSI driver). The API server refuses a larger request for a
+    class without ``allowVolumeExpansion``, so that check only guards odd histories.
+    """
+    if volume is None or _phase(claim) != c.CLAIM_BOUND:
+        return None
+    if (_spec(claim).get("volumeName") or "") != _name(volume):
+        return None
+    storage_class = classes.get(claim_class(claim))
+    if storage_class is None or not storage_class.get("allowVolumeExpansion"):
+        return None
+    plugin = _plugin_for(volume, expanders)
+    if plugin is None:
+        return None
+    recorded = (_status(claim).get("capacity") or {}).get("storage") or "0"
+    try:
+        want = claim_request(claim)
+        grown = want > volume_capacity(volume) or want > parse_quantity(recorded)
+    except ValueError:
+        return None
+    return plugin if grown else None
 
 
 # --- the volume state machine -------------------------------------------------------------

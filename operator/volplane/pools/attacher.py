@@ -15,7 +15,7 @@ detach (deletionTimestamp set, our finalizer present)
     1. ``status.attached: false`` (the device is gone);
     2. remove the finalizer: the attachment disappears and its slot with it.
 
-The slot ledger is the VolumeAttachments themselves (``state.slots_in_use``): a slot is
+The slot ledger is the VolumeAttachments themselves (``slots.slots_in_use``): a slot is
 held from write 2 until the attachment is gone. Crash safety:
 - a crash after attach write 2 leaves the slot recorded: the restart finds it on the
   attachment and reuses it, so no slot leaks and none is handed out twice;
@@ -53,35 +53,17 @@ from ..kinds import (
 from ..kube import ApiError
 from ..objects import now_rfc3339, rv_int
 from ..workqueue import WorkQueue, process
-from . import state as S
+from . import slots as S
+from .placement import pool_nodes
 
 log = logs.get("pool-attacher")
 COMPONENT = "pool-attacher"
 VA_PATH = VOLUME_ATTACHMENTS.path()
 
-try:  # the pool engineers' definition of "the nodes a pool reaches"
-    from ..pools.ledger import pool_nodes as _pool_nodes
-except ImportError:  # pragma: no cover - before pools/ledger.py exists
-    _pool_nodes = None
-
-
 def pool_reaches(pool: dict, node_name: str, nodes) -> bool:
     """Whether `pool` is attached to the (existing, not deleting) node `node_name`."""
     node = nodes.get(node_name)
-    if node is None:
-        return False
-    if _pool_nodes is not None:
-        return bool(_pool_nodes(pool, {node_name: node}))
-    from ..selectors import match_label_selector
-    spec = (pool.get("spec") or {}).get("nodes") or {}
-    if (node.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    if node_name in (spec.get("names") or ()):
-        return True
-    sel = spec.get("selector")
-    if sel and (sel.get("matchLabels") or sel.get("matchExpressions")):
-        return match_label_selector(sel, (node.get("metadata") or {}).get("labels") or {})
-    return False
+    return node is not None and bool(pool_nodes(pool, {node_name: node}))
 
 
 class PoolAttacher:

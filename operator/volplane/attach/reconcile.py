@@ -1,0 +1,210 @@
+"""The Attach/Detach controller's reconciler: pure; the controller passes `now` in.
+
+Reconcile
+---------
+``reconcile`` returns detaches first, then attaches, like upstream's
+reconciler: a volume moving to another node is detached from the old one
+before it is attached to the new one. Detach rules (safe detach):
+
+* the Node object is gone                      -> detach now ("node-deleted");
+* the node has ``node.kubernetes.io/out-of-service`` -> detach now, forced;
+* the node lists the volume in ``status.volumesInUse`` -> wait, unless the node
+  is NotReady and the maximum wait for unmount has passed (forced "timeout");
+* otherwise                                    -> detach.
+
+A ReadWriteOnce/ReadWriteOncePod volume (no RWX/ROX mode; a PV without access
+modes allows multi-attach, as upstream) is never attached to a second node:
+the pods that want it elsewhere get upstream's ``Multi-Attach error`` once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from volplane.objects import spec as _spec
+from volplane.objects import status as _status
+
+from .actual import Actual, AState
+from .desired import Desired, PodRef, VolumeRef
+
+OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
+
+
+# -- node predicates -----------------------------------------------------------------------
+
+def node_ready(node: Mapping | None) -> bool:
+    """upstream nodeutil.IsNodeReady: the Ready condition is True (no condition: not ready)."""
+    for c in _status(node).get("conditions") or ():
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+def node_out_of_service(node: Mapping | None) -> bool:
+    return any(t.get("key") == OUT_OF_SERVICE_TAINT for t in _spec(node).get("taints") or ())
+
+
+def volumes_in_use(node: Mapping | None) -> set[str]:
+    return set(_status(node).get("volumesInUse") or ())
+
+
+# -- reconcile -----------------------------------------------------------------------------
+class OpKind(StrEnum):
+    DETACH = "detach"                  # delete the VolumeAttachment (after the node report)
+    WAIT_UNMOUNT = "wait-unmount"      # not desired, but the node still uses it
+    ATTACH = "attach"                  # create the VolumeAttachment
+    WAIT = "wait"                      # desired; an attach/detach is under way
+    MULTI_ATTACH = "multi-attach"      # desired, but attached to another node (RWO/RWOP)
+    ATTACH_FAILED = "attach-failed"    # the attacher reports status.attachError
+    DETACH_FAILED = "detach-failed"    # the attacher reports status.detachError
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: OpKind
+    pv_name: str
+    node: str
+    volume: VolumeRef | None = None
+    va_name: str | None = None
+    reason: str = ""                    # detach: normal/node-deleted/out-of-service/timeout
+    forced: str | None = None           # forced-detach reason (metric), None if safe
+    since: float | None = None          # WAIT_UNMOUNT: when the detach was first wanted
+    retry_at: float | None = None       # when a timed wait must be looked at again
+    events: tuple[tuple[PodRef, str], ...] = ()   # (pod, message) to post as Warning events
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.pv_name, self.node)
+
+
+def attach_failed_message(pv_name: str, error: str) -> str:
+    """upstream: GenerateError("AttachVolume.Attach failed", err) simple message."""
+    return f'AttachVolume.Attach failed for volume "{pv_name}" : {error}'
+
+
+def detach_failed_message(pv_name: str, error: str) -> str:
+    return f'DetachVolume.Detach failed for volume "{pv_name}" : {error}'
+
+
+def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) -> str:
+    """upstream reconciler.reportMultiAttachError: name only pods of the pod's namespace."""
+    others = list(others)
+    if not others:
+        return (f'Multi-Attach error for volume "{pv_name}" Volume is already exclusively '
+                "attached to one node and can't be attached to another")
+    local = [p.name for p in others if p.namespace == pod.namespace]
+    foreign = len(others) - len(local)
+    if local:
+        msg = f"Volume is already used by pod(s) {', '.join(local)}"
+        if foreign:
+            msg = f"{msg} and {foreign} pod(s) in different namespaces"
+    else:
+        msg = f"Volume is already used by {foreign} pod(s) in different namespaces"
+    return f'Multi-Attach error for volume "{pv_name}" {msg}'
+
+
+def _detach_decision(a: Actual, nodes: Mapping[str, Mapping], now: float, max_wait: float,
+                     detach_requested: Mapping[tuple[str, str], float]) -> Op:
+    node = nodes.get(a.node)
+    base = dict(pv_name=a.pv_name, node=a.node, va_name=a.va_name)
+    if node is None:
+        return Op(OpKind.DETACH, reason="node-deleted", forced="node-deleted", **base)
+    since = detach_requested.get(a.key, now)
+    expired = now - since > max_wait
+    healthy = node_ready(node)
+    if node_out_of_service(node):
+        return Op(OpKind.DETACH, reason="out-of-service", forced="out-of-service", **base)
+    mounted = a.unique_name is not None and a.unique_name in volumes_in_use(node)
+    if mounted and not (expired and not healthy):
+        retry = None if healthy else since + max_wait
+        return Op(OpKind.WAIT_UNMOUNT, reason="in-use", since=since, retry_at=retry, **base)
+    if mounted:
+        return Op(OpKind.DETACH, reason="timeout", forced="timeout", **base)
+    return Op(OpKind.DETACH, reason="normal", **base)
+
+
+def _attach_order(d: Desired) -> tuple:
+    """Who gets an exclusive volume first: the node whose oldest pod is oldest."""
+    return (min((p.created or "~" for p in d.pods), default="~"), d.node)
+
+
+def reconcile(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, str], Actual],
+              nodes: Mapping[str, Mapping], now: float, max_wait: float,
+              detach_requested: Mapping[tuple[str, str], float] | None = None) -> list[Op]:
+    """Drive the actual state toward the desired one: detach ops first, then attach ops.
+
+    `detach_requested` remembers since when each not-desired attachment has been
+    waiting for unmount (the caller keeps the `since` of the WAIT_UNMOUNT ops it gets
+    back, and forgets the rest); `now` and it are on the same clock. `dsw` and `asw`
+    may cover only some volumes, but then all entries of those volumes."""
+    detach_requested = detach_requested or {}
+    ops: list[Op] = []
+    detaching_now: set[tuple[str, str]] = set()
+
+    # 1. detaches
+    for key in sorted(asw):
+        a = asw[key]
+        if key in dsw:
+            continue
+        if a.state is AState.DETACHING:
+            if a.detach_error:
+                ops.append(Op(OpKind.DETACH_FAILED, a.pv_name, a.node, va_name=a.va_name,
+                              reason=detach_failed_message(a.pv_name, a.detach_error)))
+            continue
+        op = _detach_decision(a, nodes, now, max_wait, detach_requested)
+        if op.kind is OpKind.DETACH:
+            detaching_now.add(key)
+        ops.append(op)
+
+    # 2. attaches
+    on_nodes: dict[str, set[str]] = {}   # pv -> nodes it is (being) attached to
+    for key, a in asw.items():
+        if key not in detaching_now:
+            on_nodes.setdefault(a.pv_name, set()).add(a.node)
+    for d in sorted(dsw.values(), key=_attach_order):
+        a = asw.get(d.key)
+        base = dict(pv_name=d.volume.pv_name, node=d.node, volume=d.volume)
+        if a is not None:
+            if a.state is AState.ATTACHING and a.attach_error:
+                msg = attach_failed_message(d.volume.pv_name, a.attach_error)
+                ops.append(Op(OpKind.ATTACH_FAILED, va_name=a.va_name, reason=a.attach_error,
+                              events=tuple((p, msg) for p in d.pods), **base))
+            elif a.state is not AState.ATTACHED:
+                ops.append(Op(OpKind.WAIT, va_name=a.va_name, reason=a.state.value, **base))
+            continue
+        if not d.volume.multi_attach:
+            others = on_nodes.get(d.volume.pv_name, set()) - {d.node}
+            # the same volume being detached (this pass or earlier) elsewhere: just wait
+            elsewhere = [asw.get((d.volume.pv_name, n)) for n in others]
+            blocking = [x for x in elsewhere if x is None or x.state is not AState.DETACHING]
+            if blocking:
+                users = sorted({p for n in others
+                                if (there := dsw.get((d.volume.pv_name, n))) is not None
+                                for p in there.pods})
+                ev = tuple((p, multi_attach_message(d.volume.pv_name, p, users))
+                           for p in d.pods)
+                ops.append(Op(OpKind.MULTI_ATTACH, reason="multi-attach", events=ev,
+                              **base))
+                continue
+            if others or any(k[0] == d.volume.pv_name for k in detaching_now):
+                ops.append(Op(OpKind.WAIT, reason="detaching-elsewhere", **base))
+                continue
+        ops.append(Op(OpKind.ATTACH, va_name=d.volume.attachment_name(d.node), **base))
+        on_nodes.setdefault(d.volume.pv_name, set()).add(d.node)
+    return ops
+
+
+def volume_attachment_body(volume: VolumeRef, node: str) -> dict:
+    """The VolumeAttachment upstream's csiAttacher.Attach creates."""
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "VolumeAttachment",
+        "metadata": {"name": volume.attachment_name(node)},
+        "spec": {
+            "attacher": volume.driver,
+            "nodeName": node,
+            "source": {"persistentVolumeName": volume.pv_name},
+        },
+    }

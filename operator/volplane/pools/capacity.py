@@ -1,0 +1,181 @@
+"""What the pool provisioner publishes: each pool's status, and the CSIStorageCapacity
+objects kube-scheduler reads. Pure: the publisher writes what these return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from volplane.objects import md as _meta
+from volplane.objects import name as _name
+from volplane.objects import spec as _spec
+from volplane.quantity import format_quantity
+
+from .ledger import Ledger
+from .parameters import ParameterError, parse_class_parameters
+from .placement import (
+    HOSTNAME_LABEL,
+    hostnames,
+    missing_nodes,
+    pool_capacity,
+    pool_nodes,
+    topology_nodes,
+)
+from .records import MANAGED_BY, PROVISIONER
+
+
+def _q(n: int) -> str:
+    """A byte count for humans: exact binary units when possible ("19Gi")."""
+    return format_quantity(n)
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _condition(type_: str, ok: bool, reason: str, message: str, generation: int | None,
+               previous: Mapping[str, Mapping[str, Any]], now: str) -> dict:
+    status = "True" if ok else "False"
+    prev = previous.get(type_) or {}
+    since = prev.get("lastTransitionTime") if prev.get("status") == status else None
+    cond = {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since or now}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def _sizes(pool_name: str, allocations: Iterable[Any]) -> list[int]:
+    out = []
+    for a in allocations:
+        if isinstance(a, Mapping):
+            spec = _spec(a)
+            if spec.get("pool") == pool_name:
+                out.append(int(spec.get("sizeBytes") or 0))
+        else:
+            out.append(int(a))
+    return out
+
+
+def pool_status(pool: Mapping[str, Any], allocations: Iterable[Any],
+                nodes: Mapping[str, Mapping[str, Any]], *, now: str | None = None) -> dict:
+    """The status to write on a pool.
+
+    `allocations`: this pool's allocation sizes in bytes (ints), or StorageAllocation
+    records (those of other pools are skipped). Conditions keep their
+    lastTransitionTime while their status is unchanged, so an unchanged pool produces an
+    identical dict (the caller writes only when it differs).
+    """
+    now = now or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    name = _name(pool)
+    generation = _meta(pool).get("generation")
+    sizes = _sizes(name, allocations)
+    capacity = pool_capacity(pool)
+    allocated = sum(sizes)
+    attached = pool_nodes(pool, nodes)
+    missing = missing_nodes(pool, nodes)
+    previous = {c.get("type"): c for c in (pool.get("status") or {}).get("conditions") or ()}
+    cap = capacity or 0
+    status: dict[str, Any] = {
+        "capacity": _q(cap),
+        "allocated": _q(allocated),
+        "available": _q(max(0, cap - allocated)),
+        "capacityBytes": cap,
+        "allocatedBytes": allocated,
+        "availableBytes": max(0, cap - allocated),
+        "volumeCount": len(sizes),
+        "nodeCount": len(attached),
+        "nodes": attached,
+    }
+    if generation is not None:
+        status["observedGeneration"] = generation
+    if capacity is None:
+        ready = (False, "InvalidCapacity", f"spec.capacity {_spec(pool).get('capacity')!r} "
+                                           "is not a positive quantity")
+    elif not attached:
+        ready = (False, "NoNodes", "the pool is attached to no existing node")
+    elif _meta(pool).get("deletionTimestamp"):
+        ready = (False, "Deleting", "the pool is being deleted")
+    else:
+        ready = (True, "NodesReachable", f"attached to {len(attached)} node(s)")
+    problems = []
+    if missing:
+        problems.append(("NodesMissing", f"node(s) not found: {', '.join(missing)}"))
+    if capacity is not None and allocated > capacity:
+        problems.append(("OverCommitted", f"{_q(allocated)} allocated exceeds the capacity "
+                                          f"{_q(capacity)}"))
+    degraded = ((True, problems[0][0], "; ".join(m for _, m in problems)) if problems
+                else (False, "AsExpected", "all named nodes exist"))
+    status["conditions"] = [
+        _condition("Ready", *ready, generation, previous, now),
+        _condition("Degraded", *degraded, generation, previous, now),
+    ]
+    return status
+
+
+def status_differs(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Does writing `desired` change anything in `current` (the pool's status)?"""
+    current = current or {}
+    return any(current.get(k) != v for k, v in desired.items())
+
+
+# --- capacity for the scheduler ------------------------------------------------------------
+
+
+def capacity_object_name(pool: str, storage_class: str) -> str:
+    """Deterministic CSIStorageCapacity name for (pool, class)."""
+    digest = hashlib.sha256(f"{pool}\0{storage_class}".encode()).hexdigest()[:16]
+    return f"sp-{digest}"
+
+
+def capacity_objects(pools: Mapping[str, Mapping[str, Any]],
+                     classes: Mapping[str, Mapping[str, Any]], ledger: Ledger,
+                     nodes: Mapping[str, Mapping[str, Any]], namespace: str) -> dict[str, dict]:
+    """The CSIStorageCapacity objects to publish: one per (pool, class using the pool).
+
+    nodeTopology selects the pool's nodes (within the class's allowedTopologies) by
+    hostname; capacity and maximumVolumeSize are the pool's free space. Classes with
+    invalid parameters and pools without nodes or with an invalid capacity get none:
+    the scheduler then sees no capacity there, which is the truth.
+    """
+    out: dict[str, dict] = {}
+    for class_name in sorted(classes):
+        sc = classes[class_name]
+        if sc.get("provisioner") != PROVISIONER:
+            continue
+        try:
+            params = parse_class_parameters(sc.get("parameters"))
+        except ParameterError:
+            continue
+        for pool_name in sorted(pools):
+            pool = pools[pool_name]
+            if not params.selects(pool) or _meta(pool).get("deletionTimestamp"):
+                continue
+            capacity = pool_capacity(pool)
+            if capacity is None:
+                continue
+            usable = topology_nodes(pool_nodes(pool, nodes), nodes, sc.get("allowedTopologies"))
+            if not usable:
+                continue
+            free = _q(ledger.available(pool_name, capacity))
+            name = capacity_object_name(pool_name, class_name)
+            out[name] = {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "CSIStorageCapacity",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": {MANAGED_BY: "volplane", "volplane.io/driver": PROVISIONER},
+                    "annotations": {"volplane.io/pool": pool_name,
+                                    "volplane.io/storage-class": class_name},
+                },
+                "storageClassName": class_name,
+                "nodeTopology": {"matchExpressions": [
+                    {"key": HOSTNAME_LABEL, "operator": "In",
+                     "values": hostnames(usable, nodes)}]},
+                "capacity": free,
+                "maximumVolumeSize": free,
+            }
+    return out

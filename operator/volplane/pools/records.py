@@ -1,0 +1,111 @@
+"""The objects the pool driver writes, their names and where they live. Pure.
+
+A claim ``C`` with uid ``U`` gets the StorageAllocation record ``pvc-U`` and the PV
+``pvc-U`` (external-provisioner's naming): one name per claim makes every write of
+provisioning repeatable after a crash. A pool volume's ``volumeHandle`` is
+``<pool>/<pv name>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from volplane.kinds import ALLOCATIONS, POOLS
+from volplane.pv import constants as C
+from volplane.quantity import format_quantity
+
+PROVISIONER = "pool.volplane.io"
+API_VERSION = ALLOCATIONS.api_version
+MANAGED_BY = "app.kubernetes.io/managed-by"
+FINALIZER = "volplane.io/allocation"
+PV_PROTECTION = "kubernetes.io/pv-protection"
+ANN_POOL = "volplane.io/pool"
+
+
+def alloc_path(name: str = "") -> str:
+    return ALLOCATIONS.path(name)
+
+
+def pool_path(name: str, sub: str = "") -> str:
+    return POOLS.path(name, sub=sub)
+
+
+def capacity_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/storage.k8s.io/v1/namespaces/{namespace}/csistoragecapacities"
+    return f"{base}/{name}" if name else base
+
+
+def volume_name(claim: dict) -> str:
+    """The PV (and allocation record) name for a claim, as external-provisioner names it."""
+    return f"pvc-{claim['metadata']['uid']}"
+
+
+def pool_of_volume(pv: dict) -> str | None:
+    """The pool a PV of ours lives in: volumeHandle is "<pool>/<pv name>"."""
+    handle = ((pv.get("spec") or {}).get("csi") or {}).get("volumeHandle") or ""
+    pool, sep, _ = handle.partition("/")
+    return pool if sep else None
+
+
+def is_ours(pv: dict) -> bool:
+    ann = (pv.get("metadata") or {}).get("annotations") or {}
+    driver = ((pv.get("spec") or {}).get("csi") or {}).get("driver")
+    return ann.get(C.ANN_PROVISIONED_BY) == PROVISIONER or driver == PROVISIONER
+
+
+def build_allocation(claim: dict, storage_class: str, pool: str, size: int,
+                     node: str | None) -> dict:
+    md = claim["metadata"]
+    spec: dict[str, Any] = {
+        "pool": pool,
+        "sizeBytes": size,
+        "claim": {"namespace": md["namespace"], "name": md["name"], "uid": md["uid"]},
+        "storageClassName": storage_class,
+    }
+    if node:
+        spec["node"] = node
+    labels = {MANAGED_BY: "volplane"}
+    if len(pool) <= 63:
+        labels[ANN_POOL] = pool
+    return {"apiVersion": API_VERSION, "kind": "StorageAllocation",
+            "metadata": {"name": volume_name(claim), "labels": labels}, "spec": spec}
+
+
+def build_pv(claim: dict, storage_class: dict, pool: str, size: int, affinity: dict,
+             fs_type: str | None) -> dict:
+    """The PV for a claim: CSI source of our driver, pre-bound to the claim."""
+    md = claim["metadata"]
+    cspec = claim.get("spec") or {}
+    name = volume_name(claim)
+    volume_mode = cspec.get("volumeMode") or C.FILESYSTEM
+    csi: dict[str, Any] = {
+        "driver": PROVISIONER,
+        "volumeHandle": f"{pool}/{name}",
+        "volumeAttributes": {"pool": pool, "storage.kubernetes.io/csiProvisionerIdentity":
+                             PROVISIONER},
+    }
+    if fs_type and volume_mode == C.FILESYSTEM:
+        csi["fsType"] = fs_type
+    spec: dict[str, Any] = {
+        "capacity": {"storage": format_quantity(size)},
+        "accessModes": list(cspec.get("accessModes") or ["ReadWriteOnce"]),
+        "volumeMode": volume_mode,
+        "storageClassName": storage_class["metadata"]["name"],
+        "persistentVolumeReclaimPolicy": storage_class.get("reclaimPolicy") or C.RECLAIM_DELETE,
+        "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                     "namespace": md["namespace"], "name": md["name"], "uid": md["uid"]},
+        "csi": csi,
+        "nodeAffinity": affinity,
+    }
+    if storage_class.get("mountOptions"):
+        spec["mountOptions"] = list(storage_class["mountOptions"])
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": name,
+            "annotations": {C.ANN_PROVISIONED_BY: PROVISIONER, ANN_POOL: pool},
+            "finalizers": [FINALIZER],
+        },
+        "spec": spec,
+    }
