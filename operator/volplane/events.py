@@ -11,18 +11,14 @@ client-go's EventCorrelator does, instead of creating a new object.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 from dataclasses import dataclass
 
 from . import logs, metrics
 from .kube import ApiError, Kube
+from .objects import now_rfc3339
 
 log = logs.get("events")
-
-
-def _now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -88,7 +84,7 @@ class EventRecorder:
         md = obj.get("metadata", {})
         ns = md.get("namespace") or "default"
         seen = self.seen.get(key)
-        ts = _now_rfc3339()
+        ts = now_rfc3339()
         if seen and seen.name:
             seen.count += 1
             try:

@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 from .kube import ApiError, Kube, pvc_path
+from .pv.constants import POOL_PROVISIONER
 from .pv.decide import ClaimAction, sync_claim
 from .pv.index import VolumeIndex
 
@@ -41,7 +42,8 @@ def render(claim: dict, index: VolumeIndex, classes: dict) -> str:
     lines.append(f"  requests {req}, class {spec.get('storageClassName')!r}, "
                  f"accessModes {spec.get('accessModes')}, "
                  f"volumeMode {spec.get('volumeMode') or 'Filesystem'}")
-    d = sync_claim(claim, index=index, classes=classes)
+    # A dry run: volplane's own pool provisioner counts as enabled.
+    d = sync_claim(claim, index=index, classes=classes, provisioners={POOL_PROVISIONER})
     lines.append(f"decision: {d.action.name}"
                  + (f" volume {d.volume_name}" if d.volume_name else "")
                  + (f" provisioner {d.provisioner}" if getattr(d, 'provisioner', None) else ""))

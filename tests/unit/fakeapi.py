@@ -68,7 +68,8 @@ class FakeApi:
         self.rv = itertools.count(100)
         self.uids = itertools.count(1)
         self.calls: list[tuple[str, str]] = []   # (verb, path) of every request
-        self._synced: dict[str, str] = {}        # object path -> rv the informers saw
+        # informers -> (object path -> rv they saw): each process has its own watch
+        self._synced: dict[int, dict[str, str]] = {}
         self._crash_in: int | None = None
         self._failures: list[tuple[str, str, int]] = []
         self.delay = 0.0                         # seconds every write takes (interleaving)
@@ -211,19 +212,20 @@ class FakeApi:
         """Feed the informers what changed since the last sync; returns how many events."""
         watched = {k.plural for k in informers.kinds.values()}
         only = {k.plural for k in kinds} if kinds is not None else watched
+        seen = self._synced.setdefault(id(informers), {})
         n = 0
         for path, obj in list(self.objects.items()):
             kind = _kind_of(path.rsplit("/", 1)[0])
             if kind is None or kind.plural not in only & watched:
                 continue
             rv = obj["metadata"]["resourceVersion"]
-            if self._synced.get(path) != rv:
-                self._synced[path] = rv
+            if seen.get(path) != rv:
+                seen[path] = rv
                 informers.feed(copy.deepcopy(obj), kind)
                 n += 1
-        for path in [p for p in self._synced if p not in self.objects]:
+        for path in [p for p in seen if p not in self.objects]:
             kind = _kind_of(path.rsplit("/", 1)[0])
-            del self._synced[path]
+            del seen[path]
             if kind is not None and kind.plural in only & watched:
                 parts = path.split("/")
                 ns = parts[parts.index("namespaces") + 1] if "namespaces" in parts else None

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from volplane.objects import md as _meta
-from volplane.objects import name as _name
 from volplane.objects import spec as _spec
 from volplane.quantity import format_quantity
 
@@ -47,31 +45,17 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int 
     return cond
 
 
-def _sizes(pool_name: str, allocations: Iterable[Any]) -> list[int]:
-    out = []
-    for a in allocations:
-        if isinstance(a, Mapping):
-            spec = _spec(a)
-            if spec.get("pool") == pool_name:
-                out.append(int(spec.get("sizeBytes") or 0))
-        else:
-            out.append(int(a))
-    return out
-
-
-def pool_status(pool: Mapping[str, Any], allocations: Iterable[Any],
-                nodes: Mapping[str, Mapping[str, Any]], *, now: str | None = None) -> dict:
+def pool_status(pool: Mapping[str, Any], sizes: Iterable[int],
+                nodes: Mapping[str, Mapping[str, Any]], *, now: str) -> dict:
     """The status to write on a pool.
 
-    `allocations`: this pool's allocation sizes in bytes (ints), or StorageAllocation
-    records (those of other pools are skipped). Conditions keep their
-    lastTransitionTime while their status is unchanged, so an unchanged pool produces an
-    identical dict (the caller writes only when it differs).
+    `sizes`: the pool's allocations in bytes (from the ledger); `now`: the RFC 3339 time
+    a condition that changes status gets. Conditions keep their lastTransitionTime while
+    their status is unchanged, so an unchanged pool produces an identical dict (the
+    caller writes only when it differs).
     """
-    now = now or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    name = _name(pool)
     generation = _meta(pool).get("generation")
-    sizes = _sizes(name, allocations)
+    sizes = list(sizes)
     capacity = pool_capacity(pool)
     allocated = sum(sizes)
     attached = pool_nodes(pool, nodes)

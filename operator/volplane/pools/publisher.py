@@ -21,6 +21,7 @@ import time
 
 from .. import logs, metrics
 from ..kube import ApiError
+from ..objects import now_rfc3339
 from ..pv.plugins import PluginHost
 from .capacity import capacity_objects, pool_status, status_differs
 from .context import PoolContext
@@ -84,7 +85,8 @@ class Publisher:
 
     async def _write_statuses(self) -> None:
         for name, pool in list(self.pools.items()):
-            desired = pool_status(pool, self.ledger.sizes(name), self.nodes)
+            desired = pool_status(pool, self.ledger.sizes(name), self.nodes,
+                                  now=now_rfc3339())
             if not status_differs(pool.get("status"), desired):
                 continue
             try:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from dataclasses import replace
 
 from .. import faults, logs, metrics
 from ..context import Context
@@ -39,20 +38,15 @@ from ..objects import key_of, parse_rfc3339, ref_key, rv_int
 from ..workqueue import WorkQueue, process
 from . import constants as C
 from .decide import (
-    BindStep,
     ClaimAction,
-    Event,
-    VolumeAction,
-    claim_bind_patch,
-    claim_status_patch,
+    PatchClaim,
+    PatchVolume,
+    Provision,
+    Reclaim,
     is_volume_released,
-    missing_bind_steps,
     sync_claim,
     sync_expansion,
     sync_volume,
-    volume_bind_patch,
-    volume_phase_patch,
-    volume_unbind_patch,
 )
 from .index import VolumeIndex, claim_class, volume_class
 from .plugins import VolumePlugin
@@ -211,33 +205,33 @@ class PVController:
             self._explained.pop(key, None)
             return None
         self._refresh_index()
-        d = sync_claim(claim, index=self.index, classes=self.classes)
-        a = d.action
-        if a == ClaimAction.BIND:
-            await self.bind(claim, d.volume_name)
-        elif a == ClaimAction.SET_BOUND:
-            volume = self.pvs.get(d.volume_name or claim["spec"].get("volumeName"))
-            await self._patch_claim(claim, claim_status_patch(claim, C.CLAIM_BOUND, volume),
-                                    status=True)
-        elif a in (ClaimAction.SET_PENDING, ClaimAction.SET_LOST):
-            phase = "Pending" if a == ClaimAction.SET_PENDING else "Lost"
-            await self._patch_claim(claim, claim_status_patch(claim, phase, None), status=True)
-        elif a == ClaimAction.ASSIGN_DEFAULT_CLASS:
-            await self._patch_claim(claim, {"spec": {"storageClassName": d.storage_class}})
-        elif a == ClaimAction.ANNOTATE_PROVISIONER:
-            claim = await self._annotate_provisioner(claim, d.provisioner)
-        elif a == ClaimAction.PROVISION:
-            plugin = self.plugins.get(d.provisioner or C.POOL_PROVISIONER)
-            if plugin is None:
-                # The pool provisioner is not running (--controllers): say so once.
-                d = replace(d, event=Event(C.WARNING, C.PROVISIONING_FAILED,
-                    f'provisioner "{d.provisioner}" is not enabled in this volplane'))
-            else:
-                claim = await self._annotate_provisioner(claim, d.provisioner)
-                await plugin.provision(claim, d.storage_class, d.selected_node)
+        d = sync_claim(claim, index=self.index, classes=self.classes,
+                       provisioners=set(self.plugins))
+        if d.writes:
+            volume = self.index.get(d.volume_name) if d.volume_name else None
+            was_bound = (claim.get("status") or {}).get("phase") == C.CLAIM_BOUND
+            t0 = time.monotonic()
+            claim, _ = await self._apply(d.writes, claim, volume)
+            self._log_claim(claim, d, t0, was_bound)
         self._emit_claim_event(claim, d)
-        metrics.sync_total.labels(self.name, "claims", a.name.lower()).inc()
+        metrics.sync_total.labels(self.name, "claims", d.action.name.lower()).inc()
         return None
+
+    def _log_claim(self, claim: dict, d, t0: float, was_bound: bool) -> None:
+        md = claim["metadata"]
+        took = round((time.monotonic() - t0) * 1000, 1)
+        if d.action is not ClaimAction.BIND:
+            log.info(d.action.value, kind="PersistentVolumeClaim", namespace=md["namespace"],
+                     name=md["name"], reason=d.message, writes=len(d.writes), duration_ms=took)
+            return
+        if not was_bound:
+            created = parse_rfc3339(md.get("creationTimestamp"))
+            if created:
+                metrics.claim_bind_seconds.labels(claim_class(claim)).observe(
+                    max(0.0, time.time() - created))
+        log.info("bound", kind="PersistentVolumeClaim", namespace=md["namespace"],
+                 name=md["name"], volume=d.volume_name, action="bind", steps=len(d.steps),
+                 reason=d.message, duration_ms=took)
 
     def _emit_claim_event(self, claim: dict, d) -> None:
         ev = d.event
@@ -279,8 +273,8 @@ class PVController:
             faults.point(point)
         return new
 
-    async def _patch_volume(self, pv: dict, patch: dict | None, *, status: bool = False,
-                            point: str | None = None) -> dict:
+    async def _patch_pv(self, pv: dict, patch: dict | None, *, status: bool = False,
+                        point: str | None = None) -> dict:
         if not patch:
             return pv
         md = pv["metadata"]
@@ -299,15 +293,6 @@ class PVController:
             faults.point(point)
         return new
 
-    async def _annotate_provisioner(self, claim: dict, provisioner: str) -> dict:
-        ann = claim["metadata"].get("annotations") or {}
-        if (ann.get(C.ANN_STORAGE_PROVISIONER) == provisioner
-                and ann.get(C.ANN_BETA_STORAGE_PROVISIONER) == provisioner):
-            return claim
-        return await self._patch_claim(claim, {"metadata": {"annotations": {
-            C.ANN_STORAGE_PROVISIONER: provisioner,
-            C.ANN_BETA_STORAGE_PROVISIONER: provisioner}}})
-
     def _written(self, resource: str, verb: str, obj: dict | None) -> None:
         metrics.api_writes.labels(self.name, resource, verb).inc()
         self._put(resource, obj)
@@ -321,43 +306,41 @@ class PVController:
         else:
             self.pvcs.put(obj)
 
-    # -- bind (the four writes) ----------------------------------------------------------------
-    async def bind(self, claim: dict, volume_name: str) -> None:
-        self._refresh_index()
-        pv = self.index.get(volume_name)
-        if pv is None:
-            return
-        t0 = time.monotonic()
-        steps = missing_bind_steps(pv, claim)
-        was_bound = (claim.get("status") or {}).get("phase") == C.CLAIM_BOUND
+    # -- act: apply exactly the decision's writes ------------------------------------------
+    async def _apply(self, writes, claim: dict | None, pv: dict | None
+                     ) -> tuple[dict | None, dict | None]:
+        """Carry out a decision's writes in order. Each patch carries the resourceVersion
+        of the object it was decided on, or of this decision's previous write to the same
+        object; a 409 means the decision was made on stale data: the object is read
+        again, the key retried, and the decision made anew (never the write forced)."""
+        for w in writes:
+            if isinstance(w, PatchVolume):
+                pv = await self._patch_volume(pv, w)
+            elif isinstance(w, PatchClaim):
+                claim = await self._patch_claim(claim, w.patch, status=w.status,
+                                                point=w.step or None)
+            elif isinstance(w, Provision):
+                await self.plugins[w.provisioner].provision(claim, w.storage_class,
+                                                           w.selected_node)
+            elif isinstance(w, Reclaim):
+                await self._reclaim(pv, w)
+        return claim, pv
 
-        if BindStep.VOLUME_CLAIM_REF in steps:
-            patch = volume_bind_patch(pv, claim)
-            # Assume the PV taken before the write leaves, so no other worker picks it.
-            assumed = copy.deepcopy(pv)
-            assumed.setdefault("spec", {}).update(patch.get("spec") or {})
-            self.index.upsert(assumed)
-            try:
-                pv = await self._patch_volume(pv, patch, point="bind-1")
-            except BaseException:
-                if self.index.get(volume_name) is assumed:
-                    self.index.upsert(self.pvs.get(volume_name) or pv)
-                raise
-        if BindStep.VOLUME_PHASE in steps or BindStep.VOLUME_CLAIM_REF in steps:
-            pv = await self._patch_volume(pv, volume_phase_patch(pv, C.VOLUME_BOUND),
-                                          status=True, point="bind-2")
-        claim = await self._patch_claim(claim, claim_bind_patch(claim, pv), point="bind-3")
-        claim = await self._patch_claim(claim, claim_status_patch(claim, C.CLAIM_BOUND, pv),
-                                        status=True, point="bind-4")
-        md = claim["metadata"]
-        if not was_bound:
-            created = parse_rfc3339(md.get("creationTimestamp"))
-            if created:
-                metrics.claim_bind_seconds.labels(claim_class(claim)).observe(
-                    max(0.0, time.time() - created))
-        log.info("bound", kind="PersistentVolumeClaim", namespace=md["namespace"],
-                 name=md["name"], volume=volume_name, action="bind", steps=len(steps),
-                 duration_ms=round((time.monotonic() - t0) * 1000, 1))
+    async def _patch_volume(self, pv: dict | None, w: PatchVolume) -> dict | None:
+        if pv is None:
+            return None
+        if not w.assume:
+            return await self._patch_pv(pv, w.patch, status=w.status, point=w.step or None)
+        # Assume the PV patched before the write leaves, so no other worker picks it.
+        assumed = copy.deepcopy(pv)
+        assumed.setdefault("spec", {}).update(w.patch.get("spec") or {})
+        self.index.upsert(assumed)
+        try:
+            return await self._patch_pv(pv, w.patch, status=w.status, point=w.step or None)
+        except BaseException:
+            if self.index.get(w.name) is assumed:
+                self.index.upsert(self.pvs.get(w.name) or pv)
+            raise
 
     async def _reread_pv(self, name: str) -> None:
         try:
@@ -387,16 +370,10 @@ class PVController:
             ref = pv["spec"]["claimRef"]
             await self._reread_claim(ref.get("namespace") or "", ref["name"])
             d = self._decide_volume(pv)
-        a = d.action
-        if a == VolumeAction.SET_PHASE:
-            await self._patch_volume(pv, volume_phase_patch(pv, d.phase, d.status_message),
-                                     status=True)
-        elif a == VolumeAction.UNBIND:
-            pv = await self._patch_volume(pv, volume_unbind_patch(pv), point="unbind-1")
-            await self._patch_volume(pv, volume_phase_patch(pv, C.VOLUME_AVAILABLE),
-                                     status=True)
-        elif a in (VolumeAction.RECLAIM_DELETE, VolumeAction.RECLAIM_RECYCLE):
-            await self._reclaim(pv, d)
+        if d.writes:
+            await self._apply(d.writes, None, pv)
+            log.info(d.action.value, kind="PersistentVolume", name=name, phase=d.phase,
+                     reason=d.message, writes=len(d.writes))
         if d.event:
             self.ctx.events.emit(pv, d.event.type, d.event.reason, d.event.message,
                                  component=COMPONENT)
@@ -408,20 +385,20 @@ class PVController:
                                      d.claim_event.message, component=COMPONENT)
         if d.enqueue_claim:
             self.claims.add(d.enqueue_claim)
-        metrics.sync_total.labels(self.name, "volumes", a.name.lower()).inc()
+        metrics.sync_total.labels(self.name, "volumes", d.action.name.lower()).inc()
         return None
 
     def _decide_volume(self, pv: dict):
         return sync_volume(pv, claims=self.pvcs, deleters=set(self.plugins),
                            recyclers=set(self.plugins))
 
-    async def _reclaim(self, pv: dict, d) -> None:
+    async def _reclaim(self, pv: dict | None, w: Reclaim) -> None:
         """Hand a Released volume to its deleter/recycler, once at a time per volume."""
-        name = pv["metadata"]["name"]
-        if name in self._reclaiming:
+        if pv is None:
             return
-        plugin = self.plugins.get(d.provisioner or "")
-        if plugin is None:
+        name = pv["metadata"]["name"]
+        plugin = self.plugins.get(w.provisioner)
+        if name in self._reclaiming or plugin is None:
             return
         # Re-check on fresh objects right before the irreversible step.
         await self._reread_pv(name)
@@ -430,10 +407,10 @@ class PVController:
             return
         self._reclaiming.add(name)
         try:
-            if d.action == VolumeAction.RECLAIM_DELETE:
-                await plugin.delete(fresh)
-            else:
+            if w.recycle:
                 await plugin.recycle(fresh)
+            else:
+                await plugin.delete(fresh)
         finally:
             self._reclaiming.discard(name)
 

@@ -29,13 +29,19 @@ and any inconsistency means data loss (``_sync_bound_claim`` marks the claim Los
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
+from volplane.objects import annotations as _annotations
+from volplane.objects import created as _created
+from volplane.objects import md as _meta
+from volplane.objects import name as _name
+from volplane.objects import phase as _phase
+from volplane.objects import spec as _spec
+from volplane.objects import status as _status
 from volplane.pv import constants as c
 from volplane.pv.index import (
     VolumeIndex,
@@ -57,8 +63,13 @@ __all__ = [
     "ClaimAction",
     "ClaimDecision",
     "Event",
+    "PatchClaim",
+    "PatchVolume",
+    "Provision",
+    "Reclaim",
     "VolumeAction",
     "VolumeDecision",
+    "Write",
     "claim_bind_patch",
     "claim_status_patch",
     "default_class",
@@ -120,6 +131,52 @@ class Event:
 
 
 @dataclass(frozen=True)
+class PatchVolume:
+    """A JSON merge patch of the PV ``name`` (``status``: through its status subresource),
+    sent with the resourceVersion of the PV it was decided on (or of the previous write
+    to the same PV in this decision). ``step`` names the crash point after it
+    (faults.py); ``assume``: the PV counts as patched for other decisions before the
+    write lands (a bind's first write: no other claim may pick the PV meanwhile)."""
+
+    name: str
+    patch: Mapping[str, Any]
+    status: bool = False
+    step: str = ""
+    assume: bool = False
+
+
+@dataclass(frozen=True)
+class PatchClaim:
+    """A JSON merge patch of the claim ``namespace/name``, like PatchVolume."""
+
+    namespace: str
+    name: str
+    patch: Mapping[str, Any]
+    status: bool = False
+    step: str = ""
+
+
+@dataclass(frozen=True)
+class Provision:
+    """Ask the volume plugin ``provisioner`` for a volume for the claim."""
+
+    provisioner: str
+    storage_class: str
+    selected_node: str | None
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    """Ask the volume plugin ``provisioner`` to delete (or recycle) the Released PV."""
+
+    provisioner: str
+    recycle: bool
+
+
+Write = PatchVolume | PatchClaim | Provision | Reclaim
+
+
+@dataclass(frozen=True)
 class ClaimDecision:
     """Outcome of sync_claim.
 
@@ -129,6 +186,7 @@ class ClaimDecision:
     extend its message with ``VolumeIndex.explain(claim, delay_binding=delay_binding)``
     (a full scan, so do it only when the event is actually posted, deduplicated).
     ``delay_binding``: the claim's class is WaitForFirstConsumer (as used for matching).
+    ``writes``: exactly what the effect layer does, in order (nothing else is written).
     """
 
     action: ClaimAction
@@ -142,6 +200,7 @@ class ClaimDecision:
     steps: tuple[BindStep, ...] = ()
     explain: bool = False
     delay_binding: bool = False
+    writes: tuple[Write, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +215,7 @@ class VolumeDecision:
     this decision and run sync_volume again with the fresh claim.
     ``clear_claim_ref`` (UNBIND): remove claimRef entirely (we bound it) instead of only
     its UID (a user pre-bound it).
+    ``writes``: exactly what the effect layer does, in order (nothing else is written).
     """
 
     action: VolumeAction
@@ -168,33 +228,7 @@ class VolumeDecision:
     clear_claim_ref: bool = False
     enqueue_claim: str | None = None
     verify_claim: bool = False
-
-
-# --- small accessors ---------------------------------------------------------------------
-
-
-def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("metadata") or {}
-
-
-def _spec(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("spec") or {}
-
-
-def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("status") or {}
-
-
-def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
-    return _meta(obj).get("annotations") or {}
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return _meta(obj).get("name", "")
-
-
-def _phase(obj: Mapping[str, Any]) -> str:
-    return _status(obj).get("phase") or ""
+    writes: tuple[Write, ...] = ()
 
 
 # --- write planning (pure; the effect layer applies these as JSON merge patches) --------
@@ -327,6 +361,87 @@ def missing_bind_steps(volume: Mapping[str, Any], claim: Mapping[str, Any]) -> t
     return tuple(steps)
 
 
+# --- the writes of a decision -----------------------------------------------------------------
+
+
+def _claim_patch(claim: Mapping[str, Any], patch: Mapping[str, Any] | None, *,
+                 status: bool = False, step: str = "") -> tuple[Write, ...]:
+    if not patch:
+        return ()
+    meta = _meta(claim)
+    return (PatchClaim(meta.get("namespace") or "", _name(claim), patch, status, step),)
+
+
+def _provisioner_patch(claim: Mapping[str, Any], provisioner: str) -> dict | None:
+    """Both storage-provisioner annotations (upstream setClaimProvisioner)."""
+    annotations = _annotations(claim)
+    if (annotations.get(c.ANN_STORAGE_PROVISIONER) == provisioner
+            and annotations.get(c.ANN_BETA_STORAGE_PROVISIONER) == provisioner):
+        return None
+    return {"metadata": {"annotations": {c.ANN_STORAGE_PROVISIONER: provisioner,
+                                         c.ANN_BETA_STORAGE_PROVISIONER: provisioner}}}
+
+
+def _bind_writes(volume: Mapping[str, Any], claim: Mapping[str, Any],
+                 steps: tuple[BindStep, ...]) -> tuple[Write, ...]:
+    """The four writes of a bind that are still missing, in upstream's order."""
+    name = _name(volume)
+    out: list[Write] = []
+    if BindStep.VOLUME_CLAIM_REF in steps:
+        out.append(PatchVolume(name, volume_bind_patch(volume, claim) or {}, step="bind-1",
+                               assume=True))
+    if BindStep.VOLUME_PHASE in steps:
+        out.append(PatchVolume(name, volume_phase_patch(volume, c.VOLUME_BOUND) or {},
+                               status=True, step="bind-2"))
+    if BindStep.CLAIM_VOLUME_NAME in steps:
+        out += _claim_patch(claim, claim_bind_patch(claim, volume), step="bind-3")
+    if BindStep.CLAIM_STATUS in steps:
+        out += _claim_patch(claim, claim_status_patch(claim, c.CLAIM_BOUND, volume),
+                            status=True, step="bind-4")
+    return tuple(out)
+
+
+def _with_claim_writes(
+    d: ClaimDecision, claim: Mapping[str, Any], index: VolumeIndex
+) -> ClaimDecision:
+    a = d.action
+    volume = index.get(d.volume_name) if d.volume_name else None
+    writes: tuple[Write, ...] = ()
+    if a is ClaimAction.BIND and volume is not None:
+        writes = _bind_writes(volume, claim, d.steps)
+    elif a is ClaimAction.SET_BOUND and volume is not None:
+        writes = _claim_patch(claim, claim_status_patch(claim, c.CLAIM_BOUND, volume),
+                              status=True, step="bind-4")
+    elif a in (ClaimAction.SET_PENDING, ClaimAction.SET_LOST):
+        writes = _claim_patch(claim, claim_status_patch(claim, d.phase or "", None),
+                              status=True)
+    elif a is ClaimAction.ASSIGN_DEFAULT_CLASS:
+        writes = _claim_patch(claim, {"spec": {"storageClassName": d.storage_class}})
+    elif a is ClaimAction.ANNOTATE_PROVISIONER:
+        writes = _claim_patch(claim, _provisioner_patch(claim, d.provisioner or ""))
+    elif a is ClaimAction.PROVISION:
+        provisioner = d.provisioner or ""
+        writes = (*_claim_patch(claim, _provisioner_patch(claim, provisioner)),
+                  Provision(provisioner, d.storage_class or "", d.selected_node))
+    return replace(d, writes=writes)
+
+
+def _with_volume_writes(d: VolumeDecision, volume: Mapping[str, Any]) -> VolumeDecision:
+    name = _name(volume)
+    writes: tuple[Write, ...] = ()
+    if d.action is VolumeAction.SET_PHASE:
+        patch = volume_phase_patch(volume, d.phase or "", d.status_message)
+        writes = (PatchVolume(name, patch, status=True),) if patch else ()
+    elif d.action is VolumeAction.UNBIND:
+        writes = (PatchVolume(name, volume_unbind_patch(volume), step="unbind-1"),)
+        patch = volume_phase_patch(volume, c.VOLUME_AVAILABLE)
+        if patch:
+            writes += (PatchVolume(name, patch, status=True),)
+    elif d.action in (VolumeAction.RECLAIM_DELETE, VolumeAction.RECLAIM_RECYCLE):
+        writes = (Reclaim(d.provisioner or "", d.action is VolumeAction.RECLAIM_RECYCLE),)
+    return replace(d, writes=writes)
+
+
 # --- checks ------------------------------------------------------------------------------
 
 
@@ -354,13 +469,6 @@ def _is_default_class(storage_class: Mapping[str, Any]) -> bool:
         annotations.get(c.ANN_IS_DEFAULT_CLASS) == "true"
         or annotations.get(c.ANN_BETA_IS_DEFAULT_CLASS) == "true"
     )
-
-
-def _created(obj: Mapping[str, Any]) -> datetime:
-    text = _meta(obj).get("creationTimestamp")
-    if not text:
-        return datetime.min.replace(tzinfo=UTC)
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def default_class(classes: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -397,24 +505,25 @@ def sync_claim(
     *,
     index: VolumeIndex,
     classes: Mapping[str, Mapping[str, Any]],
-    pending_pods: Sequence[str] = (),
+    provisioners: AbstractSet[str],
 ) -> ClaimDecision:
-    """Decide the next step for a claim (upstream syncClaim).
+    """Decide the next step for a claim (upstream syncClaim), with the writes it takes.
 
-    ``index`` holds every PV (deleting ones too), ``classes`` StorageClasses by name.
-    ``pending_pods``: names of live, not yet scheduled pods using the claim; they only
-    change the wording of the WaitForFirstConsumer event.
+    ``index`` holds every PV (deleting ones too), ``classes`` StorageClasses by name,
+    ``provisioners`` the names of the volume plugins this volplane runs (pv/plugins.py).
     """
     if c.ANN_BIND_COMPLETED in _annotations(claim):
-        return _sync_bound_claim(claim, index)
-    return _sync_unbound_claim(claim, index, classes, pending_pods)
+        decision = _sync_bound_claim(claim, index)
+    else:
+        decision = _sync_unbound_claim(claim, index, classes, provisioners)
+    return _with_claim_writes(decision, claim, index)
 
 
 def _sync_unbound_claim(
     claim: Mapping[str, Any],
     index: VolumeIndex,
     classes: Mapping[str, Mapping[str, Any]],
-    pending_pods: Sequence[str],
+    provisioners: AbstractSet[str],
 ) -> ClaimDecision:
     """A claim that has never completed binding; it is (or will be) Pending.
 
@@ -424,7 +533,7 @@ def _sync_unbound_claim(
     """
     volume_name = _spec(claim).get("volumeName") or ""
     if not volume_name:
-        return _find_or_provision(claim, index, classes, pending_pods)
+        return _find_or_provision(claim, index, classes, provisioners)
     volume = index.get(volume_name)
     if volume is None:
         # The requested PV does not exist (yet): stay Pending and retry later.
@@ -458,7 +567,7 @@ def _find_or_provision(
     claim: Mapping[str, Any],
     index: VolumeIndex,
     classes: Mapping[str, Mapping[str, Any]],
-    pending_pods: Sequence[str],
+    provisioners: AbstractSet[str],
 ) -> ClaimDecision:
     """Claim without volumeName: bind the best PV, else default the class, else provision.
 
@@ -471,7 +580,7 @@ def _find_or_provision(
     storage_class = classes.get(class_name) if class_name else None
     delay = _delay_binding(storage_class)
     decision = _match_or_provision(
-        claim, index, classes, pending_pods, class_name, storage_class, delay
+        claim, index, classes, provisioners, class_name, storage_class, delay
     )
     return replace(decision, delay_binding=True) if delay else decision
 
@@ -480,7 +589,7 @@ def _match_or_provision(
     claim: Mapping[str, Any],
     index: VolumeIndex,
     classes: Mapping[str, Mapping[str, Any]],
-    pending_pods: Sequence[str],
+    provisioners: AbstractSet[str],
     class_name: str,
     storage_class: Mapping[str, Any] | None,
     delay: bool,
@@ -500,9 +609,9 @@ def _match_or_provision(
             return ClaimDecision(ClaimAction.ASSIGN_DEFAULT_CLASS, message, storage_class=default)
     if delay and c.ANN_SELECTED_NODE not in _annotations(claim):
         # No pod using the claim has been scheduled yet.
-        return _pending(claim, match.reason, _wait_for_consumer_event(pending_pods))
+        return _pending(claim, match.reason, _WAIT_FOR_CONSUMER)
     if class_name:
-        return _provision(claim, class_name, storage_class)
+        return _provision(claim, class_name, storage_class, provisioners)
     event = Event(
         c.NORMAL,
         c.FAILED_BINDING,
@@ -518,27 +627,26 @@ def _delay_binding(storage_class: Mapping[str, Any] | None) -> bool:
     return storage_class.get("volumeBindingMode") == c.WAIT_FOR_FIRST_CONSUMER
 
 
-def _wait_for_consumer_event(pending_pods: Sequence[str]) -> Event:
-    if not pending_pods:
-        return Event(
-            c.NORMAL,
-            c.WAIT_FOR_FIRST_CONSUMER_REASON,
-            "waiting for first consumer to be created before binding",
-        )
-    if len(pending_pods) == 1:
-        return Event(
-            c.NORMAL, c.WAIT_FOR_POD_SCHEDULED, f"waiting for pod {pending_pods[0]} to be scheduled"
-        )
-    names = ",".join(pending_pods)
-    return Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED, f"waiting for pods {names} to be scheduled")
+# Upstream words this event "waiting for pod X to be scheduled" when it finds such pods;
+# the PV controller does not watch pods here (--controllers pv-binder lists no pods).
+_WAIT_FOR_CONSUMER = Event(
+    c.NORMAL, c.WAIT_FOR_FIRST_CONSUMER_REASON,
+    "waiting for first consumer to be created before binding",
+)
 
 
 def _provision(
-    claim: Mapping[str, Any], class_name: str, storage_class: Mapping[str, Any] | None
+    claim: Mapping[str, Any],
+    class_name: str,
+    storage_class: Mapping[str, Any] | None,
+    provisioners: AbstractSet[str],
 ) -> ClaimDecision:
     """No PV fits and the claim names a class: provision (upstream provisionClaim).
 
-    Upstream does not touch the claim status on this path, and neither do we.
+    A provisioner served by one of volplane's volume plugins provisions here (its own,
+    ``pool.volplane.io``, says so when it is not enabled); any other is handed over
+    with the storage-provisioner annotations. Upstream does not touch the claim status
+    on this path, and neither do we.
     """
     if storage_class is None:
         text = f'storageclass.storage.k8s.io "{class_name}" not found'
@@ -547,9 +655,16 @@ def _provision(
             explain=True,
         )
     provisioner = storage_class.get("provisioner") or ""
-    if provisioner == c.POOL_PROVISIONER:
+    if provisioner == c.POOL_PROVISIONER and provisioner not in provisioners:
+        text = f'provisioner "{provisioner}" is not enabled in this volplane'
+        return ClaimDecision(
+            ClaimAction.WAIT, text, provisioner=provisioner,
+            event=Event(c.WARNING, c.PROVISIONING_FAILED, text),
+        )
+    if provisioner in provisioners:
         selected = _annotations(claim).get(c.ANN_SELECTED_NODE)
-        message = f'provisioning a volume of class "{class_name}" from a storage pool'
+        how = "from a storage pool" if provisioner == c.POOL_PROVISIONER else f'with "{provisioner}"'
+        message = f'provisioning a volume of class "{class_name}" {how}'
         return ClaimDecision(
             ClaimAction.PROVISION,
             message,
@@ -695,7 +810,18 @@ def sync_volume(
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
 ) -> VolumeDecision:
-    """Decide the next step for a PV (upstream syncVolume).
+    """Decide the next step for a PV (upstream syncVolume), with the writes it takes."""
+    decision = _sync_volume(volume, claims, deleters, recyclers)
+    return _with_volume_writes(decision, volume)
+
+
+def _sync_volume(
+    volume: Mapping[str, Any],
+    claims: Mapping[str, Mapping[str, Any]],
+    deleters: AbstractSet[str],
+    recyclers: AbstractSet[str],
+) -> VolumeDecision:
+    """The volume state machine (upstream syncVolume).
 
     ``claims`` maps "namespace/name" to claims; ``deleters``/``recyclers`` name the
     provisioners (or CSI drivers) whose volumes volplane itself can delete/recycle.

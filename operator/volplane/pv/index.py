@@ -47,6 +47,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from volplane.objects import annotations as _annotations
+from volplane.objects import md as _meta
+from volplane.objects import name as _name
+from volplane.objects import phase as _phase
+from volplane.objects import spec as _spec
 from volplane.pv import constants as c
 from volplane.quantity import format_quantity, parse_quantity
 from volplane.selectors import match_label_selector, match_node_affinity
@@ -98,19 +103,7 @@ CRITERIA = (
 _PREBOUND = "prebound"
 
 
-# --- field accessors shared with decide.py ---------------------------------------------
-
-
-def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("metadata") or {}
-
-
-def _spec(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("spec") or {}
-
-
-def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
-    return _meta(obj).get("annotations") or {}
+# --- field accessors ------------------------------------------------------------------
 
 
 def claim_key(claim: Mapping[str, Any]) -> str:
@@ -194,14 +187,6 @@ def is_volume_bound_to_claim(volume: Mapping[str, Any], claim: Mapping[str, Any]
         return False
     uid = ref.get("uid") or ""
     return not uid or uid == meta.get("uid")
-
-
-def _phase(obj: Mapping[str, Any]) -> str:
-    return (obj.get("status") or {}).get("phase") or ""
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return _meta(obj).get("name", "")
 
 
 def _bucket_order(modes: frozenset[str]) -> tuple[int, tuple[str, ...]]:

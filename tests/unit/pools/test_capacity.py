@@ -34,16 +34,15 @@ def test_pool_status():
     assert status_differs(p["status"], st3)
 
 
-def test_pool_status_from_records_and_no_nodes():
-    records = [{"spec": {"pool": "a", "sizeBytes": GI}}, {"spec": {"pool": "b", "sizeBytes": GI}}]
-    st1 = pool_status(pool("a", names=["ghost"]), records, NODES)
+def test_pool_status_without_nodes():
+    st1 = pool_status(pool("a", names=["ghost"]), [GI], NODES, now="2024-01-01T00:00:00Z")
     assert st1["volumeCount"] == 1 and st1["allocatedBytes"] == GI
     ready = next(c for c in st1["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "NoNodes"
 
 
 def test_pool_status_overcommitted_after_shrink():
-    st1 = pool_status(pool("a", capacity="1Gi"), [2 * GI], NODES)
+    st1 = pool_status(pool("a", capacity="1Gi"), [2 * GI], NODES, now="2024-01-01T00:00:00Z")
     assert st1["availableBytes"] == 0
     degraded = next(c for c in st1["conditions"] if c["type"] == "Degraded")
     assert degraded["reason"] == "OverCommitted"

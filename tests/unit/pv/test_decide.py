@@ -171,7 +171,7 @@ class ClaimCase:
     action: ClaimAction = ClaimAction.NOOP
     expect: dict[str, Any] = field(default_factory=dict)  # ClaimDecision fields to check
     classes: dict = field(default_factory=lambda: CLASSES)
-    pending_pods: tuple[str, ...] = ()
+    provisioners: frozenset[str] = frozenset({POOL})
 
 
 CLAIM_CASES = [
@@ -279,28 +279,14 @@ CLAIM_CASES = [
         {"event": WFFC_EVENT, "delay_binding": True, "phase": c.CLAIM_PENDING},
     ),
     ClaimCase(
-        "WFFC with one unscheduled pod -> WaitForPodScheduled",
-        pvc(cls="pool-wffc"),
+        "a pool class while the pool provisioner is not enabled -> ProvisioningFailed",
+        pvc(cls="pool"),
         [],
         ClaimAction.WAIT,
-        {
-            "event": Event(
-                c.NORMAL, c.WAIT_FOR_POD_SCHEDULED, "waiting for pod web-0 to be scheduled"
-            )
-        },
-        pending_pods=("web-0",),
-    ),
-    ClaimCase(
-        "WFFC with several unscheduled pods",
-        pvc(cls="pool-wffc"),
-        [],
-        ClaimAction.WAIT,
-        {
-            "event": Event(
-                c.NORMAL, c.WAIT_FOR_POD_SCHEDULED, "waiting for pods a,b to be scheduled"
-            )
-        },
-        pending_pods=("a", "b"),
+        {"event": Event(c.WARNING, c.PROVISIONING_FAILED,
+                        f'provisioner "{POOL}" is not enabled in this volplane'),
+         "writes": ()},
+        provisioners=frozenset(),
     ),
     ClaimCase(
         "WFFC does not bind a free PV itself (the scheduler does)",
@@ -610,7 +596,7 @@ def test_sync_claim(case: ClaimCase) -> None:
         case.claim,
         index=VolumeIndex(case.volumes),
         classes=case.classes,
-        pending_pods=case.pending_pods,
+        provisioners=case.provisioners,
     )
     assert isinstance(decision, ClaimDecision)
     assert decision.action is case.action, decision
@@ -621,16 +607,17 @@ def test_sync_claim(case: ClaimCase) -> None:
 def test_vanished_claim_wait_becomes_set_pending_only_when_status_differs() -> None:
     """SET_PENDING vs WAIT is decided by whether the claim status would change."""
     index = VolumeIndex()
-    waiting = sync_claim(pvc(volume="nope"), index=index, classes={})
+    waiting = sync_claim(pvc(volume="nope"), index=index, classes={}, provisioners={POOL})
     assert waiting.action is ClaimAction.WAIT
-    writing = sync_claim(pvc(volume="nope", phase="Lost"), index=index, classes={})
+    writing = sync_claim(pvc(volume="nope", phase="Lost"), index=index, classes={},
+                         provisioners={POOL})
     assert writing.action is ClaimAction.SET_PENDING
 
 
 def test_malformed_selector_waits() -> None:
     claim = pvc()
     claim["spec"]["selector"] = {"matchExpressions": [{"key": "a", "operator": "Bogus"}]}
-    decision = sync_claim(claim, index=VolumeIndex([pv()]), classes={})
+    decision = sync_claim(claim, index=VolumeIndex([pv()]), classes={}, provisioners={POOL})
     assert decision.action is ClaimAction.WAIT
     assert "Bogus" in decision.message
 
@@ -1127,7 +1114,8 @@ def apply_volume_decision(decision: VolumeDecision, volume: dict) -> dict:
 def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> None:
     """Stop the bind after any write, let the volume side run, resume: it ends fully bound."""
     volume, claim = pv("pv-1", "10Gi"), pvc("5Gi")
-    decision = sync_claim(claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={})
+    decision = sync_claim(claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={},
+                          provisioners={POOL})
     assert decision.action is ClaimAction.BIND and decision.steps == ALL_STEPS
     for step in decision.steps[: crash_after + 1]:
         volume, claim = apply_step(step, volume, claim)
@@ -1141,7 +1129,8 @@ def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> Non
                 volume,
             )
         decision = sync_claim(
-            claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={}
+            claim, index=VolumeIndex([volume, pv("pv-2", "20Gi")]), classes={},
+            provisioners={POOL},
         )
         assert decision.volume_name in (None, "pv-1"), decision
         for step in decision.steps:
@@ -1154,7 +1143,7 @@ def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> Non
                 volume,
             )
     assert (
-        sync_claim(claim, index=VolumeIndex([volume]), classes={}).action is ClaimAction.NOOP
+        sync_claim(claim, index=VolumeIndex([volume]), classes={}, provisioners={POOL}).action is ClaimAction.NOOP
     )
     final = sync_volume(
         volume, claims={"ns/claim": claim}, deleters=set(), recyclers=set()
@@ -1189,11 +1178,11 @@ def test_race_two_claims_one_volume() -> None:
     volume = pv("only", "10Gi", cls="pool")
     claim_a, claim_b = pvc(key="ns/a", uid="ua", cls="pool"), pvc(key="ns/b", uid="ub", cls="pool")
     index = VolumeIndex([volume])
-    decision_a = sync_claim(claim_a, index=index, classes=CLASSES)
+    decision_a = sync_claim(claim_a, index=index, classes=CLASSES, provisioners={POOL})
     assert decision_a.volume_name == "only"
     volume, claim_a = apply_step(BindStep.VOLUME_CLAIM_REF, volume, claim_a)
     index.upsert(volume)
-    decision_b = sync_claim(claim_b, index=index, classes=CLASSES)
+    decision_b = sync_claim(claim_b, index=index, classes=CLASSES, provisioners={POOL})
     assert decision_b.action is ClaimAction.PROVISION
-    decision_a = sync_claim(claim_a, index=index, classes=CLASSES)
+    decision_a = sync_claim(claim_a, index=index, classes=CLASSES, provisioners={POOL})
     assert decision_a.action is ClaimAction.BIND and decision_a.volume_name == "only"
