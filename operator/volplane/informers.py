@@ -2,10 +2,13 @@
 
 For every kind a controller watches (``kinds.Kind``) the wiring registers:
 
-- a lister, ``@kopf.index`` returning ``{namespace/name: slim(body)}``: Kopf keeps
-  the slim object, keyed by name, and updates it on every event;
-- one ``@kopf.index`` per derived index (``kinds.IndexSpec``: PVs by claim, pods by
-  node and by claim, attachments by node and by PV, unbound claims by class);
+- one ``@kopf.index`` that is the kind's lister and its derived indexes at once: it
+  files the slim object under ``namespace/name`` and its name under
+  ``(index name, key)`` for every derived index of the kind (``kinds.IndexSpec``: PVs by
+  claim, pods by node and by claim, attachments by node and by PV, unbound claims by
+  class). Kopf keeps them and updates them on every event. One handler per kind, not
+  one per index: Kopf's cost per handler call (its keyword arguments, its bookkeeping)
+  is most of its cost per event (docs/benchmarks.md);
 - one ``@kopf.on.event`` that only enqueues: it hands ``(key, old, new)`` to the
   controllers' listeners, which put keys on their work queues. ``old`` is the slim
   object the previous event of the same object left in Kopf's per-object ``memo``
@@ -151,8 +154,12 @@ class Lister(Mapping[str, dict]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key) is not None
 
+    def _keys(self) -> list[str]:
+        # The kind's Kopf index also holds its derived indexes, under (name, key) tuples.
+        return [k for k in list(self._source) if type(k) is str]
+
     def __iter__(self) -> Iterator[str]:
-        for key in list(self._source):
+        for key in self._keys():
             if key in self._overlay:
                 if self.get(key) is None:
                     continue
@@ -162,7 +169,7 @@ class Lister(Mapping[str, dict]):
                 yield key
 
     def __len__(self) -> int:
-        n = len(self._source)
+        n = len(self._keys())
         for key, e in self._overlay.items():
             indexed = key in self._source
             if e.obj is None and indexed:
@@ -172,7 +179,7 @@ class Lister(Mapping[str, dict]):
         return n
 
     def items(self) -> Iterator[tuple[str, dict]]:  # type: ignore[override]
-        for key in list(self._source):
+        for key in self._keys():
             obj = self.get(key) if key in self._overlay else self._indexed(key)
             if obj is not None:
                 yield key, obj
@@ -239,7 +246,7 @@ class IndexView:
 
     def get(self, key: Hashable) -> list:
         try:
-            out = list(self._source[key])
+            out = list(self._source[(self.spec.name, key)])
         except KeyError:
             out = []
         for obj in self.lister.pending():
@@ -250,10 +257,11 @@ class IndexView:
         return out
 
     def keys(self) -> list[Hashable]:
-        return list(self._source)
+        name = self.spec.name
+        return [k[1] for k in list(self._source) if type(k) is tuple and k[0] == name]
 
     def __contains__(self, key: object) -> bool:
-        return key in self._source
+        return (self.spec.name, key) in self._source
 
 
 # --- the registry of kinds, indexes and listeners ---------------------------------------
@@ -297,20 +305,18 @@ class Informers:
 
     # -- Kopf --
     def register(self, registry: Any) -> None:
-        """The Kopf handlers: a lister and the derived indexes per kind, and the event
-        handler that runs the listeners."""
+        """The Kopf handlers of every kind: its index (lister and derived indexes) and
+        the event handler that runs the listeners."""
         for kind in self.kinds.values():
-            _register_kind(registry, self, kind)
-            for spec in self.specs_of(kind):
-                _register_index(registry, spec)
+            _register_kind(registry, self, kind, self.specs_of(kind))
 
     def bind(self, indices: Mapping[str, Any]) -> None:
-        """Point every lister and view at its Kopf index (Kopf hands them to every
-        handler as keyword arguments, empty until populated)."""
+        """Point every lister and view at its kind's Kopf index (Kopf hands them to
+        every handler as keyword arguments, empty until populated)."""
         for plural, lister in self.listers.items():
             lister.bind(indices[handler_id(plural)])
-        for name, view in self.views.items():
-            view.bind(indices[handler_id(name)])
+        for view in self.views.values():
+            view.bind(indices[handler_id(view.spec.kind.plural)])
 
     def on_event(self, kind: Kind, type_: str | None, body: Mapping[str, Any],
                  memo: Any) -> None:
@@ -342,14 +348,14 @@ class Informers:
             fn(key, old, new)
 
     # -- without Kopf: play the watch (unit tests) --
-    def _source(self, name: str) -> MemoryIndex:
-        src = self._memory.get(name)
+    def _source(self, kind: Kind) -> MemoryIndex:
+        src = self._memory.get(kind.plural)
         if src is None:
-            src = self._memory[name] = MemoryIndex()
-            if name in self.listers:
-                self.listers[name].bind(src)
-            else:
-                self.views[name].bind(src)
+            src = self._memory[kind.plural] = MemoryIndex()
+            self.listers[kind.plural].bind(src)
+            for view in self.views.values():
+                if view.spec.kind.plural == kind.plural:
+                    view.bind(src)
         return src
 
     def feed(self, body: Mapping[str, Any], kind: Kind | None = None) -> None:
@@ -357,11 +363,7 @@ class Informers:
         kind = kind or next(k for k in self.kinds.values() if k.kind == body.get("kind"))
         uid = md(body).get("uid") or key_of(body)
         body = {**body, "metadata": {**md(body), "uid": uid}}
-        obj = kind.slimmer(body)
-        self._source(kind.plural).replace(uid, {key_of(body): obj})
-        for spec in self.specs_of(kind):
-            value = spec.value(body)
-            self._source(spec.name).replace(uid, {k: value for k in spec.keys(body)})
+        self._source(kind).replace(uid, index_object(body, kind, self.specs_of(kind)))
         memo = self._memos.setdefault((kind.plural, uid), {})
         self.on_event(kind, "MODIFIED", body, memo)
 
@@ -371,40 +373,38 @@ class Informers:
         if obj is None:
             return
         uid = md(obj).get("uid") or key
-        self._source(kind.plural).discard(uid)
-        for spec in self.specs_of(kind):
-            self._source(spec.name).discard(uid)
+        self._source(kind).discard(uid)
         memo = self._memos.pop((kind.plural, uid), {})
         self.on_event(kind, "DELETED", obj, memo)
 
 
-def _register_kind(registry: Any, informers: Informers, kind: Kind) -> None:
-    import kopf
+def index_object(body: Mapping[str, Any], kind: Kind, specs: list[IndexSpec]) -> dict:
+    """What one object files in its kind's index: its slim self under its key, and its
+    key (or ``spec.value``) under ``(spec.name, k)`` for every key of every derived index.
+    Always a dict (maybe without derived keys): Kopf keeps an object's old keys when an
+    index function returns None."""
+    out: dict[Hashable, Any] = {key_of(body): kind.slimmer(body)}
+    for spec in specs:
+        keys = spec.keys(body)
+        if keys:
+            value = spec.value(body)
+            for k in keys:
+                out[(spec.name, k)] = value
+    return out
 
-    slimmer = kind.slimmer
+
+def _register_kind(registry: Any, informers: Informers, kind: Kind,
+                   specs: list[IndexSpec]) -> None:
+    import kopf
 
     @kopf.index(kind.group, kind.version, kind.plural, registry=registry,
                 id=handler_id(kind.plural))
-    async def lister(body: Any, **_: Any) -> dict:
-        return {key_of(body): slimmer(body)}
+    async def index(body: Any, **_: Any) -> dict:
+        # One shallow copy into a plain dict: the slimmer and the index functions then
+        # read plain dicts, not Kopf's body views (every view access resolves a path).
+        return index_object(dict(body), kind, specs)
 
     @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry,
                    id=handler_id(f"{kind.plural}.events"))
     async def events(type: str | None, body: Any, memo: Any, **_: Any) -> None:  # noqa: A002
         informers.on_event(kind, type, body, memo)
-
-
-def _register_index(registry: Any, spec: IndexSpec) -> None:
-    import kopf
-
-    keys, value = spec.keys, spec.value
-
-    @kopf.index(spec.kind.group, spec.kind.version, spec.kind.plural, registry=registry,
-                id=handler_id(spec.name))
-    async def derived(body: Any, **_: Any) -> dict:
-        # Always a dict (maybe empty): None would leave the object's old keys in place.
-        ks = keys(body)
-        if not ks:
-            return {}
-        v = value(body)
-        return {k: v for k in ks}

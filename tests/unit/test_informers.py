@@ -29,7 +29,8 @@ def test_feed_slims_and_listeners_get_old_and_new():
     pvs = inf.lister(kinds.PVS)
     seen = []
     inf.listen(kinds.PVS, lambda k, old, new: seen.append(
-        (k, old and old["metadata"]["resourceVersion"], new and new["metadata"]["resourceVersion"])))
+        (k, old and old["metadata"]["resourceVersion"],
+         new and new["metadata"]["resourceVersion"])))
     inf.feed(pv("a", 5))
     inf.feed(pv("a", 6, x=1))
     assert "managedFields" not in pvs["a"]["metadata"]
@@ -126,18 +127,34 @@ def test_pod_keys_and_slim_pod():
     assert kinds.pod_claim_keys(slim) == ("ns/c1", "ns/p-e")
 
 
-def test_kopf_registration_has_a_lister_indexes_and_one_event_handler_per_kind():
+def test_kopf_registration_has_one_index_and_one_event_handler_per_kind():
     inf = Informers()
     inf.index(kinds.PVS_BY_CLAIM)
     inf.lister(kinds.PVCS)
     registry = kopf.OperatorRegistry()
     inf.register(registry)
     ids = {h.id for h in registry._indexing.get_all_handlers()}
-    assert ids == {handler_id("persistentvolumes"), handler_id("pvs-by-claim"),
-                   handler_id("persistentvolumeclaims")}
+    assert ids == {handler_id("persistentvolumes"), handler_id("persistentvolumeclaims")}
     watching = {h.id for h in registry._watching.get_all_handlers()}
     assert watching == {handler_id("persistentvolumes.events"),
                         handler_id("persistentvolumeclaims.events")}
     # nothing that would make Kopf write to the objects (annotations, finalizers)
     assert not registry._changing.get_all_handlers()
     assert not registry._spawning.get_all_handlers()
+
+
+def test_one_index_per_kind_files_the_object_and_its_derived_keys():
+    from volplane.informers import index_object
+    out = index_object(pv("a", 1, claim=("ns", "c1")), kinds.PVS, [kinds.PVS_BY_CLAIM])
+    assert set(out) == {"a", ("pvs-by-claim", "ns/c1")}
+    assert out[("pvs-by-claim", "ns/c1")] == "a"
+    assert "managedFields" not in out["a"]["metadata"]
+    assert set(index_object(pv("b", 1), kinds.PVS, [kinds.PVS_BY_CLAIM])) == {"b"}
+
+
+def test_listers_see_only_objects_not_derived_keys():
+    inf = Informers()
+    pvs = inf.lister(kinds.PVS)
+    inf.index(kinds.PVS_BY_CLAIM)
+    inf.feed(pv("a", 1, claim=("ns", "c1")))
+    assert list(pvs) == ["a"] and len(pvs) == 1 and [k for k, _ in pvs.items()] == ["a"]
