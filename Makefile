@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench image
+.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint types contracts check bench image
 
 setup: venv controlplane tools
 
@@ -58,6 +58,17 @@ test: unit e2e
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests hack
+
+# mypy --strict on the pure decision modules ([tool.mypy] in pyproject.toml).
+types: venv
+	$(VENV)/bin/mypy
+
+# The layer contracts ([tool.importlinter] in pyproject.toml).
+contracts: venv
+	$(VENV)/bin/lint-imports
+
+# Everything that needs no cluster: lint, types, contracts, unit tests.
+check: lint types contracts unit
 
 bench: setup
 	$(VPY) hack/bench/run.py $(if $(QUICK),--quick,)

@@ -346,7 +346,8 @@ def kubeconfig_text(layout: Layout, client: str, server: str) -> str:
                 "client-key-data": _b64(layout.key(client)),
             },
         }],
-        "contexts": [{"name": "volplane-local", "context": {"cluster": "volplane-local", "user": client}}],
+        "contexts": [{"name": "volplane-local",
+                      "context": {"cluster": "volplane-local", "user": client}}],
         "current-context": "volplane-local",
         "preferences": {},
     }
@@ -641,7 +642,8 @@ def _stop_pids(pids: dict[str, int], bin_dir: str, grace: float = 5.0) -> None:
     for tier in tiers:
         live = {
             name: pids[name] for name in tier
-            if name in pids and pid_alive(pids[name], str(Path(bin_dir) / name) if bin_dir else None)
+            if name in pids
+            and pid_alive(pids[name], str(Path(bin_dir) / name) if bin_dir else None)
         }
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             for pid in live.values():

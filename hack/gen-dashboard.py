@@ -15,8 +15,10 @@ PANELS = [
         ("sum(pv_collector_bound_pv_count)", "bound"),
         ("sum(pv_collector_unbound_pv_count)", "unbound")]),
     ("Claim bind latency p50 / p95", "timeseries", [
-        ("histogram_quantile(0.5, sum by (le) (rate(volplane_claim_bind_duration_seconds_bucket[5m])))", "p50"),
-        ("histogram_quantile(0.95, sum by (le) (rate(volplane_claim_bind_duration_seconds_bucket[5m])))", "p95")]),
+        ("histogram_quantile(0.5, sum by (le) "
+         "(rate(volplane_claim_bind_duration_seconds_bucket[5m])))", "p50"),
+        ("histogram_quantile(0.95, sum by (le) "
+         "(rate(volplane_claim_bind_duration_seconds_bucket[5m])))", "p95")]),
     ("Pool allocation", "bargauge", [
         ("volplane_pool_allocated_bytes / volplane_pool_capacity_bytes", "{{pool}}")]),
     ("Pool available bytes", "timeseries", [("volplane_pool_available_bytes", "{{pool}}")]),
@@ -26,11 +28,13 @@ PANELS = [
     ("Attach/detach: desired vs actual", "timeseries", [
         ("sum by (state) (attachdetach_controller_total_volumes)", "{{state}}")]),
     ("Attach/detach errors", "timeseries", [
-        ("sum by (operation_name) (rate(attachdetach_controller_operation_errors_total[5m]))", "{{operation_name}}")]),
+        ("sum by (operation_name) "
+         "(rate(attachdetach_controller_operation_errors_total[5m]))", "{{operation_name}}")]),
     ("Device slots in use per node", "timeseries", [
         ('sum by (node) (volplane_node_device_slots{state="used"})', "{{node}}")]),
     ("API writes by resource", "timeseries", [
-        ("sum by (resource, verb) (rate(volplane_api_writes_total[5m]))", "{{resource}} {{verb}}")]),
+        ("sum by (resource, verb) (rate(volplane_api_writes_total[5m]))",
+         "{{resource}} {{verb}}")]),
     ("Conflicts (re-read and re-decide)", "timeseries", [
         ("sum by (resource) (rate(volplane_api_conflicts_total[5m]))", "{{resource}}")]),
     ("Work queue depth", "timeseries", [("volplane_workqueue_depth", "{{controller}}")]),

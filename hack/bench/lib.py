@@ -314,7 +314,8 @@ def parse_metrics(text: str, names: tuple[str, ...]) -> list[tuple[str, dict, fl
 def flow_counts(text: str) -> dict[str, float]:
     """flow schema -> dispatched requests, for our vpb-* schemas."""
     out: dict[str, float] = {}
-    for _, labels, value in parse_metrics(text, ("apiserver_flowcontrol_dispatched_requests_total",)):
+    names = ("apiserver_flowcontrol_dispatched_requests_total",)
+    for _, labels, value in parse_metrics(text, names):
         fs = labels.get("flow_schema", "")
         if fs.startswith("vpb-"):
             out[fs] = out.get(fs, 0.0) + value
@@ -581,7 +582,8 @@ def volplane(env: Env, controllers: str, *, kubeconfig: Path | None = None,
              executable: Path | None = None, env_extra: dict | None = None) -> Controller:
     """`volplane run` (this checkout's, or `executable`: e.g. ensure_volplane_02())."""
     port = free_port()
-    argv = [str(executable or VOLPLANE), "run", "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
+    argv = [str(executable or VOLPLANE), "run",
+            "--kubeconfig", str(kubeconfig or env.ctl_kubeconfig),
             "--controllers", controllers, "--metrics-port", str(port),
             "--health-port", str(free_port()), "--bind-address", "127.0.0.1",
             "--no-leader-elect", *(extra or [])]

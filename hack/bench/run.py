@@ -91,7 +91,8 @@ def table(results: dict) -> str:
         for label, path, is_target in metrics:
             vals = {s: get(s, path) for s in ALL_SIDES}
             vp = vals["volplane"]
-            ratios = [_ratio(vp, vals["upstream-default"]), _ratio(vp, vals["upstream-unthrottled"]),
+            ratios = [_ratio(vp, vals["upstream-default"]),
+                      _ratio(vp, vals["upstream-unthrottled"]),
                       _ratio(vp, vals["floor"]), _ratio(vp, vals["volplane-0.2"])]
             target = ""
             if is_target:

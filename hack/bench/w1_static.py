@@ -279,7 +279,8 @@ async def run(env: lib.Env, n: int, include: set[str]) -> dict[str, Any]:
             except (ApiError, RuntimeError) as e:
                 r = {"side": side, "n": n, "correct": False, "errors": [str(e)[:2000]]}
             results[side] = r
-            lib.log(f"W1 {side}: wall {r.get('wall_s')} s (PVs Available {r.get('pvs_available_s')} s,"
+            lib.log(f"W1 {side}: wall {r.get('wall_s')} s "
+                    f"(PVs Available {r.get('pvs_available_s')} s,"
                     f" bind {r.get('bind_wall_s')} s), cpu {r.get('cpu_s')}, p50 "
                     f"{r.get('latency', {}).get('p50_s')} s, controller requests "
                     f"{r.get('requests', {}).get('controller')}, mem {r.get('memory')}, "

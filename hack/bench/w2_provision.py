@@ -183,7 +183,8 @@ async def verify(api: Api, run: str, n: int, side: str, provisioner: str) -> lis
             errors.append(f"volume {vn}: class differs from its claim's")
         ann = pv["metadata"].get("annotations") or {}
         if side != "floor" and ann.get("pv.kubernetes.io/provisioned-by") != provisioner:
-            errors.append(f"volume {vn}: provisioned-by {ann.get('pv.kubernetes.io/provisioned-by')}")
+            by = ann.get("pv.kubernetes.io/provisioned-by")
+            errors.append(f"volume {vn}: provisioned-by {by}")
     if len(pvs) != n:
         errors.append(f"{len(pvs)} PVs for {n} claims (leaked or missing volumes)")
     if side.startswith("volplane"):

@@ -23,10 +23,10 @@ DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
 MANAGED_ANNOTATION = "volumes.kubernetes.io/controller-managed-attach-detach"
 NODE_ID_ANNOTATION = "csi.volume.kubernetes.io/nodeid"
 
-Slimmer = Callable[[Mapping[str, Any]], dict]
+Slimmer = Callable[[Mapping[str, Any]], dict[str, Any]]
 
 
-def slim(body: Mapping[str, Any]) -> dict:
+def slim(body: Mapping[str, Any]) -> dict[str, Any]:
     """Every kind but Pods and Nodes: the object minus managedFields and the
     last-applied annotation (nested spec/status are kept by reference)."""
     meta_in = body.get("metadata") or {}
@@ -55,7 +55,7 @@ def any_container_running(st: Mapping[str, Any]) -> bool:
     return False
 
 
-def slim_pod(body: Mapping[str, Any]) -> dict:
+def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     """A Pod reduced to what the controllers read (a few hundred bytes)."""
     meta_in = body.get("metadata") or {}
     sp = body.get("spec") or {}
@@ -80,7 +80,7 @@ def slim_pod(body: Mapping[str, Any]) -> dict:
 _NODE_ANNOTATIONS = (MANAGED_ANNOTATION, NODE_ID_ANNOTATION)
 
 
-def slim_node(body: Mapping[str, Any]) -> dict:
+def slim_node(body: Mapping[str, Any]) -> dict[str, Any]:
     """A Node reduced to what the attach/detach controller, the pool attacher and the
     pool provisioner read: labels (pool selectors, topology), the attach/detach
     annotation, taints, the Ready condition and the volume lists of its status."""
@@ -96,7 +96,7 @@ def slim_node(body: Mapping[str, Any]) -> dict:
     out_spec = {k: sp[k] for k in ("taints", "unschedulable") if k in sp}
     conds = [{"type": c.get("type"), "status": c.get("status")}
              for c in st.get("conditions") or () if c.get("type") == "Ready"]
-    out_st: dict = {"conditions": conds}
+    out_st: dict[str, Any] = {"conditions": conds}
     for k in ("volumesInUse", "volumesAttached"):
         if k in st:
             out_st[k] = st[k]

@@ -98,7 +98,8 @@ class LeaderElector:
 
     @property
     def path(self) -> str:
-        return f"/apis/coordination.k8s.io/v1/namespaces/{self.cfg.namespace}/leases/{self.cfg.name}"
+        ns, name = self.cfg.namespace, self.cfg.name
+        return f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}"
 
     async def _try(self) -> bool:
         now = self.clock()

@@ -85,14 +85,16 @@ class PVCollector:
             vac = (pvc.get("spec") or {}).get("volumeAttributesClassName") or ""
             key = (pvc["metadata"].get("namespace", ""), _class_of(pvc), vac)
             (bound_pvc if phase == "Bound" else unbound_pvc)[key] += 1
-        for name, tally, doc in (("bound_pv", bound_pv, "Gauge measuring number of persistent volume currently bound"),
-                                 ("unbound_pv", unbound_pv, "Gauge measuring number of persistent volume currently unbound")):
+        pv_doc = "Gauge measuring number of persistent volume currently {}"
+        for name, tally, doc in (("bound_pv", bound_pv, pv_doc.format("bound")),
+                                 ("unbound_pv", unbound_pv, pv_doc.format("unbound"))):
             g = GaugeMetricFamily(f"pv_collector_{name}_count", doc, labels=["storage_class"])
             for cls, n in tally.items():
                 g.add_metric([cls], n)
             yield g
-        for name, tally, doc in (("bound_pvc", bound_pvc, "Gauge measuring number of persistent volume claim currently bound"),
-                                 ("unbound_pvc", unbound_pvc, "Gauge measuring number of persistent volume claim currently unbound")):
+        pvc_doc = "Gauge measuring number of persistent volume claim currently {}"
+        for name, tally, doc in (("bound_pvc", bound_pvc, pvc_doc.format("bound")),
+                                 ("unbound_pvc", unbound_pvc, pvc_doc.format("unbound"))):
             g = GaugeMetricFamily(f"pv_collector_{name}_count", doc,
                                   labels=["namespace", "storage_class", "volume_attributes_class"])
             for labels, n in tally.items():

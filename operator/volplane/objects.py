@@ -5,7 +5,6 @@ missing field, the cache key of an object, its resourceVersion as a number, and 
 timestamps as the API writes them. Pure; no I/O.
 """
 
-from __future__ import annotations
 
 import calendar
 import datetime as dt

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import importlib
 import os
 from typing import Any
@@ -80,9 +81,19 @@ def build(ctx: Context, enabled: list[str], elector=None, *, health: WatchHealth
         for kind in kinds:
             informers.listen(kind, lambda *_a, _p=kind.plural: health.alive(_p))
     tasks: list[asyncio.Task] = []
+    _register_lifecycle(registry, ctx, kinds, tasks, watch_initial, watch_timeout)
+    start = functools.partial(_start_when_synced, ctx, enabled, controllers, elector, tasks)
+    _register_start(registry, start)
+    _register_barrier(registry, ctx)
+    _register_probe(registry, health)
+    return registry
 
+
+def _register_lifecycle(registry: kopf.OperatorRegistry, ctx: Context, kinds: list,
+                        tasks: list[asyncio.Task], watch_initial: str,
+                        watch_timeout: int) -> None:
     @kopf.on.login(registry=registry)
-    def login(**kwargs):
+    def login(**kwargs: Any):
         # A custom registry has none of Kopf's default login handlers; use the
         # kubernetes client's (in-cluster, then $KUBECONFIG), same as our writes.
         return kopf.login_via_client(**kwargs)
@@ -91,37 +102,10 @@ def build(ctx: Context, enabled: list[str], elector=None, *, health: WatchHealth
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any):
         streaming = await _initial_streaming(ctx, watch_initial)
         _configure(settings, [*kinds, NAMESPACES], streaming, watch_timeout)
-        informers.bind(kwargs)  # Kopf's (still empty) indexes: populated before handlers
+        ctx.informers.bind(kwargs)  # Kopf's (still empty) indexes: populated before handlers
         ctx.events.start()
         log.info("watching", kinds=[k.plural for k in kinds],
                  initial="stream" if streaming else "list")
-
-        async def start_when_synced():
-            readiness.leader_election = elector is not None
-            readiness.controllers = {c.name: False for c in controllers}
-            if elector is not None:
-                await elector.ensure_namespace()
-                tasks.append(_guarded(elector.run(), "leader-election"))
-            await ctx.synced.wait()
-            readiness.synced = True
-            tasks.append(_guarded(_release_memory_later(settings.queueing.idle_timeout),
-                                  "release-memory"))
-            if elector is not None:
-                await elector.leading.wait()
-                readiness.leading = True
-            counts = {p: len(lister) for p, lister in informers.listers.items()}
-            log.info("caches synced", controllers=enabled, objects=counts)
-            for c in controllers:
-                tasks.append(_guarded(c.run(), f"controller-{c.name}"))
-                readiness.controllers[c.name] = True
-
-        tasks.append(_guarded(start_when_synced(), "start-when-synced"))
-
-    @kopf.on.event(NAMESPACES.group, NAMESPACES.version, NAMESPACES.plural, registry=registry,
-                   id=handler_id("caches-synced"))
-    async def barrier(**_: Any):
-        if not ctx.synced.is_set():
-            ctx.synced.set()
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any):
@@ -131,6 +115,45 @@ def build(ctx: Context, enabled: list[str], elector=None, *, health: WatchHealth
         await ctx.events.stop()
         await ctx.kube.aclose()
 
+
+def _register_start(registry: kopf.OperatorRegistry, start) -> None:
+    @kopf.on.startup(registry=registry, id="start-controllers")
+    async def start_controllers(settings: kopf.OperatorSettings, **_: Any):
+        start(settings.queueing.idle_timeout)
+
+
+def _start_when_synced(ctx: Context, enabled: list[str], controllers: list, elector,
+                       tasks: list[asyncio.Task], idle_timeout: float) -> None:
+    async def start_when_synced():
+        readiness.leader_election = elector is not None
+        readiness.controllers = {c.name: False for c in controllers}
+        if elector is not None:
+            await elector.ensure_namespace()
+            tasks.append(_guarded(elector.run(), "leader-election"))
+        await ctx.synced.wait()
+        readiness.synced = True
+        tasks.append(_guarded(_release_memory_later(idle_timeout), "release-memory"))
+        if elector is not None:
+            await elector.leading.wait()
+            readiness.leading = True
+        counts = {p: len(lister) for p, lister in ctx.informers.listers.items()}
+        log.info("caches synced", controllers=enabled, objects=counts)
+        for c in controllers:
+            tasks.append(_guarded(c.run(), f"controller-{c.name}"))
+            readiness.controllers[c.name] = True
+
+    tasks.append(_guarded(start_when_synced(), "start-when-synced"))
+
+
+def _register_barrier(registry: kopf.OperatorRegistry, ctx: Context) -> None:
+    @kopf.on.event(NAMESPACES.group, NAMESPACES.version, NAMESPACES.plural, registry=registry,
+                   id=handler_id("caches-synced"))
+    async def barrier(**_: Any):
+        if not ctx.synced.is_set():
+            ctx.synced.set()
+
+
+def _register_probe(registry: kopf.OperatorRegistry, health: WatchHealth | None) -> None:
     @kopf.on.probe(registry=registry, id="watches", errors=kopf.ErrorsMode.PERMANENT)
     async def watches_probe(**_: Any):
         if health is None:
@@ -141,8 +164,6 @@ def build(ctx: Context, enabled: list[str], elector=None, *, health: WatchHealth
             raise kopf.PermanentError(
                 f"watch streams failing for more than {health.budget:g} s: {', '.join(dead)}")
         return health.report()
-
-    return registry
 
 
 def _inject_plugins(controllers: list) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 __all__ = ["match_label_selector", "match_node_affinity", "match_node_selector_terms"]
 
 
-def _requirement_holds(operator: str, key: str, values: Sequence[str], labels: Mapping) -> bool:
+def _requirement_holds(operator: str, key: str, values: Sequence[str],
+                       labels: Mapping[str, Any]) -> bool:
     """Evaluate one set-based requirement (In/NotIn/Exists/DoesNotExist) on labels."""
     if operator == "In":
         return key in labels and labels[key] in values
@@ -33,7 +34,8 @@ def _requirement_holds(operator: str, key: str, values: Sequence[str], labels: M
     raise ValueError(f"invalid label selector operator {operator!r} for key {key!r}")
 
 
-def match_label_selector(selector: Mapping[str, Any] | None, labels: Mapping | None) -> bool:
+def match_label_selector(selector: Mapping[str, Any] | None,
+                         labels: Mapping[str, Any] | None) -> bool:
     """Return True when ``labels`` satisfy a ``metav1.LabelSelector`` dict.
 
     ``None`` and ``{}`` select everything (as a claim's absent or empty selector does).
@@ -105,12 +107,14 @@ def _term_matches(term: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
     )
 
 
-def match_node_selector_terms(terms: Sequence[Mapping[str, Any]] | None, node: Mapping) -> bool:
+def match_node_selector_terms(terms: Sequence[Mapping[str, Any]] | None,
+                              node: Mapping[str, Any]) -> bool:
     """Return True when at least one of the (ORed) node selector terms matches ``node``."""
     return any(_term_matches(term, node) for term in terms or ())
 
 
-def match_node_affinity(pv_node_affinity: Mapping[str, Any] | None, node: Mapping) -> bool:
+def match_node_affinity(pv_node_affinity: Mapping[str, Any] | None,
+                        node: Mapping[str, Any]) -> bool:
     """Check a PV's ``spec.nodeAffinity`` against a Node object dict.
 
     ``None`` (no affinity) and an affinity without ``required`` allow every node, as

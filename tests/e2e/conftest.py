@@ -32,7 +32,8 @@ import pytest
 from .helpers import delete_quietly, remove_e2e_leftovers, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOG_DIR = REPO_ROOT / ".local" / (f"clusters/{os.environ['VOLPLANE_CLUSTER']}/logs" if os.environ.get("VOLPLANE_CLUSTER") else "logs")
+LOG_DIR = REPO_ROOT / ".local" / (f"clusters/{os.environ['VOLPLANE_CLUSTER']}/logs"
+                                  if os.environ.get("VOLPLANE_CLUSTER") else "logs")
 KIND_CLUSTER_NAME = "volplane-e2e"
 
 
@@ -71,7 +72,8 @@ def cluster(request) -> Cluster:
         kind_dir = REPO_ROOT / ".local" / "kind"
         kind_dir.mkdir(parents=True, exist_ok=True)
         kind_bin = request.config.getoption("kind_bin", None) or shutil.which("kind")
-        image = request.config.getoption("kind_image", None) or os.environ.get("VOLPLANE_KIND_IMAGE")
+        image = (request.config.getoption("kind_image", None)
+                 or os.environ.get("VOLPLANE_KIND_IMAGE"))
         kind = KindCluster(
             KIND_CLUSTER_NAME,
             kubeconfig=kind_dir / "kubeconfig",

@@ -65,7 +65,8 @@ def holds_for(
         time.sleep(interval)
 
 
-def kind_class(api: pykube.HTTPClient, api_version: str, kind: str) -> type[pykube.objects.APIObject]:
+def kind_class(api: pykube.HTTPClient, api_version: str,
+               kind: str) -> type[pykube.objects.APIObject]:
     """A pykube class for any kind (discovered once per client, then cached)."""
     key = (id(api), api_version, kind)
     if key not in _factories:

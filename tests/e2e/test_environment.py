@@ -56,7 +56,8 @@ def test_kwok_nodes_ready_with_zones(api, cluster):
         nodes = {n.name: n.obj for n in pykube.Node.objects(api).filter(selector={"type": "kwok"})}
         # Ready, and the node lifecycle controller has lifted its not-ready taint.
         ready = [name for name in expected
-                 if name in nodes and (condition(nodes[name], "Ready") or {}).get("status") == "True"
+                 if name in nodes
+                 and (condition(nodes[name], "Ready") or {}).get("status") == "True"
                  and not nodes[name]["spec"].get("taints")]
         return nodes if len(ready) == len(expected) else None
 
@@ -114,7 +115,8 @@ def test_statefulset_creates_claims_from_templates(api, cluster, namespace):
     })
 
     def claims():
-        found = {c.name: c.obj for c in pykube.PersistentVolumeClaim.objects(api, namespace=namespace)}
+        claims = pykube.PersistentVolumeClaim.objects(api, namespace=namespace)
+        found = {c.name: c.obj for c in claims}
         return found if {"data-db-0", "data-db-1"} <= set(found) else None
 
     found = wait_for(claims, timeout=60, message="PVCs data-db-0 and data-db-1")
@@ -179,7 +181,8 @@ def test_matching_pv_and_pvc_stay_unbound_without_volplane(matching_pair):
             problems.append(f"PVC volumeName {pvc.obj['spec']['volumeName']}")
         if "pv.kubernetes.io/bind-completed" in pvc.obj["metadata"].get("annotations", {}):
             problems.append("PVC bind-completed annotation")
-        assert not problems, "something bound them (is a PV binder running?): " + "; ".join(problems)
+        assert not problems, ("something bound them (is a PV binder running?): "
+                              + "; ".join(problems))
         return True
 
     holds_for(still_unbound, duration=20, interval=1, message="PV/PVC unbound")

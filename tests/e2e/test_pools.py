@@ -271,7 +271,8 @@ def test_api_server_rejects_invalid_pool_naming_the_field(api, crds, namespace, 
 
 def test_pool_capacity_cannot_drop_below_allocated(api, crds, pool_env):
     name = pool_env.pool("shrink", "10Gi", names=["kwok-node-0"])
-    r = kpatch_response(api, "StoragePool", name, {"status": {"allocatedBytes": 6 * GI}}, sub="status")
+    r = kpatch_response(api, "StoragePool", name, {"status": {"allocatedBytes": 6 * GI}},
+                        sub="status")
     assert r.status_code == 200, r.text
     r = kpatch_response(api, "StoragePool", name, {"spec": {"capacity": "5Gi"}})
     assert r.status_code == 422 and "spec.capacity" in r.json()["message"], r.text

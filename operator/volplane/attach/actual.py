@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from volplane.objects import md as _md
 from volplane.objects import spec as _spec
@@ -56,7 +57,7 @@ class Actual:
 ASW = dict[tuple[str, str], Actual]
 
 
-def _names_by_attachment(node: str, node_obj: Mapping | None) -> dict[str, str]:
+def _names_by_attachment(node: str, node_obj: Mapping[str, Any] | None) -> dict[str, str]:
     """VolumeAttachment name -> unique volume name, for every CSI volume the node lists
     (volumesAttached and volumesInUse): how a VA whose PV is gone gets its name back."""
     st = _status(node_obj)
@@ -70,8 +71,8 @@ def _names_by_attachment(node: str, node_obj: Mapping | None) -> dict[str, str]:
     return out
 
 
-def actual_of(va: Mapping, *, pvs: Mapping[str, Mapping],
-              nodes: Mapping[str, Mapping]) -> Actual | None:
+def actual_of(va: Mapping[str, Any], *, pvs: Mapping[str, Mapping[str, Any]],
+              nodes: Mapping[str, Mapping[str, Any]]) -> Actual | None:
     """The ASW entry of one VolumeAttachment (None: not a PV attachment)."""
     spec = _spec(va)
     pv_name = (spec.get("source") or {}).get("persistentVolumeName")
@@ -88,10 +89,12 @@ def actual_of(va: Mapping, *, pvs: Mapping[str, Mapping],
         state = AState.ATTACHING
     pv = pvs.get(pv_name)
     v = volume_ref(pv) if pv is not None else None
+    unique: str | None
     if v is not None:
         unique, multi = v.unique_name, v.multi_attach
     else:
-        unique, multi = _names_by_attachment(node, nodes.get(node)).get(md.get("name")), True
+        by_va = _names_by_attachment(node, nodes.get(node))
+        unique, multi = by_va.get(str(md.get("name"))), True
     meta = st.get("attachmentMetadata") or {}
     return Actual(
         pv_name=pv_name, node=node, va_name=md.get("name", ""),
@@ -101,8 +104,8 @@ def actual_of(va: Mapping, *, pvs: Mapping[str, Mapping],
         detach_error=(st.get("detachError") or {}).get("message"))
 
 
-def build_asw(vas: Iterable[Mapping], *, pvs: Mapping[str, Mapping],
-              nodes: Mapping[str, Mapping]) -> ASW:
+def build_asw(vas: Iterable[Mapping[str, Any]], *, pvs: Mapping[str, Mapping[str, Any]],
+              nodes: Mapping[str, Mapping[str, Any]]) -> ASW:
     """The actual state of world from VolumeAttachments. Should two attachments exist for
     one (PV, node) (another tool made one under another name), the upstream-named one
     counts; the reconciler never creates a second."""

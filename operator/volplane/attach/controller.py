@@ -338,9 +338,11 @@ class AttachDetachController:
                  volumes_with_pods=len(with_pods), attachments=len(self.vas),
                  max_wait_for_unmount=self.max_wait)
         n = max(1, self.ctx.options.workers)
-        tasks = [asyncio.create_task(process(self.volumes, self._sync_volume, controller=self.name, log=log))
+        tasks = [asyncio.create_task(process(self.volumes, self._sync_volume,
+                                             controller=self.name, log=log))
                  for _ in range(n)]
-        tasks += [asyncio.create_task(process(self.node_queue, self._sync_node, controller=self.name, log=log))
+        tasks += [asyncio.create_task(process(self.node_queue, self._sync_node,
+                                              controller=self.name, log=log))
                   for _ in range(max(2, n // 4))]
         tasks.append(asyncio.create_task(self._resync()))
         try:
@@ -372,35 +374,41 @@ class AttachDetachController:
         retry: float | None = None
         multi_now: set[tuple[str, str]] = set()
         for op in ops:
-            if op.kind is RC.OpKind.DETACH:
-                if op.va_name in self.detach_started:
-                    continue  # deleted already; the watch has not caught up yet
-                await self._detach(op)
-            elif op.kind is RC.OpKind.WAIT_UNMOUNT:
-                self.detach_requested[op.key] = op.since
-                if op.retry_at is not None:
-                    wait = max(0.05, op.retry_at - now + 0.05)
-                    retry = wait if retry is None else min(retry, wait)
-            elif op.kind is RC.OpKind.ATTACH:
-                await self._attach(op)
-            elif op.kind is RC.OpKind.MULTI_ATTACH:
-                multi_now.add(op.key)
-                if op.key not in self.multi_reported:
-                    self.multi_reported.add(op.key)
-                    self._post(op.events, N.FAILED_ATTACH)
-                    log.info("multi-attach error", volume=pv, node=op.node,
-                             pods=[p.key for p, _ in op.events])
-            elif op.kind is RC.OpKind.ATTACH_FAILED:
-                self._post(op.events, N.FAILED_ATTACH)
-            elif op.kind is RC.OpKind.DETACH_FAILED:
-                pv_obj = self.pvs.get(pv)
-                if pv_obj is not None:
-                    self.ctx.events.emit(pv_obj, "Warning", N.FAILED_DETACH, op.reason,
-                                         component=COMPONENT)
+            wait = await self._act(op, now, multi_now)
+            if wait is not None:
+                retry = wait if retry is None else min(retry, wait)
         for key in [k for k in self.multi_reported if k[0] == pv and k not in multi_now]:
             self.multi_reported.discard(key)
         metrics.sync_total.labels(self.name, "volumes", "ok").inc()
         return retry
+
+    async def _act(self, op: RC.Op, now: float, multi_now: set[tuple[str, str]]
+                   ) -> float | None:
+        """Carry out one op of the reconcile; returns when to look again, if timed."""
+        if op.kind is RC.OpKind.DETACH:
+            if op.va_name not in self.detach_started:  # else: the watch lags our delete
+                await self._detach(op)
+        elif op.kind is RC.OpKind.WAIT_UNMOUNT:
+            self.detach_requested[op.key] = op.since if op.since is not None else now
+            if op.retry_at is not None:
+                return max(0.05, op.retry_at - now + 0.05)
+        elif op.kind is RC.OpKind.ATTACH:
+            await self._attach(op)
+        elif op.kind is RC.OpKind.MULTI_ATTACH:
+            multi_now.add(op.key)
+            if op.key not in self.multi_reported:
+                self.multi_reported.add(op.key)
+                self._post(op.events, N.FAILED_ATTACH)
+                log.info("multi-attach error", volume=op.pv_name, node=op.node,
+                         pods=[p.key for p, _ in op.events])
+        elif op.kind is RC.OpKind.ATTACH_FAILED:
+            self._post(op.events, N.FAILED_ATTACH)
+        elif op.kind is RC.OpKind.DETACH_FAILED:
+            pv_obj = self.pvs.get(op.pv_name)
+            if pv_obj is not None:
+                self.ctx.events.emit(pv_obj, "Warning", N.FAILED_DETACH, op.reason,
+                                     component=COMPONENT)
+        return None
 
     def _post(self, events: Iterable[tuple[D.PodRef, str]], reason: str) -> None:
         for pod, message in events:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from volplane.kinds import MANAGED_ANNOTATION, any_container_running
 from volplane.objects import md as _md
@@ -32,12 +33,12 @@ from .names import plugin_name, unique_volume_name, volume_attachment_name
 MULTI_ATTACH_MODES_ALLOWED = ("ReadWriteMany", "ReadOnlyMany")
 
 
-def node_managed(node: Mapping | None) -> bool:
+def node_managed(node: Mapping[str, Any] | None) -> bool:
     return node is not None and MANAGED_ANNOTATION in (_md(node).get("annotations") or {})
 
 
 # -- pods ----------------------------------------------------------------------------------
-def pod_terminated(pod: Mapping) -> bool:
+def pod_terminated(pod: Mapping[str, Any]) -> bool:
     """upstream volumeutil.IsPodTerminated on a (slim or full) pod."""
     st = _status(pod)
     if st.get("phase") in ("Succeeded", "Failed"):
@@ -56,7 +57,7 @@ class PodRef:
     created: str = field(default="", compare=False)
 
     @classmethod
-    def of(cls, pod: Mapping) -> PodRef:
+    def of(cls, pod: Mapping[str, Any]) -> PodRef:
         md = _md(pod)
         return cls(md.get("namespace") or "", md.get("name") or "", md.get("uid") or "",
                    md.get("creationTimestamp") or "")
@@ -65,7 +66,7 @@ class PodRef:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    def as_object(self) -> dict:
+    def as_object(self) -> dict[str, Any]:
         """Enough of a Pod for an Event's involvedObject."""
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
@@ -92,20 +93,20 @@ class VolumeRef:
         return volume_attachment_name(self.handle, self.driver, node)
 
 
-def multi_attach_allowed(pv: Mapping) -> bool:
+def multi_attach_allowed(pv: Mapping[str, Any]) -> bool:
     """upstream util.IsMultiAttachAllowed for a PV: no access modes, or RWX/ROX among them."""
     modes = _spec(pv).get("accessModes") or ()
     return not modes or any(m in MULTI_ATTACH_MODES_ALLOWED for m in modes)
 
 
-def volume_ref(pv: Mapping) -> VolumeRef | None:
+def volume_ref(pv: Mapping[str, Any]) -> VolumeRef | None:
     csi = _spec(pv).get("csi") or {}
     if not csi.get("driver") or not csi.get("volumeHandle"):
         return None
     return VolumeRef(_md(pv)["name"], csi["driver"], csi["volumeHandle"], multi_attach_allowed(pv))
 
 
-def attach_required(driver: str, drivers: Mapping[str, Mapping]) -> bool:
+def attach_required(driver: str, drivers: Mapping[str, Mapping[str, Any]]) -> bool:
     """CSIDriver ``spec.attachRequired``; no CSIDriver object (or unset) means required."""
     obj = drivers.get(driver)
     if obj is None:
@@ -113,7 +114,7 @@ def attach_required(driver: str, drivers: Mapping[str, Mapping]) -> bool:
     return _spec(obj).get("attachRequired", True) is not False
 
 
-def pod_claim_name(pod: Mapping, vol: Mapping) -> tuple[str | None, bool]:
+def pod_claim_name(pod: Mapping[str, Any], vol: Mapping[str, Any]) -> tuple[str | None, bool]:
     """(claim name, ephemeral?) of a pod volume, or (None, False) for other volume types."""
     if vol.get("persistentVolumeClaim"):
         return vol["persistentVolumeClaim"].get("claimName"), False
@@ -122,13 +123,14 @@ def pod_claim_name(pod: Mapping, vol: Mapping) -> tuple[str | None, bool]:
     return None, False
 
 
-def _owned_by(obj: Mapping, uid: str) -> bool:
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(r.get("controller") and r.get("uid") == uid
                for r in _md(obj).get("ownerReferences") or ())
 
 
-def pod_volumes(pod: Mapping, *, pvcs: Mapping[str, Mapping], pvs: Mapping[str, Mapping],
-                drivers: Mapping[str, Mapping], nodes: Mapping[str, Mapping]
+def pod_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
+                pvs: Mapping[str, Mapping[str, Any]],
+                drivers: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]]
                 ) -> tuple[str | None, list[VolumeRef]]:
     """(node, attachable CSI volumes) one pod needs attached; (None, []) when it needs none.
 
@@ -181,14 +183,14 @@ class Desired:
 DSW = dict[tuple[str, str], Desired]
 
 
-def build_dsw(pods: Iterable[Mapping], *, pvcs: Mapping[str, Mapping],
-              pvs: Mapping[str, Mapping], drivers: Mapping[str, Mapping],
-              nodes: Mapping[str, Mapping]) -> DSW:
+def build_dsw(pods: Iterable[Mapping[str, Any]], *, pvcs: Mapping[str, Mapping[str, Any]],
+              pvs: Mapping[str, Mapping[str, Any]], drivers: Mapping[str, Mapping[str, Any]],
+              nodes: Mapping[str, Mapping[str, Any]]) -> DSW:
     """The whole desired state of world (the controller keeps it incrementally per pod;
     this is the reference and what unit tests drive)."""
     acc: dict[tuple[str, str], tuple[VolumeRef, list[PodRef]]] = {}
     for pod in pods:
         node, vols = pod_volumes(pod, pvcs=pvcs, pvs=pvs, drivers=drivers, nodes=nodes)
         for v in vols:
-            acc.setdefault((v.pv_name, node), (v, []))[1].append(PodRef.of(pod))
+            acc.setdefault((v.pv_name, node or ""), (v, []))[1].append(PodRef.of(pod))
     return {k: Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}

@@ -20,8 +20,9 @@ the pods that want it elsewhere get upstream's ``Multi-Attach error`` once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 from volplane.objects import spec as _spec
 from volplane.objects import status as _status
@@ -34,19 +35,19 @@ OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 
 # -- node predicates -----------------------------------------------------------------------
 
-def node_ready(node: Mapping | None) -> bool:
+def node_ready(node: Mapping[str, Any] | None) -> bool:
     """upstream nodeutil.IsNodeReady: the Ready condition is True (no condition: not ready)."""
     for c in _status(node).get("conditions") or ():
         if c.get("type") == "Ready":
-            return c.get("status") == "True"
+            return bool(c.get("status") == "True")
     return False
 
 
-def node_out_of_service(node: Mapping | None) -> bool:
+def node_out_of_service(node: Mapping[str, Any] | None) -> bool:
     return any(t.get("key") == OUT_OF_SERVICE_TAINT for t in _spec(node).get("taints") or ())
 
 
-def volumes_in_use(node: Mapping | None) -> set[str]:
+def volumes_in_use(node: Mapping[str, Any] | None) -> set[str]:
     return set(_status(node).get("volumesInUse") or ())
 
 
@@ -105,33 +106,34 @@ def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) ->
     return f'Multi-Attach error for volume "{pv_name}" {msg}'
 
 
-def _detach_decision(a: Actual, nodes: Mapping[str, Mapping], now: float, max_wait: float,
-                     detach_requested: Mapping[tuple[str, str], float]) -> Op:
+def _detach_decision(a: Actual, nodes: Mapping[str, Mapping[str, Any]], now: float,
+                     max_wait: float, detach_requested: Mapping[tuple[str, str], float]) -> Op:
     node = nodes.get(a.node)
-    base = dict(pv_name=a.pv_name, node=a.node, va_name=a.va_name)
+    detach = Op(OpKind.DETACH, a.pv_name, a.node, va_name=a.va_name, reason="normal")
     if node is None:
-        return Op(OpKind.DETACH, reason="node-deleted", forced="node-deleted", **base)
+        return replace(detach, reason="node-deleted", forced="node-deleted")
     since = detach_requested.get(a.key, now)
     expired = now - since > max_wait
     healthy = node_ready(node)
     if node_out_of_service(node):
-        return Op(OpKind.DETACH, reason="out-of-service", forced="out-of-service", **base)
+        return replace(detach, reason="out-of-service", forced="out-of-service")
     mounted = a.unique_name is not None and a.unique_name in volumes_in_use(node)
     if mounted and not (expired and not healthy):
         retry = None if healthy else since + max_wait
-        return Op(OpKind.WAIT_UNMOUNT, reason="in-use", since=since, retry_at=retry, **base)
+        return replace(detach, kind=OpKind.WAIT_UNMOUNT, reason="in-use", since=since,
+                       retry_at=retry)
     if mounted:
-        return Op(OpKind.DETACH, reason="timeout", forced="timeout", **base)
-    return Op(OpKind.DETACH, reason="normal", **base)
+        return replace(detach, reason="timeout", forced="timeout")
+    return detach
 
 
-def _attach_order(d: Desired) -> tuple:
+def _attach_order(d: Desired) -> tuple[Any, ...]:
     """Who gets an exclusive volume first: the node whose oldest pod is oldest."""
     return (min((p.created or "~" for p in d.pods), default="~"), d.node)
 
 
 def reconcile(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, str], Actual],
-              nodes: Mapping[str, Mapping], now: float, max_wait: float,
+              nodes: Mapping[str, Mapping[str, Any]], now: float, max_wait: float,
               detach_requested: Mapping[tuple[str, str], float] | None = None) -> list[Op]:
     """Drive the actual state toward the desired one: detach ops first, then attach ops.
 
@@ -139,11 +141,26 @@ def reconcile(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, st
     waiting for unmount (the caller keeps the `since` of the WAIT_UNMOUNT ops it gets
     back, and forgets the rest); `now` and it are on the same clock. `dsw` and `asw`
     may cover only some volumes, but then all entries of those volumes."""
-    detach_requested = detach_requested or {}
-    ops: list[Op] = []
-    detaching_now: set[tuple[str, str]] = set()
+    ops = _detaches(dsw, asw, nodes, now, max_wait, detach_requested or {})
+    detaching_now = {op.key for op in ops if op.kind is OpKind.DETACH}
+    on_nodes: dict[str, set[str]] = {}   # pv -> nodes it is (being) attached to
+    for key, a in asw.items():
+        if key not in detaching_now:
+            on_nodes.setdefault(a.pv_name, set()).add(a.node)
+    for d in sorted(dsw.values(), key=_attach_order):
+        op = _attach_op(d, dsw, asw, on_nodes, detaching_now)
+        if op is not None:
+            ops.append(op)
+        if op is not None and op.kind is OpKind.ATTACH:
+            on_nodes.setdefault(d.volume.pv_name, set()).add(d.node)
+    return ops
 
-    # 1. detaches
+
+def _detaches(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, str], Actual],
+              nodes: Mapping[str, Mapping[str, Any]], now: float, max_wait: float,
+              detach_requested: Mapping[tuple[str, str], float]) -> list[Op]:
+    """Every attachment not desired: detach it (safely), or report its detach error."""
+    ops = []
     for key in sorted(asw):
         a = asw[key]
         if key in dsw:
@@ -153,50 +170,41 @@ def reconcile(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, st
                 ops.append(Op(OpKind.DETACH_FAILED, a.pv_name, a.node, va_name=a.va_name,
                               reason=detach_failed_message(a.pv_name, a.detach_error)))
             continue
-        op = _detach_decision(a, nodes, now, max_wait, detach_requested)
-        if op.kind is OpKind.DETACH:
-            detaching_now.add(key)
-        ops.append(op)
-
-    # 2. attaches
-    on_nodes: dict[str, set[str]] = {}   # pv -> nodes it is (being) attached to
-    for key, a in asw.items():
-        if key not in detaching_now:
-            on_nodes.setdefault(a.pv_name, set()).add(a.node)
-    for d in sorted(dsw.values(), key=_attach_order):
-        a = asw.get(d.key)
-        base = dict(pv_name=d.volume.pv_name, node=d.node, volume=d.volume)
-        if a is not None:
-            if a.state is AState.ATTACHING and a.attach_error:
-                msg = attach_failed_message(d.volume.pv_name, a.attach_error)
-                ops.append(Op(OpKind.ATTACH_FAILED, va_name=a.va_name, reason=a.attach_error,
-                              events=tuple((p, msg) for p in d.pods), **base))
-            elif a.state is not AState.ATTACHED:
-                ops.append(Op(OpKind.WAIT, va_name=a.va_name, reason=a.state.value, **base))
-            continue
-        if not d.volume.multi_attach:
-            others = on_nodes.get(d.volume.pv_name, set()) - {d.node}
-            # the same volume being detached (this pass or earlier) elsewhere: just wait
-            elsewhere = [asw.get((d.volume.pv_name, n)) for n in others]
-            blocking = [x for x in elsewhere if x is None or x.state is not AState.DETACHING]
-            if blocking:
-                users = sorted({p for n in others
-                                if (there := dsw.get((d.volume.pv_name, n))) is not None
-                                for p in there.pods})
-                ev = tuple((p, multi_attach_message(d.volume.pv_name, p, users))
-                           for p in d.pods)
-                ops.append(Op(OpKind.MULTI_ATTACH, reason="multi-attach", events=ev,
-                              **base))
-                continue
-            if others or any(k[0] == d.volume.pv_name for k in detaching_now):
-                ops.append(Op(OpKind.WAIT, reason="detaching-elsewhere", **base))
-                continue
-        ops.append(Op(OpKind.ATTACH, va_name=d.volume.attachment_name(d.node), **base))
-        on_nodes.setdefault(d.volume.pv_name, set()).add(d.node)
+        ops.append(_detach_decision(a, nodes, now, max_wait, detach_requested))
     return ops
 
 
-def volume_attachment_body(volume: VolumeRef, node: str) -> dict:
+def _attach_op(d: Desired, dsw: Mapping[tuple[str, str], Desired],
+               asw: Mapping[tuple[str, str], Actual], on_nodes: Mapping[str, set[str]],
+               detaching_now: set[tuple[str, str]]) -> Op | None:
+    """What one desired (volume, node) needs: nothing, a wait, an error, or an attach."""
+    pv_name = d.volume.pv_name
+    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume)
+    a = asw.get(d.key)
+    if a is not None:
+        if a.state is AState.ATTACHING and a.attach_error:
+            msg = attach_failed_message(pv_name, a.attach_error)
+            return replace(base, kind=OpKind.ATTACH_FAILED, va_name=a.va_name,
+                           reason=a.attach_error, events=tuple((p, msg) for p in d.pods))
+        if a.state is not AState.ATTACHED:
+            return replace(base, va_name=a.va_name, reason=a.state.value)
+        return None
+    if not d.volume.multi_attach:
+        others = on_nodes.get(pv_name, set()) - {d.node}
+        # the same volume being detached (this pass or earlier) elsewhere: just wait
+        elsewhere = [asw.get((pv_name, n)) for n in others]
+        if [x for x in elsewhere if x is None or x.state is not AState.DETACHING]:
+            users = sorted({p for n in others
+                            if (there := dsw.get((pv_name, n))) is not None
+                            for p in there.pods})
+            ev = tuple((p, multi_attach_message(pv_name, p, users)) for p in d.pods)
+            return replace(base, kind=OpKind.MULTI_ATTACH, reason="multi-attach", events=ev)
+        if others or any(k[0] == pv_name for k in detaching_now):
+            return replace(base, reason="detaching-elsewhere")
+    return replace(base, kind=OpKind.ATTACH, va_name=d.volume.attachment_name(d.node))
+
+
+def volume_attachment_body(volume: VolumeRef, node: str) -> dict[str, Any]:
     """The VolumeAttachment upstream's csiAttacher.Attach creates."""
     return {
         "apiVersion": "storage.k8s.io/v1",

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .actual import Actual, AState
 
 
 def node_volumes_attached(asw: Iterable[Actual], node: str,
-                          detaching: Iterable[tuple[str, str]] = ()) -> list[dict]:
+                          detaching: Iterable[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """What ``node.status.volumesAttached`` must say: every ATTACHED attachment on the node
     whose detach has not started, sorted by name (so equal lists compare equal)."""
     skip = set(detaching)

@@ -129,7 +129,9 @@ class PoolAttacher:
             if self._ours(va):
                 self.queue.add(name)
         n = max(1, self.ctx.options.workers // 2)
-        tasks = [asyncio.create_task(process(self.queue, self.sync, controller=self.name, log=log, on_conflict=self._reread)) for _ in range(n)]
+        tasks = [asyncio.create_task(process(self.queue, self.sync, controller=self.name,
+                                             log=log, on_conflict=self._reread))
+                 for _ in range(n)]
         try:
             await asyncio.gather(*tasks)
         finally:

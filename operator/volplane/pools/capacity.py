@@ -34,7 +34,7 @@ def _q(n: int) -> str:
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int | None,
-               previous: Mapping[str, Mapping[str, Any]], now: str) -> dict:
+               previous: Mapping[str, Mapping[str, Any]], now: str) -> dict[str, Any]:
     status = "True" if ok else "False"
     prev = previous.get(type_) or {}
     since = prev.get("lastTransitionTime") if prev.get("status") == status else None
@@ -46,7 +46,7 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int 
 
 
 def pool_status(pool: Mapping[str, Any], sizes: Iterable[int],
-                nodes: Mapping[str, Mapping[str, Any]], *, now: str) -> dict:
+                nodes: Mapping[str, Mapping[str, Any]], *, now: str) -> dict[str, Any]:
     """The status to write on a pool.
 
     `sizes`: the pool's allocations in bytes (from the ledger); `now`: the RFC 3339 time
@@ -116,7 +116,8 @@ def capacity_object_name(pool: str, storage_class: str) -> str:
 
 def capacity_objects(pools: Mapping[str, Mapping[str, Any]],
                      classes: Mapping[str, Mapping[str, Any]], ledger: Ledger,
-                     nodes: Mapping[str, Mapping[str, Any]], namespace: str) -> dict[str, dict]:
+                     nodes: Mapping[str, Mapping[str, Any]],
+                     namespace: str) -> dict[str, dict[str, Any]]:
     """The CSIStorageCapacity objects to publish: one per (pool, class using the pool).
 
     nodeTopology selects the pool's nodes (within the class's allowedTopologies) by
@@ -124,7 +125,7 @@ def capacity_objects(pools: Mapping[str, Mapping[str, Any]],
     invalid parameters and pools without nodes or with an invalid capacity get none:
     the scheduler then sees no capacity there, which is the truth.
     """
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for class_name in sorted(classes):
         sc = classes[class_name]
         if sc.get("provisioner") != PROVISIONER:

@@ -59,6 +59,25 @@ class GarbageCollector:
         bound_to = (claim.get("spec") or {}).get("volumeName")
         return bool(bound_to) and bound_to != name
 
+    async def _confirmed(self, name: str, record: dict) -> bool:
+        """The listers may lag: ask the API server that the PV is gone and the claim is
+        gone, re-created, or bound to another volume."""
+        try:
+            await self.kube.get(pv_path(name))
+            return False
+        except ApiError as e:
+            if not e.not_found:
+                raise
+        ref = record["spec"]["claim"]
+        try:
+            live = await self.kube.get(pvc_path(ref["namespace"], ref["name"]))
+        except ApiError as e:
+            if not e.not_found:
+                raise
+            return True
+        mine = live["metadata"].get("uid") == ref["uid"]
+        return not (mine and (live.get("spec") or {}).get("volumeName") in (None, "", name))
+
     async def collect_orphans(self) -> list[str]:
         """Delete records with no PV whose claim is gone (seen so for ORPHAN_GRACE)."""
         now = self.clock()
@@ -71,21 +90,9 @@ class GarbageCollector:
             first = self._orphans.setdefault(name, now)
             if now - first < ORPHAN_GRACE:
                 continue
-            try:  # the cache may lag: confirm with the API server
-                await self.kube.get(pv_path(name))
+            if not await self._confirmed(name, record):
                 continue
-            except ApiError as e:
-                if not e.not_found:
-                    raise
             ref = record["spec"]["claim"]
-            try:
-                live = await self.kube.get(pvc_path(ref["namespace"], ref["name"]))
-                if live["metadata"].get("uid") == ref["uid"] and (
-                        (live.get("spec") or {}).get("volumeName") in (None, "", name)):
-                    continue
-            except ApiError as e:
-                if not e.not_found:
-                    raise
             try:
                 await self.kube.request("DELETE", alloc_path(name), {
                     "kind": "DeleteOptions", "apiVersion": "v1",

@@ -85,7 +85,9 @@ def _check_value(field: str, value: str) -> str:
 
 def _split_requirements(text: str) -> list[str]:
     """Split on commas that are not inside parentheses."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "(":
             depth += 1
@@ -100,7 +102,37 @@ def _split_requirements(text: str) -> list[str]:
     return parts
 
 
-def parse_selector(text: str, field: str = "poolSelector") -> dict:
+def _requirement(part: str, field: str, labels: dict[str, str],
+                 exprs: list[dict[str, Any]]) -> None:
+    """One requirement of a selector string, into `labels` or `exprs`."""
+    m = _SET_RE.match(part)
+    if m:
+        values = [v.strip() for v in m.group("values").split(",")]
+        if not values or any(v == "" for v in values):
+            raise ParameterError(field, f"{part!r}: empty value in the set")
+        exprs.append({"key": _check_key(field, m.group("key")),
+                      "operator": "In" if m.group("op") == "in" else "NotIn",
+                      "values": sorted({_check_value(field, v) for v in values})})
+    elif "!=" in part:
+        key, _, value = part.partition("!=")
+        exprs.append({"key": _check_key(field, key.strip()), "operator": "NotIn",
+                      "values": [_check_value(field, value.strip())]})
+    elif "=" in part:
+        key, _, value = part.partition("==") if "==" in part else part.partition("=")
+        key, value = key.strip(), value.strip()
+        _check_key(field, key)
+        if key in labels and labels[key] != value:
+            raise ParameterError(field, f"{key!r} is required to equal two values")
+        labels[key] = _check_value(field, value)
+    elif part.startswith("!"):
+        exprs.append({"key": _check_key(field, part[1:].strip()), "operator": "DoesNotExist"})
+    elif re.search(r"[\s()]", part):
+        raise ParameterError(field, f"cannot parse requirement {part!r}")
+    else:
+        exprs.append({"key": _check_key(field, part), "operator": "Exists"})
+
+
+def parse_selector(text: str, field: str = "poolSelector") -> dict[str, Any]:
     """Parse a kubectl-style label selector string into a ``metav1.LabelSelector`` dict.
 
     Supports ``k=v``, ``k==v``, ``k!=v``, ``k``, ``!k``, ``k in (a,b)``,
@@ -109,38 +141,13 @@ def parse_selector(text: str, field: str = "poolSelector") -> dict:
     if not text.strip():
         raise ParameterError(field, "must not be empty")
     labels: dict[str, str] = {}
-    exprs: list[dict] = []
+    exprs: list[dict[str, Any]] = []
     for raw in _split_requirements(text):
         part = raw.strip()
         if not part:
             raise ParameterError(field, f"empty requirement in {text!r}")
-        m = _SET_RE.match(part)
-        if m:
-            values = [v.strip() for v in m.group("values").split(",")]
-            if not values or any(v == "" for v in values):
-                raise ParameterError(field, f"{part!r}: empty value in the set")
-            exprs.append({"key": _check_key(field, m.group("key")),
-                          "operator": "In" if m.group("op") == "in" else "NotIn",
-                          "values": sorted({_check_value(field, v) for v in values})})
-        elif "!=" in part:
-            key, _, value = part.partition("!=")
-            exprs.append({"key": _check_key(field, key.strip()), "operator": "NotIn",
-                          "values": [_check_value(field, value.strip())]})
-        elif "=" in part:
-            key, _, value = part.partition("==") if "==" in part else part.partition("=")
-            key, value = key.strip(), value.strip()
-            _check_key(field, key)
-            if key in labels and labels[key] != value:
-                raise ParameterError(field, f"{key!r} is required to equal two values")
-            labels[key] = _check_value(field, value)
-        elif part.startswith("!"):
-            exprs.append({"key": _check_key(field, part[1:].strip()),
-                          "operator": "DoesNotExist"})
-        elif re.search(r"[\s()]", part):
-            raise ParameterError(field, f"cannot parse requirement {part!r}")
-        else:
-            exprs.append({"key": _check_key(field, part), "operator": "Exists"})
-    selector: dict = {}
+        _requirement(part, field, labels, exprs)
+    selector: dict[str, Any] = {}
     if labels:
         selector["matchLabels"] = labels
     if exprs:
@@ -183,47 +190,51 @@ class ClassParams:
 _POOL_NAME_RE = re.compile(rf"^{_DNS_SUBDOMAIN}$")
 
 
+def _pool_names(key: str, value: str) -> tuple[str, ...]:
+    names = [n.strip() for n in value.split(",")]
+    for n in names:
+        if not n or len(n) > 253 or not _POOL_NAME_RE.match(n):
+            raise ParameterError(key, f"{n!r} is not a valid StoragePool name")
+    return tuple(dict.fromkeys(names))
+
+
+def _match_param(key: str, value: str, match: dict[str, str]) -> None:
+    pkey = key[len(MATCH_PREFIX):] if key.startswith(MATCH_PREFIX) else key
+    if not pkey or len(pkey) > 63 or not re.match(rf"^{_LABEL_NAME}$", pkey):
+        raise ParameterError(key, f"{pkey!r} is not a valid pool parameter name")
+    if not value or len(value) > 63:
+        raise ParameterError(key, "value must be 1 to 63 characters")
+    if pkey in match and match[pkey] != value:
+        raise ParameterError(key, f"conflicts with another parameter for {pkey!r}")
+    match[pkey] = value
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ParameterError(key, f"{value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
 def parse_class_parameters(params: Mapping[str, Any] | None) -> ClassParams:
     """Validate a StorageClass's parameters; raise ParameterError naming the bad one."""
-    pools: tuple[str, ...] = ()
-    selector: dict | None = None
-    selector_text = ""
+    out: dict[str, Any] = {}
     match: dict[str, str] = {}
-    placement = BEST_FIT
-    fs_type: str | None = None
     for key in sorted(params or {}):
         value = (params or {})[key]
         if not isinstance(value, str):
             raise ParameterError(key, f"value must be a string, got {value!r}")
         if key == "pool":
-            names = [n.strip() for n in value.split(",")]
-            for n in names:
-                if not n or len(n) > 253 or not _POOL_NAME_RE.match(n):
-                    raise ParameterError(key, f"{n!r} is not a valid StoragePool name")
-            pools = tuple(dict.fromkeys(names))
+            out["pools"] = _pool_names(key, value)
         elif key == "poolSelector":
-            selector = parse_selector(value, key)
-            selector_text = value.strip()
+            out["pool_selector"] = parse_selector(value, key)
+            out["pool_selector_text"] = value.strip()
         elif key in NAMED_MATCH_PARAMS or key.startswith(MATCH_PREFIX):
-            pkey = key[len(MATCH_PREFIX):] if key.startswith(MATCH_PREFIX) else key
-            if not pkey or len(pkey) > 63 or not re.match(rf"^{_LABEL_NAME}$", pkey):
-                raise ParameterError(key, f"{pkey!r} is not a valid pool parameter name")
-            if not value or len(value) > 63:
-                raise ParameterError(key, "value must be 1 to 63 characters")
-            if pkey in match and match[pkey] != value:
-                raise ParameterError(key, f"conflicts with another parameter for {pkey!r}")
-            match[pkey] = value
+            _match_param(key, value, match)
         elif key == "placement":
-            if value not in PLACEMENTS:
-                raise ParameterError(key, f"{value!r} is not one of {', '.join(PLACEMENTS)}")
-            placement = value
+            out["placement"] = _one_of(key, value, PLACEMENTS)
         elif key == FSTYPE_PARAM:
-            if value not in FS_TYPES:
-                raise ParameterError(key, f"{value!r} is not one of {', '.join(FS_TYPES)}")
-            fs_type = value
+            out["fs_type"] = _one_of(key, value, FS_TYPES)
         else:
             raise ParameterError(key, "unknown parameter (accepted: "
                                       f"{', '.join(KNOWN_PARAMS)})")
-    return ClassParams(pools=pools, pool_selector=selector, pool_selector_text=selector_text,
-                       match=tuple(sorted(match.items())), placement=placement,
-                       fs_type=fs_type)
+    return ClassParams(match=tuple(sorted(match.items())), **out)

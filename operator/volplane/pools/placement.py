@@ -113,7 +113,8 @@ def hostnames(node_names: Iterable[str], nodes: Mapping[str, Mapping[str, Any]])
     return sorted(out)
 
 
-def node_affinity(node_names: Iterable[str], nodes: Mapping[str, Mapping[str, Any]]) -> dict:
+def node_affinity(node_names: Iterable[str],
+                  nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """A PV spec.nodeAffinity that admits exactly these nodes (by hostname label)."""
     return {"required": {"nodeSelectorTerms": [{"matchExpressions": [
         {"key": HOSTNAME_LABEL, "operator": "In", "values": hostnames(node_names, nodes)}]}]}}
@@ -142,8 +143,9 @@ def _pool_modes(pool: Mapping[str, Any]) -> list[str]:
 
 
 def _why_not(name: str, pool: Mapping[str, Any], size: int, modes: Iterable[str],
-             ledger: Ledger, node: str | None, allowed_topologies, nodes
-             ) -> tuple[str | None, list[str], int]:
+             ledger: Ledger, node: str | None,
+             allowed_topologies: Sequence[Mapping[str, Any]] | None,
+             nodes: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, list[str], int]:
     """(reason the pool cannot take the claim or None, usable nodes, free bytes)."""
     if _meta(pool).get("deletionTimestamp"):
         return f'pool "{name}" is being deleted', [], 0
@@ -188,7 +190,7 @@ def choose_pool(claim_size: int, access_modes: Iterable[str], params: ClassParam
     selected = [(name, pools[name]) for name in sorted(pools) if params.selects(pools[name])]
     if not selected:
         return Choice(None, f"no StoragePool matches the class parameters ({params.describe()})")
-    fits: list[tuple[tuple, str, list[str], int]] = []
+    fits: list[tuple[tuple[int | str, ...], str, list[str], int]] = []
     rejected: list[tuple[str, str]] = []
     for name, pool in selected:
         why, usable, free = _why_not(name, pool, claim_size, modes, ledger, node,
@@ -196,6 +198,7 @@ def choose_pool(claim_size: int, access_modes: Iterable[str], params: ClassParam
         if why is not None:
             rejected.append((name, why))
             continue
+        key: tuple[int | str, ...]
         if params.placement == SPREAD:
             key = (-free, ledger.count(name), name)
         else:

@@ -54,7 +54,7 @@ from ..workqueue import WorkQueue, process
 from .context import PoolContext
 from .expander import Expander
 from .gc import GarbageCollector
-from .parameters import ParameterError, parse_class_parameters
+from .parameters import ClassParams, ParameterError, parse_class_parameters
 from .placement import choose_pool, node_affinity, pool_capacity, pool_nodes, topology_nodes
 from .publisher import Publisher
 from .records import (
@@ -236,54 +236,21 @@ class PoolProvisioner:
         sc = self.classes.get(class_name)
         if sc is None:
             return  # the PV controller reports the missing class
-        try:
-            size = claim_request(claim)
-        except ValueError as e:
-            return self._failed(claim, "bad-request", f"invalid storage request: {e}", t0)
-        if size <= 0:
-            return self._failed(claim, "bad-request", "the claim requests no storage", t0)
-        try:
-            params = parse_class_parameters(sc.get("parameters"))
-        except ParameterError as e:
-            return self._failed(claim, "bad-parameter",
-                                f'StorageClass "{class_name}": {e}', t0)
+        checked = self._check_request(claim, class_name, sc, t0)
+        if checked is None:
+            return
+        size, params = checked
         # The scheduler's choice counts for WaitForFirstConsumer classes only.
-        node = selected_node if sc.get("volumeBindingMode") == C.WAIT_FOR_FIRST_CONSUMER else None
+        wffc = sc.get("volumeBindingMode") == C.WAIT_FOR_FIRST_CONSUMER
+        node = selected_node if wffc else None
         nodes = self.nodes
 
         record = self.allocations.get(name)
-        if record is not None:
-            pool_name = record["spec"]["pool"]
-        else:
-            choice = choose_pool(size, sorted(access_modes(claim)), params, self.pools,
-                                 self.ledger, node=node,
-                                 allowed_topologies=sc.get("allowedTopologies"), nodes=nodes)
-            if choice.pool is None:
-                return await self._no_room(claim, node, choice.reason, t0)
-            capacity = pool_capacity(self.pools[choice.pool]) or 0
-            if not self.ledger.reserve(name, choice.pool, size, capacity):
-                # Cannot happen (no await since choose_pool); never overbook if it does.
-                log.error("reservation refused after choice", claim=key_of(claim),
-                          pool=choice.pool)
+        if record is None:
+            record = await self._record(claim, class_name, sc, params, size, node, t0)
+            if record is None:
                 return
-            body = build_allocation(claim, class_name, choice.pool, size, node)
-            try:
-                record = await self.kube.create(alloc_path(), body)
-            except ApiError as e:
-                self.ledger.cancel(name)
-                if not e.already_exists:
-                    provision_failures.labels("error").inc()
-                    raise
-                record = await self.kube.get(alloc_path(name))
-            except BaseException:
-                self.ledger.cancel(name)
-                raise
-            self.allocations.put(record)
-            self.ledger.observe(name, record["spec"]["pool"], int(record["spec"]["sizeBytes"]))
-            metrics.api_writes.labels(self.name, "storageallocations", "create").inc()
-            faults.point("provision-1")
-            pool_name = record["spec"]["pool"]
-
+        pool_name = record["spec"]["pool"]
         pool = self.pools.get(pool_name)
         if pool is None:
             return self._failed(claim, "pool-gone", f'StoragePool "{pool_name}" of allocation '
@@ -315,6 +282,59 @@ class PoolProvisioner:
         log.info("provisioned", kind="PersistentVolumeClaim", namespace=md["namespace"],
                  name=md["name"], volume=name, pool=pool_name, action="provision",
                  duration_ms=round(elapsed * 1000, 1))
+
+    def _check_request(self, claim: dict, class_name: str, sc: dict, t0: float
+                       ) -> tuple[int, ClassParams] | None:
+        """The claim's size and its class's parameters, or None (failure reported)."""
+        try:
+            size = claim_request(claim)
+        except ValueError as e:
+            self._failed(claim, "bad-request", f"invalid storage request: {e}", t0)
+            return None
+        if size <= 0:
+            self._failed(claim, "bad-request", "the claim requests no storage", t0)
+            return None
+        try:
+            return size, parse_class_parameters(sc.get("parameters"))
+        except ParameterError as e:
+            self._failed(claim, "bad-parameter", f'StorageClass "{class_name}": {e}', t0)
+            return None
+
+    async def _record(self, claim: dict, class_name: str, sc: dict, params: ClassParams,
+                      size: int,
+                      node: str | None, t0: float) -> dict | None:
+        """Write 1: choose a pool, reserve its space, create the allocation record (or
+        take the one an earlier attempt created). None: no pool has room (reported)."""
+        name = volume_name(claim)
+        choice = choose_pool(size, sorted(access_modes(claim)), params, self.pools,
+                             self.ledger, node=node,
+                             allowed_topologies=sc.get("allowedTopologies"), nodes=self.nodes)
+        if choice.pool is None:
+            await self._no_room(claim, node, choice.reason, t0)
+            return None
+        capacity = pool_capacity(self.pools[choice.pool]) or 0
+        if not self.ledger.reserve(name, choice.pool, size, capacity):
+            # Cannot happen (no await since choose_pool); never overbook if it does.
+            log.error("reservation refused after choice", claim=key_of(claim),
+                      pool=choice.pool)
+            return None
+        body = build_allocation(claim, class_name, choice.pool, size, node)
+        try:
+            record = await self.kube.create(alloc_path(), body)
+        except ApiError as e:
+            self.ledger.cancel(name)
+            if not e.already_exists:
+                provision_failures.labels("error").inc()
+                raise
+            record = await self.kube.get(alloc_path(name))
+        except BaseException:
+            self.ledger.cancel(name)
+            raise
+        self.allocations.put(record)
+        self.ledger.observe(name, record["spec"]["pool"], int(record["spec"]["sizeBytes"]))
+        metrics.api_writes.labels(self.name, "storageallocations", "create").inc()
+        faults.point("provision-1")
+        return record
 
     def _failed(self, claim: dict, reason: str, message: str, t0: float) -> None:
         provision_failures.labels(reason).inc()

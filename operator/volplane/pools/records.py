@@ -35,26 +35,26 @@ def capacity_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
-def volume_name(claim: dict) -> str:
+def volume_name(claim: dict[str, Any]) -> str:
     """The PV (and allocation record) name for a claim, as external-provisioner names it."""
     return f"pvc-{claim['metadata']['uid']}"
 
 
-def pool_of_volume(pv: dict) -> str | None:
+def pool_of_volume(pv: dict[str, Any]) -> str | None:
     """The pool a PV of ours lives in: volumeHandle is "<pool>/<pv name>"."""
     handle = ((pv.get("spec") or {}).get("csi") or {}).get("volumeHandle") or ""
     pool, sep, _ = handle.partition("/")
     return pool if sep else None
 
 
-def is_ours(pv: dict) -> bool:
+def is_ours(pv: dict[str, Any]) -> bool:
     ann = (pv.get("metadata") or {}).get("annotations") or {}
     driver = ((pv.get("spec") or {}).get("csi") or {}).get("driver")
     return ann.get(C.ANN_PROVISIONED_BY) == PROVISIONER or driver == PROVISIONER
 
 
-def build_allocation(claim: dict, storage_class: str, pool: str, size: int,
-                     node: str | None) -> dict:
+def build_allocation(claim: dict[str, Any], storage_class: str, pool: str, size: int,
+                     node: str | None) -> dict[str, Any]:
     md = claim["metadata"]
     spec: dict[str, Any] = {
         "pool": pool,
@@ -71,8 +71,9 @@ def build_allocation(claim: dict, storage_class: str, pool: str, size: int,
             "metadata": {"name": volume_name(claim), "labels": labels}, "spec": spec}
 
 
-def build_pv(claim: dict, storage_class: dict, pool: str, size: int, affinity: dict,
-             fs_type: str | None) -> dict:
+def build_pv(claim: dict[str, Any], storage_class: dict[str, Any], pool: str, size: int,
+             affinity: dict[str, Any],
+             fs_type: str | None) -> dict[str, Any]:
     """The PV for a claim: CSI source of our driver, pre-bound to the claim."""
     md = claim["metadata"]
     cspec = claim.get("spec") or {}

@@ -9,6 +9,7 @@ the slot is recorded on the attachment (annotations ``volplane.io/pool`` and
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from volplane.objects import md as _md
 from volplane.objects import spec as _spec
@@ -32,7 +33,7 @@ def device_path(pool: str, slot: int) -> str:
     return f"/dev/volplane/{pool}/slot-{slot}"
 
 
-def slot_of(va: Mapping) -> tuple[str, int] | None:
+def slot_of(va: Mapping[str, Any]) -> tuple[str, int] | None:
     """(pool, slot) recorded on a VolumeAttachment, None when it holds no slot."""
     ann = _md(va).get("annotations") or {}
     pool, raw = ann.get(POOL_ANNOTATION), ann.get(SLOT_ANNOTATION)
@@ -44,7 +45,7 @@ def slot_of(va: Mapping) -> tuple[str, int] | None:
         return None
 
 
-def slots_in_use(vas: Iterable[Mapping], node: str, pool: str,
+def slots_in_use(vas: Iterable[Mapping[str, Any]], node: str, pool: str,
                  attacher: str = POOL_DRIVER) -> dict[int, str]:
     """slot -> VolumeAttachment name, for the slots held on (node, pool).
 
@@ -76,7 +77,7 @@ def free_slot(used: Iterable[int], slots: int) -> int | None:
     return None
 
 
-def slots_per_node(pool: Mapping | None) -> int:
+def slots_per_node(pool: Mapping[str, Any] | None) -> int:
     try:
         return int(_spec(pool).get("slotsPerNode") or DEFAULT_SLOTS_PER_NODE)
     except (TypeError, ValueError):

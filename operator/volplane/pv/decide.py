@@ -234,7 +234,7 @@ class VolumeDecision:
 # --- write planning (pure; the effect layer applies these as JSON merge patches) --------
 
 
-def volume_bind_patch(volume: Mapping[str, Any], claim: Mapping[str, Any]) -> dict | None:
+def volume_bind_patch(volume: Mapping[str, Any], claim: Mapping[str, Any]) -> dict[str, Any] | None:
     """Bind step 1 (upstream GetBindVolumeToClaim): point claimRef at the claim.
 
     ``bound-by-controller`` is added only when the PV was not already bound/pre-bound
@@ -266,7 +266,9 @@ def volume_bind_patch(volume: Mapping[str, Any], claim: Mapping[str, Any]) -> di
     return patch or None
 
 
-def volume_phase_patch(volume: Mapping[str, Any], phase: str, message: str = "") -> dict | None:
+def volume_phase_patch(
+    volume: Mapping[str, Any], phase: str, message: str = ""
+) -> dict[str, Any] | None:
     """PV status phase (bind step 2 and SET_PHASE); None when the phase is already set.
 
     Like upstream updateVolumePhase, the message is written only with a phase change.
@@ -276,7 +278,7 @@ def volume_phase_patch(volume: Mapping[str, Any], phase: str, message: str = "")
     return {"status": {"phase": phase, "message": message}}
 
 
-def claim_bind_patch(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dict | None:
+def claim_bind_patch(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dict[str, Any] | None:
     """Bind step 3 (upstream bindClaimToVolume): volumeName + bind-completed."""
     annotations: dict[str, str] = {}
     patch: dict[str, Any] = {}
@@ -293,7 +295,7 @@ def claim_bind_patch(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dic
 
 def claim_status_patch(
     claim: Mapping[str, Any], phase: str, volume: Mapping[str, Any] | None
-) -> dict | None:
+) -> dict[str, Any] | None:
     """Claim status write (upstream updateClaimStatus); None when nothing changes.
 
     With a volume: copy its accessModes, and its capacity when the claim is *becoming*
@@ -320,7 +322,7 @@ def claim_status_patch(
     return {"status": new} if new else None
 
 
-def _status_capacity(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dict | None:
+def _status_capacity(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dict[str, Any] | None:
     """Capacity to record on a claim that is becoming Bound, or None to leave it."""
     pre_resize = _annotations(volume).get(c.ANN_PRE_RESIZE_CAPACITY)
     if pre_resize is not None:
@@ -332,7 +334,7 @@ def _status_capacity(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dic
     return None
 
 
-def volume_unbind_patch(volume: Mapping[str, Any]) -> dict:
+def volume_unbind_patch(volume: Mapping[str, Any]) -> dict[str, Any]:
     """Upstream unbindVolume, spec part: undo our binding, keep a user's pre-binding.
 
     Bound by the controller: drop claimRef and the bound-by-controller annotation.
@@ -372,7 +374,7 @@ def _claim_patch(claim: Mapping[str, Any], patch: Mapping[str, Any] | None, *,
     return (PatchClaim(meta.get("namespace") or "", _name(claim), patch, status, step),)
 
 
-def _provisioner_patch(claim: Mapping[str, Any], provisioner: str) -> dict | None:
+def _provisioner_patch(claim: Mapping[str, Any], provisioner: str) -> dict[str, Any] | None:
     """Both storage-provisioner annotations (upstream setClaimProvisioner)."""
     annotations = _annotations(claim)
     if (annotations.get(c.ANN_STORAGE_PROVISIONER) == provisioner
@@ -663,7 +665,8 @@ def _provision(
         )
     if provisioner in provisioners:
         selected = _annotations(claim).get(c.ANN_SELECTED_NODE)
-        how = "from a storage pool" if provisioner == c.POOL_PROVISIONER else f'with "{provisioner}"'
+        pool = provisioner == c.POOL_PROVISIONER
+        how = "from a storage pool" if pool else f'with "{provisioner}"'
         message = f'provisioning a volume of class "{class_name}" {how}'
         return ClaimDecision(
             ClaimAction.PROVISION,

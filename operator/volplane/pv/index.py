@@ -282,14 +282,16 @@ def _fits_node(volume: Mapping[str, Any], node: Mapping[str, Any] | None) -> boo
 
 
 def _matched(
-    volume: Mapping[str, Any], capacity: int, prebound: bool, considered: int, counts
+    volume: Mapping[str, Any], capacity: int, prebound: bool, considered: int,
+    counts: Mapping[str, int],
 ) -> MatchResult:
     how = "pre-bound to this claim" if prebound else "smallest matching volume"
     reason = f'volume "{_name(volume)}" ({format_quantity(capacity)}): {how}'
     return MatchResult(volume, reason, dict(counts), considered)
 
 
-def _prebound_misfit(volume: Mapping[str, Any], q: ClaimQuery, considered: int, counts):
+def _prebound_misfit(volume: Mapping[str, Any], q: ClaimQuery, considered: int,
+                     counts: Mapping[str, int]) -> MatchResult:
     node_name = _name(q.node or {})
     reason = (
         f'volume "{_name(volume)}" is pre-bound to this claim but its node affinity '
@@ -316,7 +318,7 @@ def brute_force_match(
     ordered = sorted(((volume_capacity(v), _name(v), v) for v in volumes), key=lambda t: t[:2])
     counts: Counter[str] = Counter()
     detail = _Detail()
-    best: tuple | None = None
+    best: tuple[Any, ...] | None = None
     for capacity, _, volume in ordered:
         verdict = _classify(volume, q, capacity)
         if verdict == _PREBOUND:
@@ -490,7 +492,7 @@ class VolumeIndex:
             volume = self._volumes[name]
             verdict = _classify(volume, q, capacity)
             if verdict != _PREBOUND:
-                counts[verdict] += 1
+                counts[verdict or ""] += 1
                 continue
             if _fits_node(volume, node):
                 return _matched(volume, capacity, True, considered, counts)

@@ -35,7 +35,8 @@ def test_controller_coalesces_node_reports_while_attachments_arrive():
             t0 = asyncio.get_running_loop().time()
             for i in range(n):
                 obj = api.obj(K.VOLUME_ATTACHMENTS, va(f"pv{i}", "n1")["metadata"]["name"])
-                await api.merge_patch(K.VOLUME_ATTACHMENTS.path(obj["metadata"]["name"], sub="status"),
+                path = K.VOLUME_ATTACHMENTS.path(obj["metadata"]["name"], sub="status")
+                await api.merge_patch(path,
                                       {"status": {"attached": True, "attachmentMetadata": {
                                           "devicePath": f"/dev/x{i}"}}})
                 api.sync(ctx.informers)

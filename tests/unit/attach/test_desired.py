@@ -50,7 +50,8 @@ def test_desired_state_of_one_pod(the_pod, extra, want):
 
 
 @pytest.mark.parametrize("claim,volume,want", [
-    pytest.param(pvc("ns", "c1", "pv1", phase="Pending"), pv("pv1", claim=("ns", "c1", "uid-ns-c1")),
+    pytest.param(pvc("ns", "c1", "pv1", phase="Pending"),
+                 pv("pv1", claim=("ns", "c1", "uid-ns-c1")),
                  {}, id="claim not Bound"),
     pytest.param(pvc("ns", "c1", ""), pv("pv1", claim=("ns", "c1", "uid-ns-c1")), {},
                  id="claim without volumeName"),

@@ -48,7 +48,7 @@ def test_pool_status_overcommitted_after_shrink():
     assert degraded["reason"] == "OverCommitted"
 
 
-# --- capacity objects ------------------------------------------------------------------------------
+# --- capacity objects ------------------------------------------------------------------
 
 
 def test_capacity_objects():

@@ -33,7 +33,8 @@ def test_pool_nodes(spec_nodes, expected):
 
 def test_pool_nodes_skips_nodes_being_deleted():
     nodes = dict(NODES)
-    nodes["n1"] = {"metadata": {**NODES["n1"]["metadata"], "deletionTimestamp": "2024-01-01T00:00:00Z"}}
+    nodes["n1"] = {"metadata": {**NODES["n1"]["metadata"],
+                                "deletionTimestamp": "2024-01-01T00:00:00Z"}}
     assert pool_nodes(pool("p", names=["n0", "n1"]), nodes) == ["n0"]
 
 

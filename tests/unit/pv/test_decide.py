@@ -1143,7 +1143,8 @@ def test_interrupted_bind_converges(crash_after: int, volume_first: bool) -> Non
                 volume,
             )
     assert (
-        sync_claim(claim, index=VolumeIndex([volume]), classes={}, provisioners={POOL}).action is ClaimAction.NOOP
+        sync_claim(claim, index=VolumeIndex([volume]), classes={},
+                   provisioners={POOL}).action is ClaimAction.NOOP
     )
     final = sync_volume(
         volume, claims={"ns/claim": claim}, deleters=set(), recyclers=set()
