@@ -1,3 +1,3 @@
 """volplane: the PersistentVolume and Attach/Detach controllers, on Kopf, with StoragePools."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

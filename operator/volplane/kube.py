@@ -10,8 +10,8 @@ pool; the profiles showed those threads competing with the event loop.)
 A token bucket in front of every request is our client-side QPS limit (Kopf
 has none), and 429/5xx/connection errors are retried with backoff. Conflicts
 (409) are NOT retried here: they mean the decision was made on stale data and
-the caller must re-read and re-decide. Watches (`stream`) use a second session
-without a connection limit, so long-lived streams never starve writes.
+the caller must re-read and re-decide. Kopf does the watching (informers.py) on its
+own sessions, so long-lived streams never take a connection from the writes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import copy
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -146,10 +145,6 @@ class Kube:
     def session(self) -> aiohttp.ClientSession:
         return self._shared_session("requests", self.workers * 2)
 
-    @property
-    def watch_session(self) -> aiohttp.ClientSession:
-        return self._shared_session("watches", 0)
-
     def with_own_limit(self, qps: float, burst: int) -> Kube:
         """The same client (credentials, connections, write guard, stats) with a token
         bucket of its own."""
@@ -214,37 +209,6 @@ class Kube:
             attempt += 1
             self.stats.retries += 1
             await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
-
-    async def stream(self, path: str, query: dict, read_timeout: float
-                     ) -> AsyncIterator[dict]:
-        """A watch: yields each decoded event (one JSON document per line).
-
-        Not retried here; the reflector owns reconnects, backoff and relists.
-        """
-        await self.bucket.acquire()
-        self.stats.requests += 1
-        async with self.watch_session.get(
-                self.url(path, query), headers=self._auth(), proxy=self.cfg.proxy or None,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                              sock_read=read_timeout)) as resp:
-            if resp.status != 200:
-                raw = await resp.read()
-                try:
-                    parsed = json.loads(raw) if raw else None
-                except ValueError:
-                    parsed = raw.decode(errors="replace")
-                raise ApiError(resp.status, resp.reason or "", parsed)
-            buf = b""
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                if b"\n" not in chunk:
-                    continue
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
-            if buf.strip():
-                yield json.loads(buf)
 
     # Conveniences ------------------------------------------------------------------------
     async def get(self, path: str, **kw) -> Any:

@@ -68,7 +68,7 @@ def configure(settings: kopf.OperatorSettings, kinds: list[Kind], *,
     #   bodies is ever decoded at once, and the watch starts where the listing ended.
     #   Needs Kubernetes >= 1.34 (the wiring turns it off against older servers);
     # - chunk_size: otherwise the LIST is paginated (500 objects a page, like
-    #   client-go's reflector), so the largest response held at once is one page, not
+    #   client-go does), so the largest response held at once is one page, not
     #   every PV of the cluster;
     # - server_timeout: the API server ends each watch after this many seconds and Kopf
     #   continues from the last resourceVersion it saw (bookmarks included: no re-list);
