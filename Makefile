@@ -5,16 +5,27 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench image
+.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e \
+	lint bench image kind kind-down kind-status e2e-kind
 
 setup: venv controlplane tools
 
-# A real Prometheus for the observability e2e test (Debian's package); optional elsewhere.
+# Debian packages, installed where missing (root + apt only; elsewhere a note):
+# prometheus for the observability e2e test; docker.io (dockerd), debootstrap and
+# libseccomp-dev (runc's build) for the kind target.
+DEBS := prometheus:prometheus dockerd:docker.io debootstrap:debootstrap \
+	/usr/include/seccomp.h:libseccomp-dev
 tools:
-	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
-	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus >/dev/null) ; } \
-	  || echo "note: no prometheus binary; its e2e test will be skipped"
+	@missing=""; for d in $(DEBS); do c=$${d%%:*}; p=$${d#*:}; \
+	  if [ "$${c#/}" != "$$c" ]; then [ -e "$$c" ] || missing="$$missing $$p"; \
+	  else command -v $$c >/dev/null || missing="$$missing $$p"; fi; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; \
+	  else echo "note: missing$$missing (not root with apt): the tests that need them skip"; fi; \
+	fi
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -54,7 +65,7 @@ unit: venv
 e2e: setup
 	$(VPY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test: unit e2e
+test: unit e2e e2e-kind
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests hack
@@ -62,6 +73,22 @@ lint: venv
 bench: setup
 	$(VPY) hack/bench/run.py $(if $(QUICK),--quick,)
 
-IMAGE ?= volplane:dev
-image:
-	docker build -t $(IMAGE) .
+# volplane's image (operator + CSI node plugin), built with no pull and no network
+# (hack/kind/kind.py: debootstrap root + Debian's python3 + the venv's pinned wheels).
+image: setup
+	$(VPY) hack/kind/kind.py image
+
+# A kind cluster (control plane + 3 workers) from a node image assembled offline,
+# volplane installed from manifests/; prints the kubeconfig (.local/kind/kubeconfig).
+kind: setup
+	$(VPY) hack/kind/kind.py up
+
+kind-down: venv
+	$(VPY) hack/kind/kind.py down
+
+kind-status: venv
+	$(VPY) hack/kind/kind.py status
+
+# The e2e suite against the kind cluster (made or reused by the suite itself).
+e2e-kind: setup
+	$(VPY) -m pytest tests/e2e --kind $(PYTEST_ARGS)
