@@ -373,16 +373,22 @@ def executable_name(driver: str) -> str:
 
 
 # -- the effect: running a driver -----------------------------------------------------------
-async def _read_capped(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, bool]:
-    chunks, size = [], 0
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            return b"".join(chunks), False
+async def _drain(stream: asyncio.StreamReader, limit: int, on_overflow) -> tuple[bytes, bool]:
+    """Read to EOF, keeping the first ``limit`` bytes; calls ``on_overflow`` once when more
+    arrive (the rest is read and dropped so the pipe, and the process, can finish)."""
+    chunks: list[bytes] = []
+    size, truncated = 0, False
+    while chunk := await stream.read(65536):
+        if truncated:
+            continue
+        if size + len(chunk) > limit:
+            chunks.append(chunk[:limit - size])
+            truncated = True
+            on_overflow()
+            continue
         chunks.append(chunk)
         size += len(chunk)
-        if size > limit:
-            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), truncated
 
 
 def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -390,47 +396,54 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+async def _reap(proc: asyncio.subprocess.Process, reader: asyncio.Future, grace: float) -> None:
+    """After the group got SIGKILL: wait for the exit and the pipe's EOF; if a process
+    outside the group still holds the pipe, close it (the transport) and stop reading."""
+    try:
+        await asyncio.wait_for(asyncio.gather(proc.wait(), asyncio.shield(reader)), grace)
+    except TimeoutError:
+        transport = getattr(proc, "_transport", None)  # asyncio has no public close
+        if transport is not None:
+            transport.close()
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(proc.wait(), grace)
+
+
 async def execute(path: str, args: Sequence[str], timeout: float | None,
                   kill_grace: float = DEFAULT_KILL_GRACE) -> ExecResult:
-    """Run ``path args...`` in its own process group with stdout+stderr captured together.
+    """Run ``path args...`` in its own process group with stdout+stderr captured together
+    (stdin /dev/null), like upstream's CombinedOutput: done when the driver exited and
+    its output pipe closed.
 
-    On timeout the group gets SIGTERM, then SIGKILL after ``kill_grace`` seconds (upstream
-    exec Stop()). Stdin is /dev/null."""
+    Past ``timeout`` the group gets SIGTERM, and SIGKILL ``kill_grace`` seconds later
+    (upstream exec Stop()). Output beyond MAX_OUTPUT kills the group at once."""
     try:
         proc = await asyncio.create_subprocess_exec(
             path, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         return ExecResult(start_error=f"{path}: {e.strerror or e}")
-    reader = asyncio.ensure_future(_read_capped(proc.stdout, MAX_OUTPUT))
+    reader = asyncio.ensure_future(
+        _drain(proc.stdout, MAX_OUTPUT, lambda: _signal_group(proc, signal.SIGKILL)))
     try:
-        output, truncated = await asyncio.wait_for(asyncio.shield(reader), timeout)
+        async with asyncio.timeout(timeout):
+            output, truncated = await asyncio.shield(reader)
+            rc = await proc.wait()
+        return ExecResult(returncode=rc, output=output, truncated=truncated)
     except TimeoutError:
         _signal_group(proc, signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), kill_grace)
+            await asyncio.wait_for(asyncio.gather(proc.wait(), asyncio.shield(reader)),
+                                   kill_grace)
         except TimeoutError:
             _signal_group(proc, signal.SIGKILL)
-            await proc.wait()
-        reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
+            await _reap(proc, reader, kill_grace)
         return ExecResult(returncode=proc.returncode, timed_out=True)
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled: leave nothing running
         _signal_group(proc, signal.SIGKILL)
-        reader.cancel()
-        with contextlib.suppress(BaseException):
-            await proc.wait()
+        await asyncio.shield(_reap(proc, reader, kill_grace))
         raise
-    if truncated:
-        _signal_group(proc, signal.SIGKILL)
-    try:
-        rc = await asyncio.wait_for(proc.wait(), timeout if timeout else None)
-    except TimeoutError:
-        _signal_group(proc, signal.SIGKILL)
-        rc = await proc.wait()
-        return ExecResult(returncode=rc, output=output, timed_out=True)
-    return ExecResult(returncode=rc, output=output, truncated=truncated)
 
 
 class FlexDriver:
