@@ -9,14 +9,12 @@ import base64
 import json
 import os
 import shutil
-import stat
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
+from flex_helpers import DRIVER, fake_driver, flex_pv, inline_flex, metric
 
 from volplane.volumeplugins import (
     CSIPlugin,
@@ -32,75 +30,9 @@ from volplane.volumeplugins import (
 from volplane.volumeplugins import flex as F
 from volplane.volumeplugins.prober import ProbeEvent, ProbeOp
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "hack" / "flexvolume" / "volplane-demo~disk"
-DRIVER = "volplane-demo/disk"
-
 
 def run(coro):
     return asyncio.run(coro)
-
-
-# -- builders ------------------------------------------------------------------------------
-def flex_pv(name="pv-1", *, driver=DRIVER, modes=("ReadWriteOnce",), fs_type="ext4",
-            options=None, secret_ref=None, read_only_in_source=False):
-    src = {"driver": driver, "fsType": fs_type, "readOnly": read_only_in_source}
-    if options is not None:
-        src["options"] = options
-    if secret_ref is not None:
-        src["secretRef"] = secret_ref
-    return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
-            "spec": {"accessModes": list(modes), "capacity": {"storage": "1Gi"},
-                     "flexVolume": src}}
-
-
-def inline_flex(name="data", *, driver=DRIVER, read_only=False, options=None, secret=None):
-    src = {"driver": driver, "readOnly": read_only}
-    if options is not None:
-        src["options"] = options
-    if secret is not None:
-        src["secretRef"] = {"name": secret}
-    return {"name": name, "flexVolume": src}
-
-
-@pytest.fixture
-def sample(tmp_path, monkeypatch):
-    """The sample driver installed in a plugin dir, with its log and state in tmp."""
-    plugin_dir = tmp_path / "plugins"
-    plugin_dir.mkdir()
-    shutil.copytree(SAMPLE, plugin_dir / SAMPLE.name)
-    log = tmp_path / "driver.log"
-    monkeypatch.setenv("VOLPLANE_DEMO_DISK_LOG", str(log))
-    monkeypatch.setenv("VOLPLANE_DEMO_DISK_STATE", str(tmp_path / "state"))
-    monkeypatch.setenv("VOLPLANE_DEMO_DISK_DIR", str(tmp_path / "disks"))
-
-    class S:
-        dir = plugin_dir
-        state = tmp_path / "state"
-
-        @staticmethod
-        def calls(command=None):
-            if not log.exists():
-                return []
-            out = [json.loads(line) for line in log.read_text().splitlines()]
-            return [c for c in out if command is None or c["command"] == command]
-
-    return S
-
-
-def fake_driver(plugin_dir: Path, body: str, name="acme~fake") -> Path:
-    """A driver <plugin_dir>/<name>/<exe>: a POSIX sh script whose body handles "$1"."""
-    exe = name.split("~")[-1]
-    d = plugin_dir / name
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / exe
-    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
-
-
-def metric(name, **labels):
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 # -- the sample driver, end to end through the plugin ---------------------------------------
