@@ -103,6 +103,7 @@ class FlexVolumeProber:
         self.factory = plugin_factory
         self.changed = asyncio.Event()   # set when the watch queued work for probe()
         self.ready = asyncio.Event()     # set once the watch is established
+        self._lock = asyncio.Lock()      # one probe at a time (upstream's mutex)
         self._probe_all_needed = True
         self._pending: dict[str, ProbeOp] = {}   # driver dir name -> operation
         self._known: dict[str, str] = {}          # driver dir name -> plugin name
@@ -115,9 +116,9 @@ class FlexVolumeProber:
     def _ensure_dir(self) -> None:
         """upstream createPluginDir."""
         if not os.path.isdir(self.plugin_dir):
-            log.warning("FlexVolume plugin directory does not exist; creating it",
-                        dir=self.plugin_dir)
             os.makedirs(self.plugin_dir, mode=0o755, exist_ok=True)
+            log.warning("FlexVolume plugin directory did not exist; created it",
+                        dir=self.plugin_dir)
 
     async def _report(self, problem: ProbeProblem) -> None:
         if self.problems.get(problem.dir_name) == problem:
@@ -142,10 +143,11 @@ class FlexVolumeProber:
     async def probe(self) -> tuple[list[ProbeEvent], list[ProbeProblem]]:
         """upstream Probe: everything on the first call (or after the directory was
         re-created), else what the watch queued. Never raises."""
-        if self._probe_all_needed:
-            self._probe_all_needed = False
-            return await self._probe_all()
-        return await self._probe_pending()
+        async with self._lock:
+            if self._probe_all_needed:
+                self._probe_all_needed = False
+                return await self._probe_all()
+            return await self._probe_pending()
 
     async def _probe_all(self) -> tuple[list[ProbeEvent], list[ProbeProblem]]:
         try:
