@@ -48,14 +48,15 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 CLUSTER_NAME = os.environ.get("VOLPLANE_KIND_CLUSTER", "volplane")
 # What a change of the image recipes below must bump (the versions are keyed separately).
-RECIPE = "node-3"
+RECIPE = "node-4"
 GOPROXY = os.environ.get("VOLPLANE_GOPROXY", "https://proxy.golang.org")
 
 # Debian packages of the node's root filesystem: what kind's base image installs,
-# less NFS/iSCSI/fuse, plus xfsprogs (the CSI node plugin formats xfs too).
+# less NFS/iSCSI/fuse/curl, plus xfsprogs (the CSI node plugin formats xfs too). jq is
+# what kind's createContainer hook (mount-product-files.sh) parses the OCI state with.
 NODE_PACKAGES = (
     "systemd systemd-sysv dbus conntrack iptables nftables iproute2 ethtool util-linux "
-    "mount kmod libseccomp2 pigz e2fsprogs xfsprogs bash ca-certificates procps"
+    "mount kmod libseccomp2 pigz e2fsprogs xfsprogs bash ca-certificates procps jq"
 ).split()
 # The operator image: Debian's python3 and what the CSI node plugin calls
 # (losetup/blkid in util-linux and mount, mkfs.ext4/resize2fs, mkfs.xfs/xfs_growfs).
@@ -561,7 +562,7 @@ def node_image(v: dict[str, str] | None = None) -> str:
     bits = build_bits(v)
     base_root = rootfs_image("node", NODE_PACKAGES, v)
     base = _node_base(v, bits, base_root)
-    images = component_images(v, bits, base)
+    images = component_images(v, bits, base_root)
     _node_with_kubernetes(v, bits, base, images, tag)
     log(f"node image {tag} built in {time.monotonic() - start:.0f} s")
     return tag
@@ -706,7 +707,9 @@ def operator_image() -> str:
     _run([py, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO_ROOT)])
     _run([py, "-m", "pip", "wheel", "-q", "-w", str(wheels), "-c", str(build / "constraints.txt"),
           *[line for line in runtime.splitlines() if line]])
+    # --ignore-installed: never touch the venv (pip would uninstall its volplane first)
     _run([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+          "--ignore-installed",
           "--prefix", str(prefix), *map(str, sorted(wheels.glob("*.whl")))])
     site = f"/opt/volplane/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
     deb_py = _run(["docker", "run", "--rm", "--network=none", root, "python3", "-c",
