@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench image
+.PHONY: setup tools venv csi-stubs node-test controlplane cluster cluster-down cluster-status crds run test unit e2e lint bench image
 
 setup: venv controlplane tools
 
@@ -16,11 +16,16 @@ tools:
 	      --no-install-recommends prometheus >/dev/null) ; } \
 	  || echo "note: no prometheus binary; its e2e test will be skipped"
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed csi-stubs
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,codegen]'
 	touch $@
+
+# gRPC stubs of the CSI spec and the kubelet's plugin registration API, compiled from
+# their published Go modules (gitignored; a no-op when current).
+csi-stubs: $(VENV)/.installed
+	$(VPY) hack/gen-csi.py
 
 # Builds kube-apiserver, kube-controller-manager, kube-scheduler, etcd and kwok
 # from upstream Go modules into ~/.cache/volplane (a no-op when cached).
@@ -49,6 +54,10 @@ run: crds
 unit: venv
 	$(VPY) -m pytest tests/unit -q
 
+# The CSI node plugin against real loop devices, mkfs and mount (root only; skipped otherwise).
+node-test: venv
+	$(VPY) -m pytest tests/node -q
+
 # The e2e suite starts (or reuses) the local control plane itself; set
 # VOLPLANE_E2E_KUBECONFIG to use another cluster, or pass PYTEST_ARGS=--kind.
 e2e: setup
@@ -63,5 +72,5 @@ bench: setup
 	$(VPY) hack/bench/run.py $(if $(QUICK),--quick,)
 
 IMAGE ?= volplane:dev
-image:
+image: csi-stubs
 	docker build -t $(IMAGE) .
