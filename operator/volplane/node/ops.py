@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from .. import logs
 from . import backing as B
 from .mounts import find_mount, mounts_of_source
-from .system import System
+from .system import CommandError, System
 from .volumes import (
     FORMAT,
     Capability,
@@ -48,6 +48,8 @@ from .volumes import (
 
 log = logs.get("node")
 
+EXT = ("ext2", "ext3", "ext4")
+GROW_SLACK = 1 << 20  # grow an ext filesystem offline when its device is this much larger
 DEFAULT_STATE_DIR = "/var/lib/kubelet/plugins/pool.volplane.io/volumes"
 
 
@@ -164,45 +166,55 @@ class NodeOps:
         if format_decision(self.sys.blkid(dev), cap.fs_type, cap.read_only_mode) == FORMAT:
             log.info("formatting", volume=volume_id, device=dev, fs_type=cap.fs_type)
             self.sys.mkfs(dev, cap.fs_type)
+        elif cap.fs_type in EXT and not cap.read_only_mode:
+            self._grow_ext_offline(volume_id, dev)
         os.makedirs(staging, exist_ok=True)
         self.sys.mount(dev, staging, cap.fs_type, stage_mount_options(cap))
         log.info("staged", volume=volume_id, device=dev, path=staging)
+
+    def _grow_ext_offline(self, volume_id: str, dev: str) -> None:
+        """The device grew while the volume was not mounted (expansion of an unused
+        volume, or an online resize the kernel refused): grow the filesystem before
+        mounting it. Offline resize2fs needs no CAP_SYS_RESOURCE; online resize does."""
+        have, want = self.sys.ext_fs_size(dev), self.sys.device_size(dev)
+        if want - have >= GROW_SLACK:
+            log.info("growing filesystem offline", volume=volume_id, device=dev,
+                     fs_bytes=have, device_bytes=want)
+            self.sys.grow_ext_offline(dev)
 
     # -- NodeUnstageVolume ----------------------------------------------------------------------
     def unstage(self, volume_id: str, staging: str) -> None:
         rec = self.state.load(volume_id) or {}
         path = rec.get("backingFile")
-        sources = []
         entries = self.sys.mountinfo()
-        while (e := find_mount(entries, staging)) is not None:
-            sources.append(e.source)
-            self.sys.umount(staging)
-            entries = self.sys.mountinfo()
-        if path is None:  # no state (older plugin, lost file): learn it from the mount
-            for src in sources:
-                info = self.sys.loop_info(src) if src.startswith("/dev/loop") else None
-                if info is not None:
-                    path = info.back_file
-                    break
+        se = find_mount(entries, staging)
+        if path is None and se is not None and se.source.startswith("/dev/loop"):
+            info = self.sys.loop_info(se.source)  # no state (lost): learn it from the mount
+            path = info.back_file if info is not None else None
+        loops = []
         if path:
             if os.path.exists(path):
                 loops = self.sys.loops_of(path)
             else:
                 loops = [lo for lo in self.sys.all_loops() if lo.back_file == path]
-            for lo in loops:
-                self._check_unused(lo.name, entries, volume_id)
-            for lo in loops:
-                self.sys.detach(lo.name)
-                log.info("loop device detached", volume=volume_id, device=lo.name)
+        for lo in loops:  # before any change: refuse while a publish still uses it
+            self._check_unused(lo.name, entries, volume_id, staging)
+        while find_mount(entries, staging) is not None:
+            self.sys.umount(staging)
+            entries = self.sys.mountinfo()
+        for lo in loops:
+            self.sys.detach(lo.name)
+            log.info("loop device detached", volume=volume_id, device=lo.name)
         self.state.delete(volume_id)
 
-    def _check_unused(self, device: str, entries, volume_id: str) -> None:
+    def _check_unused(self, device: str, entries, volume_id: str, staging: str) -> None:
         try:
             rdev = self.sys.rdev(device)
         except Exception:  # gone already: nothing can be using it
             return
         name = os.path.basename(device)
-        busy = [e.mount_point for e in mounts_of_source(entries, rdev)]
+        busy = [e.mount_point for e in mounts_of_source(entries, rdev)
+                if e.mount_point != staging]
         busy += [e.mount_point for e in entries
                  if e.fs_type in ("devtmpfs", "tmpfs") and os.path.basename(e.root) == name]
         if busy:
@@ -296,7 +308,17 @@ class NodeOps:
             entry = find_mount(self.sys.mountinfo(), staging)
             if entry is None:
                 raise precondition(f"volume {volume_id} is not mounted at {staging}")
-            self.sys.resize_fs(dev, staging, rec.get("fsType") or entry.fs_type)
+            fs_type = rec.get("fsType") or entry.fs_type
+            try:
+                self.sys.resize_fs(dev, staging, fs_type)
+            except CommandError as e:
+                if fs_type in EXT and "Permission denied" in e.stderr:
+                    raise precondition(
+                        f"the kernel refused to grow the mounted {fs_type} filesystem of "
+                        f"{volume_id} online (the node plugin lacks CAP_SYS_RESOURCE); the "
+                        "device has grown, and the filesystem grows offline the next time "
+                        "the volume is staged (restart the pod)") from None
+                raise
         size = self.sys.device_size(dev)
         log.info("expanded", volume=volume_id, bytes=size)
         return size

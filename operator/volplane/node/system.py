@@ -154,6 +154,21 @@ class System:
             raise CommandError(["mkfs", fs_type], 1, f"unsupported filesystem {fs_type!r}")
         self.run(*argv, device)
 
+    def ext_fs_size(self, device: str) -> int:
+        """Bytes an ext2/3/4 filesystem spans (block count x block size), from dumpe2fs."""
+        out = self.run("dumpe2fs", "-h", device).stdout
+        fields = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return int(fields["Block count"]) * int(fields["Block size"])
+
+    def grow_ext_offline(self, device: str) -> None:
+        """Check (e2fsck -f -p: exit 0/1 = clean/fixed) then grow an unmounted ext fs."""
+        self.run("e2fsck", "-f", "-p", device, ok_codes=(0, 1))
+        self.run("resize2fs", device)
+
     def resize_fs(self, device: str, mount_point: str, fs_type: str) -> None:
         """Grow the filesystem to its device's size, online (it is mounted)."""
         if fs_type in ("ext2", "ext3", "ext4"):
