@@ -89,6 +89,13 @@ class Agent:
             return False
         return bool(pool_nodes(pool, {self.node_name: self.node}))
 
+    def backing_of(self, pool_name: str) -> B.Backing | None:
+        """The backing of a pool in the cache (None: unknown, none or malformed)."""
+        try:
+            return B.pool_backing(self.pools.get(pool_name))
+        except B.BackingError:
+            return None
+
     def max_volumes(self) -> int:
         """The node's device slots: slotsPerNode summed over the File pools reaching it."""
         total = 0

@@ -276,3 +276,40 @@ def report_differs(current: Mapping[str, Any] | None, desired: Mapping[str, Any]
         if abs(a - b) > max(slack, b // 100):
             return True
     return False
+
+
+# --- expansion handed to the node ------------------------------------------------------------
+
+NODE_RESIZE_PENDING = "NodeResizePending"
+FS_RESIZE_PENDING = "FileSystemResizePending"
+FS_RESIZE_REQUIRED = "FileSystemResizeRequired"  # the event external-resizer posts
+FS_RESIZE_MESSAGE = ("Waiting for user to (re-)start a pod to finish file system resize of "
+                     "volume on node.")
+
+
+def needs_node_expansion(pool: Mapping[str, Any] | None) -> bool:
+    """Volumes with bytes on nodes finish an expansion there (NodeExpandVolume grows the
+    loop device and the filesystem). Pools without backing have nothing to grow."""
+    return _spec(pool).get("backing") is not None
+
+
+def node_resize_pending(claim: Mapping[str, Any], size: int, parse) -> bool:
+    """Has the claim already been handed to the kubelet for `size` bytes?"""
+    status = claim.get("status") or {}
+    if (status.get("allocatedResourceStatuses") or {}).get("storage") not in (
+            NODE_RESIZE_PENDING, "NodeResizeInProgress"):
+        return False
+    try:
+        return parse(((status.get("allocatedResources") or {}).get("storage")) or "0") >= size
+    except ValueError:
+        return False
+
+
+def node_resize_status(size_quantity: str, now: str) -> dict:
+    """The claim status external-resizer writes when the node must finish the resize
+    (markPVCAsFSResizeRequired): capacity stays as it is until the kubelet has run
+    NodeExpandVolume; it then sets it and clears both markers."""
+    return {"allocatedResources": {"storage": size_quantity},
+            "allocatedResourceStatuses": {"storage": NODE_RESIZE_PENDING},
+            "conditions": [{"type": FS_RESIZE_PENDING, "status": "True",
+                            "lastTransitionTime": now, "message": FS_RESIZE_MESSAGE}]}

@@ -120,9 +120,13 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         log.warning("tools missing: volumes cannot be staged", missing=missing)
     state_dir = args.state_dir or os.path.join(os.path.dirname(args.csi_address), "volumes")
-    ops = NodeOps(system, StateStore(state_dir), args.backing_root)
-
     holder = _start_agent(args, system, log) if args.agent else {}
+
+    def pool_backing(pool: str):
+        agent = holder.get("agent")
+        return agent.backing_of(pool) if agent is not None else None
+
+    ops = NodeOps(system, StateStore(state_dir), args.backing_root, pool_backing)
 
     def max_volumes() -> int:
         if args.max_volumes:

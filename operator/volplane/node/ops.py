@@ -104,10 +104,14 @@ class VolumeStats:
 
 
 class NodeOps:
-    def __init__(self, system: System, state: StateStore, backing_root: str = B.DEFAULT_ROOT):
+    def __init__(self, system: System, state: StateStore, backing_root: str = B.DEFAULT_ROOT,
+                 pool_backing=None):
         self.sys = system
         self.state = state
         self.backing_root = backing_root
+        # pool name -> Backing | None, from the node agent's cache: the fallback for an
+        # attachment made before its pool had a backing (no backingFile in its metadata).
+        self.pool_backing = pool_backing
 
     # -- where the bytes are ------------------------------------------------------------------
     def backing_file(self, volume_id: str, publish_context: Mapping[str, str] | None) -> str:
@@ -117,6 +121,9 @@ class NodeOps:
             raise not_found(f"no pool volume {volume_id!r}: {e.message}") from None
         ctx = publish_context or {}
         path = ctx.get(B.PC_BACKING_FILE) or (self.state.load(volume_id) or {}).get("backingFile")
+        if not path and self.pool_backing is not None:
+            found = self.pool_backing(pool)
+            path = B.backing_file(found, volume) if found is not None else None
         if not path:
             raise precondition(
                 f"volume {volume_id} has no bytes on nodes: its StoragePool {pool} has no "
