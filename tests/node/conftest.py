@@ -74,7 +74,7 @@ def _cleanup(base: Path) -> list[str]:
 class Plugin:
     """A running `volplane node` and gRPC stubs bound to it."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = ()):
         import grpc
 
         from volplane.node.gen import csi_pb2, csi_pb2_grpc
@@ -90,7 +90,8 @@ class Plugin:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "volplane.cli", "node", "--csi-address", str(self.socket),
              "--node-id", "node-a", "--backing-root", str(self.root), "--no-agent",
-             "--health-port", "0", "--max-volumes", "16", "--log-format", "console"],
+             "--max-volumes", "16", "--log-format", "console",
+             *(extra_args or ("--health-port", "0"))],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not self.socket.exists():

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -364,3 +365,54 @@ def test_unstage_refuses_while_still_published(plugin):
     plugin.unpublish(vid, target)
     plugin.unstage(vid, staging)
     assert plugin.loops(vid) == []
+
+
+def test_kubelet_registration_and_healthz():
+    """What node-driver-registrar and livenessprobe do, served by `volplane node`."""
+    import socket
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    from volplane.node.gen import pluginregistration_pb2 as reg
+    from volplane.node.gen import pluginregistration_pb2_grpc as reg_grpc
+
+    from .conftest import Plugin, _cleanup
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = Path(tempfile.mkdtemp(prefix="vp-reg-"))  # short: unix socket paths are <108 B
+    registry = base / "reg"
+    p = Plugin(base, ("--registration-dir", str(registry), "--kubelet-registration-path",
+                      "/var/lib/kubelet/plugins/pool.volplane.io/csi.sock",
+                      "--health-port", str(port), "--bind-address", "127.0.0.1"))
+    try:
+        sock = registry / "pool.volplane.io-reg.sock"
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sock.exists(), p.logs()
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            stub = reg_grpc.RegistrationStub(ch)
+            info = stub.GetInfo(reg.InfoRequest(), timeout=10)
+            assert (info.type, info.name, info.endpoint, list(info.supported_versions)) == (
+                "CSIPlugin", "pool.volplane.io",
+                "/var/lib/kubelet/plugins/pool.volplane.io/csi.sock", ["1.0.0"])
+            url = f"http://127.0.0.1:{port}/healthz"
+            assert urllib.request.urlopen(url, timeout=10).status == 200
+            stub.NotifyRegistrationStatus(reg.RegistrationStatus(
+                plugin_registered=False, error="version mismatch"), timeout=10)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(url, timeout=10)
+            assert e.value.code == 500 and b"version mismatch" in e.value.read()
+            stub.NotifyRegistrationStatus(reg.RegistrationStatus(plugin_registered=True),
+                                          timeout=10)
+            assert urllib.request.urlopen(url, timeout=10).status == 200
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+            assert b"volplane_csi_operations_total" in metrics
+    finally:
+        p.stop()
+        _cleanup(base)
+    assert not sock.exists()
+    shutil.rmtree(base, ignore_errors=True)  # removed on exit: the kubelet deregisters the driver

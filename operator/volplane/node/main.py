@@ -60,6 +60,9 @@ def add_parser(sub) -> None:
 def _unix_server(path: str, workers: int):
     import grpc
 
+    if len(os.fsencode(path)) > 107:
+        raise SystemExit(f"socket path {path} is longer than the 107 bytes a unix socket "
+                         "address holds")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         os.unlink(path)  # a socket left by a previous run
