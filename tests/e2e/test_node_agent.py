@@ -308,3 +308,29 @@ def test_attachment_metadata_leads_the_node_plugin_to_the_bytes(api, pool_env, n
                      message="VolumeAttachment detached and gone")
         finally:
             kpatch(api, "VolumeAttachment", va_name, {"metadata": {"finalizers": None}})
+
+
+def test_recycle_is_refused_for_a_volume_with_bytes(api, pool_env, node_process):
+    """Recycle would hand the old bytes to the next claim: Failed, as upstream does for
+    a volume no recycler can scrub."""
+    pool = file_backed_pool(pool_env, node_process, "recycle")
+    pool_env.start_ready()
+    ns = pool_env.ns
+    pv = f"{ns}-recycled"
+    create(api, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                 "metadata": {"name": "r", "namespace": ns},
+                 "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                          "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}}})
+    create(api, {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                 "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                          "persistentVolumeReclaimPolicy": "Recycle", "storageClassName": "",
+                          "csi": {"driver": "pool.volplane.io",
+                                  "volumeHandle": f"{pool}/{pv}"}}})
+    wait_for(lambda: claim_phase(api, ns, "r") == "Bound", timeout=60, message="Bound")
+    pool_env.delete_claim("r")
+    failed = wait_for(lambda: (p := kget(api, "PersistentVolume", pv)) and p.get(
+        "status", {}).get("phase") == "Failed" and p, timeout=60, message="PV Failed")
+    assert "unscrubbed" in failed["status"]["message"]
+    assert any(e["reason"] == "VolumeFailedRecycle" for e in events_for(api, "default", pv,
+                                                                          "PersistentVolume"))
+    kdelete(api, "PersistentVolume", pv)

@@ -287,10 +287,20 @@ FS_RESIZE_MESSAGE = ("Waiting for user to (re-)start a pod to finish file system
                      "volume on node.")
 
 
+def has_backing(pool: Mapping[str, Any] | None) -> bool:
+    """Do the pool's volumes hold bytes on nodes?"""
+    return _spec(pool).get("backing") is not None
+
+
 def needs_node_expansion(pool: Mapping[str, Any] | None) -> bool:
     """Volumes with bytes on nodes finish an expansion there (NodeExpandVolume grows the
     loop device and the filesystem). Pools without backing have nothing to grow."""
-    return _spec(pool).get("backing") is not None
+    return has_backing(pool)
+
+
+RECYCLE_REFUSED = ("Recycle is not supported for volumes of a StoragePool with "
+                   "spec.backing: their bytes would reach the next claim unscrubbed "
+                   "(use reclaimPolicy Delete or Retain)")
 
 
 def node_resize_pending(claim: Mapping[str, Any], size: int, parse) -> bool:

@@ -547,6 +547,17 @@ class PoolProvisioner:
         phase Available. The allocation stays: the volume still exists.
         """
         md = pv["metadata"]
+        if backing.has_backing(self.pools.get(pool_of_volume(pv) or "")):
+            # As upstream for a volume no recycler can scrub: Failed, with the reason.
+            if (pv.get("status") or {}).get("phase") != C.VOLUME_FAILED:
+                pv = await self.ctx.kube.merge_patch(pv_path(md["name"], "status"), {
+                    "metadata": {"resourceVersion": md["resourceVersion"]},
+                    "status": {"phase": C.VOLUME_FAILED,
+                               "message": backing.RECYCLE_REFUSED}})
+                self.cache.pvs.upsert(pv)
+            self.ctx.events.emit(pv, C.WARNING, C.VOLUME_FAILED_RECYCLE,
+                                 backing.RECYCLE_REFUSED, component=COMPONENT)
+            return False
         ref = (pv.get("spec") or {}).get("claimRef")
         if ref and ref.get("uid"):
             if (md.get("annotations") or {}).get(C.ANN_BOUND_BY_CONTROLLER):
