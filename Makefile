@@ -63,7 +63,7 @@ node-test: venv
 e2e: setup
 	$(VPY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test: unit e2e
+test: unit node-test e2e
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests hack
