@@ -75,9 +75,7 @@ class Plugin:
     """A running `volplane node` and gRPC stubs bound to it."""
 
     def __init__(self, base: Path, extra_args: tuple[str, ...] = ()):
-        import grpc
-
-        from volplane.node.gen import csi_pb2, csi_pb2_grpc
+        from volplane.node.gen import csi_pb2
         self.pb = csi_pb2
         self.base = base
         self.root = base / "backing"            # --backing-root
@@ -86,13 +84,18 @@ class Plugin:
         self.kubelet = base / "kubelet"          # staging and target paths live here
         self.kubelet.mkdir()
         self.socket = base / "csi" / "csi.sock"
-        self.log = open(base / "node.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "volplane.cli", "node", "--csi-address", str(self.socket),
-             "--node-id", "node-a", "--backing-root", str(self.root), "--no-agent",
-             "--max-volumes", "16", "--log-format", "console",
-             *(extra_args or ("--health-port", "0"))],
-            stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(base / "node.log", "a")
+        self.argv = [sys.executable, "-m", "volplane.cli", "node", "--csi-address",
+                     str(self.socket), "--node-id", "node-a", "--backing-root", str(self.root),
+                     "--no-agent", "--max-volumes", "16", "--log-format", "console",
+                     *(extra_args or ("--health-port", "0"))]
+        self._start()
+
+    def _start(self) -> None:
+        import grpc
+
+        from volplane.node.gen import csi_pb2_grpc
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -102,6 +105,13 @@ class Plugin:
         grpc.channel_ready_future(self.channel).result(timeout=30)
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL the plugin (no clean-up of any kind) and start it again."""
+        self.channel.close()
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._start()
 
     def logs(self) -> str:
         self.log.flush()

@@ -111,6 +111,29 @@ def test_filesystem_lifecycle_keeps_data_and_is_idempotent(plugin):
     assert plugin.loops(vid) == []
 
 
+def test_a_killed_plugin_picks_up_where_it_was(plugin):
+    """SIGKILL between calls: the restarted plugin finds its mounts and loop devices (and,
+    with its state file lost, still finds the loop device through the staging mount)."""
+    vid, ctx = plugin.volume("pvc-crash", 256 * MI)
+    staging = plugin.kubelet / "staging" / "crash"
+    target = plugin.kubelet / "pods" / "crash"
+    cap = plugin.cap()
+    plugin.stage(vid, ctx, staging, cap)
+    plugin.crash_and_restart()
+    plugin.stage(vid, ctx, staging, cap)          # nothing left to do
+    plugin.publish(vid, ctx, staging, target, cap)
+    (target / "f").write_text("kept")
+    plugin.crash_and_restart()
+    plugin.publish(vid, ctx, staging, target, cap)
+    assert (target / "f").read_text() == "kept" and len(plugin.loops(vid)) == 1
+    plugin.unpublish(vid, target)
+    for state in (plugin.base / "csi" / "volumes").glob("*.json"):
+        state.unlink()                           # lost: unstage must manage without it
+    plugin.crash_and_restart()
+    plugin.unstage(vid, staging)
+    assert not _mounted(staging) and plugin.loops(vid) == []
+
+
 def test_size_is_enforced(plugin):
     vid, ctx = plugin.volume("pvc-small", GI)
     staging = plugin.kubelet / "staging" / "small"
