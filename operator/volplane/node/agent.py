@@ -80,7 +80,10 @@ class Agent:
         self.rounds = 0
         self.first_round = threading.Event()   # NodeGetInfo waits for it (other thread)
         self.last_error: str | None = None
-        for store in (self.pools, self.allocations, self.pvs):
+        # Pools and allocations say what to create, grow or delete: act soon after they
+        # change. PVs only veto deletions (confirmed live anyway): no wake-up for them,
+        # so a busy cluster's PV churn costs the agents nothing.
+        for store in (self.pools, self.allocations):
             store.listen(lambda *_: self._wake.set())
 
     # -- facts for NodeGetInfo ------------------------------------------------------------------
