@@ -5,8 +5,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e \
-	lint bench image kind kind-down kind-status e2e-kind
+.PHONY: setup tools venv csi-stubs node-test controlplane cluster cluster-down cluster-status crds \
+	run test unit e2e lint bench image kind kind-down kind-status e2e-kind
 
 setup: venv controlplane tools
 
@@ -27,11 +27,16 @@ tools:
 	  else echo "note: missing$$missing (not root with apt): the tests that need them skip"; fi; \
 	fi
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed csi-stubs
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,codegen]'
 	touch $@
+
+# gRPC stubs of the CSI spec and the kubelet's plugin registration API, compiled from
+# their published Go modules (gitignored; a no-op when current).
+csi-stubs: $(VENV)/.installed
+	$(VPY) hack/gen-csi.py
 
 # Builds kube-apiserver, kube-controller-manager, kube-scheduler, etcd and kwok
 # from upstream Go modules into ~/.cache/volplane (a no-op when cached).
@@ -60,12 +65,16 @@ run: crds
 unit: venv
 	$(VPY) -m pytest tests/unit -q
 
+# The CSI node plugin against real loop devices, mkfs and mount (root only; skipped otherwise).
+node-test: venv
+	$(VPY) -m pytest tests/node -q
+
 # The e2e suite starts (or reuses) the local control plane itself; set
 # VOLPLANE_E2E_KUBECONFIG to use another cluster, or pass PYTEST_ARGS=--kind.
 e2e: setup
 	$(VPY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test: unit e2e e2e-kind
+test: unit node-test e2e e2e-kind
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests hack
@@ -75,7 +84,7 @@ bench: setup
 
 # volplane's image (operator + CSI node plugin), built with no pull and no network
 # (hack/kind/kind.py: debootstrap root + Debian's python3 + the venv's pinned wheels).
-image: setup
+image: setup csi-stubs
 	$(VPY) hack/kind/kind.py image
 
 # A kind cluster (control plane + 3 workers) from a node image assembled offline,

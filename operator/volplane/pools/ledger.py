@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from volplane.node.backing import reported_capacity
 from volplane.quantity import format_quantity, parse_quantity
 from volplane.selectors import match_label_selector
 
@@ -296,7 +297,9 @@ def parse_class_parameters(params: Mapping[str, Any] | None) -> ClassParams:
 
 
 def pool_capacity(pool: Mapping[str, Any]) -> int | None:
-    """spec.capacity in bytes, or None if missing/invalid/not positive."""
+    """spec.capacity in bytes, or None if missing/invalid/not positive; for a pool with
+    backing storage, at most what its node agent reports the backing really offers
+    (status.backing.capacityBytes, see volplane.node.backing)."""
     raw = _spec(pool).get("capacity")
     if raw is None:
         return None
@@ -304,7 +307,10 @@ def pool_capacity(pool: Mapping[str, Any]) -> int | None:
         n = parse_quantity(raw)
     except ValueError:
         return None
-    return n if n > 0 else None
+    if n <= 0:
+        return None
+    real = reported_capacity(pool)
+    return n if real is None else min(n, real)
 
 
 def _node_deleting(node: Mapping[str, Any]) -> bool:

@@ -47,6 +47,7 @@ from .. import faults, logs, metrics
 from ..cache import key_of
 from ..context import Context
 from ..kube import ApiError, pv_path, pvc_path
+from ..node import backing
 from ..pv import constants as C
 from ..pv.index import access_modes, claim_class, claim_request, volume_capacity
 from ..quantity import format_quantity, parse_quantity
@@ -94,6 +95,10 @@ provision_failures = Counter(
     "volplane_pool_provision_failures_total",
     "Pool provisioning failures by reason (no-room, bad-parameter, pool-gone, error, ...)",
     ["reason"])
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def alloc_path(name: str = "") -> str:
@@ -542,6 +547,17 @@ class PoolProvisioner:
         phase Available. The allocation stays: the volume still exists.
         """
         md = pv["metadata"]
+        if backing.has_backing(self.pools.get(pool_of_volume(pv) or "")):
+            # As upstream for a volume no recycler can scrub: Failed, with the reason.
+            if (pv.get("status") or {}).get("phase") != C.VOLUME_FAILED:
+                pv = await self.ctx.kube.merge_patch(pv_path(md["name"], "status"), {
+                    "metadata": {"resourceVersion": md["resourceVersion"]},
+                    "status": {"phase": C.VOLUME_FAILED,
+                               "message": backing.RECYCLE_REFUSED}})
+                self.cache.pvs.upsert(pv)
+            self.ctx.events.emit(pv, C.WARNING, C.VOLUME_FAILED_RECYCLE,
+                                 backing.RECYCLE_REFUSED, component=COMPONENT)
+            return False
         ref = (pv.get("spec") or {}).get("claimRef")
         if ref and ref.get("uid"):
             if (md.get("annotations") or {}).get(C.ANN_BOUND_BY_CONTROLLER):
@@ -568,17 +584,41 @@ class PoolProvisioner:
         pv = self.cache.pvs.get(name)
         if pv is None or not self._needs_finishing(pv):
             return
-        await self._free_and_unfinalize(name)
+        keep = (pv.get("spec") or {}).get("persistentVolumeReclaimPolicy") == C.RECLAIM_RETAIN
+        if keep:
+            await self._retain(name)  # its bytes stay: a re-created PV finds them
+        await self._free_and_unfinalize(name, keep=keep)
 
-    async def _free_and_unfinalize(self, name: str) -> None:
-        """Delete steps 2 and 3, for a PV whose deletion has begun."""
+    async def _retain(self, name: str) -> None:
+        """A deleted PV with reclaim policy Retain: mark its allocation retained, so that
+        neither step 2 below nor the orphan GC frees it. Its space stays counted and its
+        bytes stay on the nodes until an administrator deletes the StorageAllocation."""
+        record = self.allocations.get(name)
+        if record is None or backing.RETAINED_ANNOTATION in (
+                record["metadata"].get("annotations") or {}):
+            return
         try:
-            await self.ctx.kube.delete(alloc_path(name))
-            metrics.api_writes.labels(self.name, "storageallocations", "delete").inc()
+            new = await self.ctx.kube.merge_patch(alloc_path(name), {"metadata": {
+                "annotations": {backing.RETAINED_ANNOTATION: "true"}}})
         except ApiError as e:
-            if not e.not_found:
-                raise
-        self.allocations.remove(name)
+            if e.not_found:
+                return
+            raise
+        self.allocations.upsert(new)
+        metrics.api_writes.labels(self.name, "storageallocations", "patch").inc()
+        log.info("allocation retained", kind="PersistentVolume", name=name, action="retain")
+
+    async def _free_and_unfinalize(self, name: str, keep: bool = False) -> None:
+        """Delete steps 2 and 3, for a PV whose deletion has begun. `keep`: a Retain
+        volume's record (and so its bytes) outlives the PV."""
+        if not keep:
+            try:
+                await self.ctx.kube.delete(alloc_path(name))
+                metrics.api_writes.labels(self.name, "storageallocations", "delete").inc()
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+            self.allocations.remove(name)
         faults.point("delete-2")
         for _ in range(5):
             try:
@@ -657,6 +697,10 @@ class PoolProvisioner:
             metrics.api_writes.labels(self.name, "storageallocations", "patch").inc()
             faults.point("expand-1")
         size = format_quantity(int(record["spec"]["sizeBytes"]))
+        node_side = backing.needs_node_expansion(self.pools.get(pool_name))
+        if node_side and volume_capacity(pv) >= want and backing.node_resize_pending(
+                claim, want, parse_quantity):
+            return  # handed to the kubelet already (NodeExpandVolume finishes it)
         if volume_capacity(pv) < want:
             pv = await self.ctx.kube.merge_patch(pv_path(pv_name), {
                 "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
@@ -665,6 +709,20 @@ class PoolProvisioner:
             metrics.api_writes.labels(self.name, "persistentvolumes", "patch").inc()
             faults.point("expand-2")
         md = claim["metadata"]
+        if node_side:  # the volume has bytes on a node: the kubelet finishes (node/backing.py)
+            new = await self.ctx.kube.merge_patch(
+                pvc_path(md["namespace"], md["name"], "status"),
+                {"metadata": {"resourceVersion": md["resourceVersion"]},
+                 "status": backing.node_resize_status(size, _now())})
+            self.cache.pvcs.upsert(new)
+            metrics.api_writes.labels(self.name, "persistentvolumeclaims", "patch-status").inc()
+            self.ctx.events.emit(claim, C.NORMAL, backing.FS_RESIZE_REQUIRED,
+                                 "Require file system resize of volume on node",
+                                 component=COMPONENT)
+            log.info("expansion handed to the node", kind="PersistentVolumeClaim",
+                     namespace=md["namespace"], name=md["name"], volume=pv_name, size=size,
+                     action="expand")
+            return
         new = await self.ctx.kube.merge_patch(pvc_path(md["namespace"], md["name"], "status"), {
             "metadata": {"resourceVersion": md["resourceVersion"]},
             "status": {"capacity": {"storage": size}, "allocatedResources": {"storage": size},
@@ -803,7 +861,7 @@ class PoolProvisioner:
             "kind": "CSIDriver",
             "metadata": {"name": PROVISIONER, "labels": {MANAGED_BY: "volplane"}},
             "spec": {"attachRequired": True, "storageCapacity": True, "podInfoOnMount": False,
-                     "volumeLifecycleModes": ["Persistent"]},
+                     "volumeLifecycleModes": ["Persistent"], "fsGroupPolicy": "File"},
         }
         delay = 1.0
         while True:
@@ -844,6 +902,8 @@ class PoolProvisioner:
     def _orphaned(self, name: str, record: dict) -> bool:
         if name in self.cache.pvs:
             return False
+        if backing.RETAINED_ANNOTATION in (record["metadata"].get("annotations") or {}):
+            return False  # a retained volume: freed only by deleting its record
         ref = (record.get("spec") or {}).get("claim") or {}
         claim = self.cache.pvcs.get(f"{ref.get('namespace')}/{ref.get('name')}")
         if claim is None or claim["metadata"].get("uid") != ref.get("uid"):
