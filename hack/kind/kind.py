@@ -691,18 +691,24 @@ def _exec_write(container: str, path: str, content: str) -> None:
 
 def operator_image() -> str:
     """volplane:dev: Debian's python3 on a debootstrap root, the project's wheels (the
-    venv's pinned versions) installed outside the build, no network inside it."""
+    venv's pinned versions) installed outside the build, no network inside it.
+    Rebuilt only when its inputs change (the package's files, the pins, the root)."""
     v = versions()
     root = rootfs_image("operator", OPERATOR_PACKAGES, v)
+    py = sys.executable
+    _run([py, str(REPO_ROOT / "hack" / "gen-csi.py")], quiet=True)  # CSI stubs (no-op if current)
+    frozen = _run([py, "-m", "pip", "freeze", "--exclude-editable"], capture=True,
+                  quiet=True).stdout
+    runtime = _runtime_requirements(frozen)
+    key = _digest(root, runtime, _tree_digest(REPO_ROOT / "operator"),
+                  (REPO_ROOT / "pyproject.toml").read_text(), (REPO_ROOT / "Dockerfile").read_text())
+    if _image_label(OPERATOR_IMAGE, "io.volplane.key") == key:
+        return OPERATOR_IMAGE
     build = REPO_ROOT / "build" / "image"
     shutil.rmtree(build, ignore_errors=True)
     wheels = build / "wheels"
     prefix = build / "root" / "opt" / "volplane"
     wheels.mkdir(parents=True)
-    py = sys.executable
-    frozen = _run([py, "-m", "pip", "freeze", "--exclude-editable"], capture=True,
-                  quiet=True).stdout
-    runtime = _runtime_requirements(frozen)
     (build / "constraints.txt").write_text(runtime)
     _run([py, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO_ROOT)])
     _run([py, "-m", "pip", "wheel", "-q", "-w", str(wheels), "-c", str(build / "constraints.txt"),
@@ -711,15 +717,26 @@ def operator_image() -> str:
     _run([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
           "--ignore-installed",
           "--prefix", str(prefix), *map(str, sorted(wheels.glob("*.whl")))])
-    site = f"/opt/volplane/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    site = f"/opt/volplane/lib/python{pyver}/site-packages"
     deb_py = _run(["docker", "run", "--rm", "--network=none", root, "python3", "-c",
                    "import sys; print(f'{sys.version_info.major}.{sys.version_info.minor}')"],
                   capture=True, quiet=True).stdout.strip()
-    if deb_py != f"{sys.version_info.major}.{sys.version_info.minor}":
-        raise KindError(f"Debian's python3 is {deb_py}, the wheels are for "
-                        f"{sys.version_info.major}.{sys.version_info.minor}")
-    _docker_build_repo(OPERATOR_IMAGE, root, site)
+    if deb_py != pyver:
+        raise KindError(f"Debian's python3 is {deb_py}, the wheels are for {pyver}")
+    _docker_build_repo(OPERATOR_IMAGE, root, site, key)
     return OPERATOR_IMAGE
+
+
+def _tree_digest(top: Path) -> str:
+    """Content digest of a source tree (bytecode and caches left out)."""
+    h = hashlib.sha256()
+    for p in sorted(top.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc") \
+                and ".egg-info" not in str(p):
+            h.update(str(p.relative_to(top)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _runtime_requirements(frozen: str) -> str:
@@ -754,11 +771,12 @@ def _runtime_requirements(frozen: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _docker_build_repo(tag: str, base: str, site: str) -> None:
+def _docker_build_repo(tag: str, base: str, site: str, key: str) -> None:
     """`docker build` with the repository as context; .dockerignore admits only
     build/image/root (what the Dockerfile copies)."""
     proc = _run(["docker", "build", "--network=none", "-t", tag, "--build-arg", f"BASE={base}",
-                 "--build-arg", f"SITE={site}", str(REPO_ROOT)],
+                 "--build-arg", f"SITE={site}", "--label", f"io.volplane.key={key}",
+                 str(REPO_ROOT)],
                 env={"DOCKER_BUILDKIT": "0"}, capture=True, check=False, quiet=True)
     if proc.returncode != 0:
         raise KindError(f"docker build {tag} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
@@ -891,9 +909,15 @@ def install_volplane(restart: bool) -> None:
             capture=True)
     kubectl("wait", "--for=condition=Established", "--timeout=60s",
             "crd/storagepools.volplane.io", "crd/storageallocations.volplane.io")
+    # the CSI node plugin (manifests/node/): real kubelets mount pool volumes through it
+    kubectl("apply", "--server-side", "--force-conflicts", "-k",
+            str(REPO_ROOT / "manifests" / "node"), capture=True)
     if restart:
         kubectl("-n", "volplane-system", "rollout", "restart", "deployment/volplane")
+        kubectl("-n", "volplane-node", "rollout", "restart", "daemonset/volplane-node")
     kubectl("-n", "volplane-system", "rollout", "status", "deployment/volplane",
+            "--timeout=180s", capture=True)
+    kubectl("-n", "volplane-node", "rollout", "status", "daemonset/volplane-node",
             "--timeout=180s", capture=True)
 
 
