@@ -912,6 +912,11 @@ def install_volplane(restart: bool) -> None:
     # the CSI node plugin (manifests/node/): real kubelets mount pool volumes through it
     kubectl("apply", "--server-side", "--force-conflicts", "-k",
             str(REPO_ROOT / "manifests" / "node"), capture=True)
+    if OPERATOR_IMAGE != "volplane:dev":  # VOLPLANE_IMAGE: another worktree's own tag
+        kubectl("-n", "volplane-system", "set", "image", "deployment/volplane",
+                f"volplane={OPERATOR_IMAGE}")
+        kubectl("-n", "volplane-node", "set", "image", "daemonset/volplane-node",
+                f"node={OPERATOR_IMAGE}")
     if restart:
         kubectl("-n", "volplane-system", "rollout", "restart", "deployment/volplane")
         kubectl("-n", "volplane-node", "rollout", "restart", "daemonset/volplane-node")

@@ -115,10 +115,11 @@ class World:
         spec_nodes = {"names": nodes} if nodes else {}
         if selector:
             spec_nodes["selector"] = selector
+        spec = {"capacity": "1Ti", "nodes": spec_nodes, "slotsPerNode": slots}
+        if not self.fake_kubelets:
+            spec["backing"] = {"type": "File"}  # real kubelets mount through the node plugin
         create(self.api, {"apiVersion": "volplane.io/v1alpha1", "kind": "StoragePool",
-                          "metadata": {"name": name},
-                          "spec": {"capacity": "1Ti", "nodes": spec_nodes,
-                                   "slotsPerNode": slots}})
+                          "metadata": {"name": name}, "spec": spec})
         self.pools.append(name)
         return name
 

@@ -170,6 +170,9 @@ class PoolEnv:
             nodes["names"] = list(names)
         if selector:
             nodes["selector"] = selector
+        if self.nodes is not None and not self.nodes.fake_kubelets:
+            # real kubelets mount pool volumes through the node plugin: real bytes
+            spec.setdefault("backing", {"type": "File"})
         body = {"apiVersion": POOL_API, "kind": "StoragePool",
                 "metadata": {"name": name, "labels": {"volplane.io/e2e": self.ns,
                                                       **(labels or {})}},
