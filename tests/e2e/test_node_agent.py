@@ -89,7 +89,10 @@ class NodeProcess:
 
 
 @pytest.fixture
-def node_process(node_kubeconfig, tmp_path, request):
+def node_process(node_kubeconfig, tmp_path, request, cluster):
+    if not cluster.nodes.fake_kubelets:
+        pytest.skip("stands in for a kwok node's plugin; on kind the DaemonSet's node plugin "
+                    "is the real one (test_data_path.py)")
     p = NodeProcess(node_kubeconfig, tmp_path / "node", request.node.name)
     yield p
     p.stop()

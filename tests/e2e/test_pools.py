@@ -163,14 +163,16 @@ class PoolEnv:
 
     # objects
     def pool(self, suffix: str, capacity: str | int, *, names=None, selector=None,
-             labels=None, **spec) -> str:
+             labels=None, mounts: bool = False, **spec) -> str:
+        """mounts: pods will mount its volumes; where kubelets are real (kind) the pool then
+        gets File backing (real bytes, so its capacity is bounded by the host's disk too)."""
         name = self.name(suffix)
         nodes: dict = {}
         if names:
             nodes["names"] = list(names)
         if selector:
             nodes["selector"] = selector
-        if self.nodes is not None and not self.nodes.fake_kubelets:
+        if mounts and self.nodes is not None and not self.nodes.fake_kubelets:
             # real kubelets mount pool volumes through the node plugin: real bytes
             spec.setdefault("backing", {"type": "File"})
         body = {"apiVersion": POOL_API, "kind": "StoragePool",
@@ -303,7 +305,7 @@ def test_pool_capacity_cannot_drop_below_allocated(api, crds, pool_env):
 
 
 def test_statefulset_gets_volumes_on_the_pool_nodes(api, pool_env):
-    pool = pool_env.pool("sts", "10Gi", names=ZONE_A)
+    pool = pool_env.pool("sts", "10Gi", names=ZONE_A, mounts=True)
     cls = pool_env.storage_class("sts")
     pool_env.start_ready()
     ns = pool_env.ns
@@ -506,7 +508,7 @@ def _pod(name: str, ns: str, claim: str) -> dict:
 def test_wffc_scheduler_avoids_the_full_zone(api, pool_env):
     group = {"volplane.io/group": pool_env.ns}
     full = pool_env.pool("zone-a", "1Gi", names=ZONE_A, labels=group)
-    roomy = pool_env.pool("zone-b", "10Gi", names=ZONE_B, labels=group)
+    roomy = pool_env.pool("zone-b", "10Gi", names=ZONE_B, labels=group, mounts=True)
     fill = pool_env.storage_class("fill", parameters={"pool": full})
     wffc = pool_env.storage_class("wffc", binding="WaitForFirstConsumer",
                                   parameters={"poolSelector": f"volplane.io/group={pool_env.ns}"})
