@@ -56,11 +56,22 @@ crds: cluster
 	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -k crds/
 
 # The operator in the foreground against the local cluster, with a demo workload.
+# KIND=1: the same demo on the kind cluster (`make kind`), where volplane runs as its
+# Deployment and the StatefulSet's pods write real bytes; follows the operator's log.
+KIND_KUBECONFIG := $(CURDIR)/.local/kind/kubeconfig
+ifeq ($(KIND),1)
+run: kind
+	kubectl --kubeconfig $(KIND_KUBECONFIG) apply --server-side -f hack/demo.yaml
+	@echo "demo applied; watch: kubectl --kubeconfig .local/kind/kubeconfig get storagepool,pv,pvc,volumeattachments,pods -A"
+	@echo "the pods' own data: kubectl --kubeconfig .local/kind/kubeconfig exec -n volplane-demo web-0 -- cat /data/log"
+	kubectl --kubeconfig $(KIND_KUBECONFIG) -n volplane-system logs -f deployment/volplane
+else
 run: crds
 	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -f hack/demo.yaml
-	@echo "demo applied; watch: kubectl --kubeconfig .local/kubeconfig get pv,pvc -A"
+	@echo "demo applied; watch: kubectl --kubeconfig .local/kubeconfig get storagepool,pv,pvc,volumeattachments,pods -A"
 	@echo "why is a claim pending: .venv/bin/volplane explain pvc volplane-demo/too-big --kubeconfig .local/kubeconfig"
 	$(VENV)/bin/volplane run --kubeconfig $(KUBECONFIG_LOCAL) --log-format console
+endif
 
 unit: venv
 	$(VPY) -m pytest tests/unit -q
