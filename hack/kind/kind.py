@@ -81,6 +81,10 @@ class KindError(RuntimeError):
     pass
 
 
+class EngineUnavailable(KindError):
+    """No Docker engine answers and none can be started here (no dockerd)."""
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -189,8 +193,9 @@ def engine_up() -> None:
         return
     dockerd = shutil.which("dockerd")
     if not dockerd:
-        raise KindError("no Docker engine answers and dockerd is not installed: "
-                        "run `make setup` (installs Debian's docker.io) or start one")
+        raise EngineUnavailable("no Docker engine answers and dockerd is not installed "
+                                "(`make setup` installs Debian's docker.io where it runs as "
+                                "root with apt)")
     d = _engine_dir()
     d.mkdir(parents=True, exist_ok=True)
     argv = [dockerd, "--data-root", str(d / "data"), "--exec-root", "/run/volplane-docker",
