@@ -5,22 +5,38 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: setup tools venv controlplane cluster cluster-down cluster-status crds run test unit e2e lint types contracts check bench image
+.PHONY: setup tools venv csi-stubs node-test controlplane cluster cluster-down cluster-status crds \
+	run test unit e2e lint types contracts check bench image kind kind-down kind-status e2e-kind
 
 setup: venv controlplane tools
 
-# A real Prometheus for the observability e2e test (Debian's package); optional elsewhere.
+# Debian packages, installed where missing (root + apt only; elsewhere a note):
+# prometheus for the observability e2e test; docker.io (dockerd), debootstrap and
+# libseccomp-dev (runc's build) for the kind target.
+DEBS := prometheus:prometheus dockerd:docker.io debootstrap:debootstrap \
+	/usr/include/seccomp.h:libseccomp-dev
 tools:
-	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
-	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus >/dev/null) ; } \
-	  || echo "note: no prometheus binary; its e2e test will be skipped"
+	@missing=""; for d in $(DEBS); do c=$${d%%:*}; p=$${d#*:}; \
+	  if [ "$${c#/}" != "$$c" ]; then [ -e "$$c" ] || missing="$$missing $$p"; \
+	  else command -v $$c >/dev/null || missing="$$missing $$p"; fi; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; \
+	  else echo "note: missing$$missing (not root with apt): the tests that need them skip"; fi; \
+	fi
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed csi-stubs
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,codegen]'
 	touch $@
+
+# gRPC stubs of the CSI spec and the kubelet's plugin registration API, compiled from
+# their published Go modules (gitignored; a no-op when current).
+csi-stubs: $(VENV)/.installed
+	$(VPY) hack/gen-csi.py
 
 # Builds kube-apiserver, kube-controller-manager, kube-scheduler, etcd and kwok
 # from upstream Go modules into ~/.cache/volplane (a no-op when cached).
@@ -40,21 +56,36 @@ crds: cluster
 	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -k crds/
 
 # The operator in the foreground against the local cluster, with a demo workload.
+# KIND=1: the same demo on the kind cluster (`make kind`), where volplane runs as its
+# Deployment and the StatefulSet's pods write real bytes; follows the operator's log.
+KIND_KUBECONFIG := $(CURDIR)/.local/kind/kubeconfig
+ifeq ($(KIND),1)
+run: kind
+	kubectl --kubeconfig $(KIND_KUBECONFIG) apply --server-side -f hack/demo.yaml
+	@echo "demo applied; watch: kubectl --kubeconfig .local/kind/kubeconfig get storagepool,pv,pvc,volumeattachments,pods -A"
+	@echo "the pods' own data: kubectl --kubeconfig .local/kind/kubeconfig exec -n volplane-demo web-0 -- cat /data/log"
+	kubectl --kubeconfig $(KIND_KUBECONFIG) -n volplane-system logs -f deployment/volplane
+else
 run: crds
 	kubectl --kubeconfig $(KUBECONFIG_LOCAL) apply --server-side -f hack/demo.yaml
-	@echo "demo applied; watch: kubectl --kubeconfig .local/kubeconfig get pv,pvc -A"
+	@echo "demo applied; watch: kubectl --kubeconfig .local/kubeconfig get storagepool,pv,pvc,volumeattachments,pods -A"
 	@echo "why is a claim pending: .venv/bin/volplane explain pvc volplane-demo/too-big --kubeconfig .local/kubeconfig"
 	$(VENV)/bin/volplane run --kubeconfig $(KUBECONFIG_LOCAL) --log-format console
+endif
 
 unit: venv
 	$(VPY) -m pytest tests/unit -q
+
+# The CSI node plugin against real loop devices, mkfs and mount (root only; skipped otherwise).
+node-test: venv
+	$(VPY) -m pytest tests/node -q
 
 # The e2e suite starts (or reuses) the local control plane itself; set
 # VOLPLANE_E2E_KUBECONFIG to use another cluster, or pass PYTEST_ARGS=--kind.
 e2e: setup
 	$(VPY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test: unit e2e
+test: unit node-test e2e e2e-kind
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests hack
@@ -73,6 +104,22 @@ check: lint types contracts unit
 bench: setup
 	$(VPY) hack/bench/run.py $(if $(QUICK),--quick,)
 
-IMAGE ?= volplane:dev
-image:
-	docker build -t $(IMAGE) .
+# volplane's image (operator + CSI node plugin), built with no pull and no network
+# (hack/kind/kind.py: debootstrap root + Debian's python3 + the venv's pinned wheels).
+image: setup csi-stubs
+	$(VPY) hack/kind/kind.py image
+
+# A kind cluster (control plane + 3 workers) from a node image assembled offline,
+# volplane installed from manifests/; prints the kubeconfig (.local/kind/kubeconfig).
+kind: setup
+	$(VPY) hack/kind/kind.py up
+
+kind-down: venv
+	$(VPY) hack/kind/kind.py down
+
+kind-status: venv
+	$(VPY) hack/kind/kind.py status
+
+# The e2e suite against the kind cluster (made or reused by the suite itself).
+e2e-kind: setup
+	$(VPY) -m pytest tests/e2e --kind $(PYTEST_ARGS)

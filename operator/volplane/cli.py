@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--kubeconfig", default=None)
     e.set_defaults(fn=_explain)
 
+    from .node.main import add_parser as add_node_parser
+    add_node_parser(sub)  # volplane node: the CSI node plugin (DaemonSet)
+
     args = p.parse_args(argv)
     return args.fn(args)
 

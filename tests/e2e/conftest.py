@@ -6,6 +6,11 @@ The cluster, in order of precedence:
   3. otherwise the local upstream control plane of hack/cluster.py, started or reused
      (and left running for the next session; `make cluster-down` stops it).
 
+On kind (`--kind`, `make e2e-kind`) the cluster is hack/kind/kind.py's: built offline,
+created or reused, volplane's Deployment installed. The suite scales that Deployment
+to zero while it runs (its tests start their own operators; two would fight) and back
+up at the end; the install tests that need it scale it themselves.
+
 The operator never starts by itself: request `operator` and call start(), or use
 `operator_running`.
 """
@@ -24,29 +29,43 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pykube
 import pytest
 
-from .helpers import delete_quietly, remove_e2e_leftovers, wait_for
+from .helpers import E2ENodes, delete_quietly, discover_nodes, remove_e2e_leftovers, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOG_DIR = REPO_ROOT / ".local" / (f"clusters/{os.environ['VOLPLANE_CLUSTER']}/logs"
-                                  if os.environ.get("VOLPLANE_CLUSTER") else "logs")
-KIND_CLUSTER_NAME = "volplane-e2e"
+# Operator logs, pid records and the operator's kubeconfig live beside the cluster they
+# belong to, so a local-cluster session and a kind session can run at once.
+if "--kind" in sys.argv:
+    LOG_DIR = REPO_ROOT / ".local" / "kind" / "logs"
+elif os.environ.get("VOLPLANE_CLUSTER"):
+    LOG_DIR = REPO_ROOT / ".local" / "clusters" / os.environ["VOLPLANE_CLUSTER"] / "logs"
+else:
+    LOG_DIR = REPO_ROOT / ".local" / "logs"
 
 
-def load_cluster_module():
-    """hack/cluster.py as a module (hack/ is not a package)."""
-    name = "volplane_hack_cluster"
+def _load_hack_module(name: str, path: Path):
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "hack" / "cluster.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_cluster_module():
+    """hack/cluster.py as a module (hack/ is not a package)."""
+    return _load_hack_module("volplane_hack_cluster", REPO_ROOT / "hack" / "cluster.py")
+
+
+def load_kind_module():
+    """hack/kind/kind.py as a module."""
+    return _load_hack_module("volplane_hack_kind", REPO_ROOT / "hack" / "kind" / "kind.py")
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,15 @@ class Cluster:
     def local(self) -> bool:
         return self.flavor == "local"
 
+    @cached_property
+    def nodes(self) -> E2ENodes:
+        """The nodes tests pin pods and pools to (kwok's or kind's, by what is there)."""
+        client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(self.kubeconfig)), timeout=30)
+        try:
+            return discover_nodes(client)
+        finally:
+            client.session.close()
+
 
 @pytest.fixture(scope="session")
 def cluster(request) -> Cluster:
@@ -67,24 +95,17 @@ def cluster(request) -> Cluster:
         return
 
     if request.config.getoption("kind"):
-        from pytest_kind import KindCluster
-
-        kind_dir = REPO_ROOT / ".local" / "kind"
-        kind_dir.mkdir(parents=True, exist_ok=True)
-        kind_bin = request.config.getoption("kind_bin", None) or shutil.which("kind")
-        image = (request.config.getoption("kind_image", None)
-                 or os.environ.get("VOLPLANE_KIND_IMAGE"))
-        kind = KindCluster(
-            KIND_CLUSTER_NAME,
-            kubeconfig=kind_dir / "kubeconfig",
-            image=image,
-            kind_path=Path(kind_bin) if kind_bin else None,
-            kubectl_path=Path(shutil.which("kubectl")) if shutil.which("kubectl") else None,
-        )
-        kind.create(config_file=REPO_ROOT / "hack" / "kind-config.yaml")
-        yield Cluster(Path(kind.kubeconfig_path).resolve(), "kind")
-        if not request.config.getoption("keep_cluster", False):
-            kind.delete()
+        kind = load_kind_module()
+        try:
+            kubeconfig = kind.up()
+        except kind.EngineUnavailable as exc:
+            pytest.skip(f"kind e2e skipped: no Docker engine can run here: {exc}")
+        except kind.KindError as exc:
+            pytest.exit(f"kind cluster failed: {exc}", returncode=3)
+        scaled = _scale_in_cluster_operator(kubeconfig, 0)
+        yield Cluster(Path(kubeconfig).resolve(), "kind")
+        if scaled:
+            _scale_in_cluster_operator(kubeconfig, 2)
         return
 
     cluster_module = load_cluster_module()
@@ -93,6 +114,25 @@ def cluster(request) -> Cluster:
     except cluster_module.ClusterError as exc:
         pytest.exit(f"local control plane failed to start: {exc}", returncode=3)
     yield Cluster(Path(kubeconfig), "local")
+
+
+def _scale_in_cluster_operator(kubeconfig: Path, replicas: int) -> bool:
+    """Scales volplane-system/volplane (the in-cluster Deployment); False if absent."""
+    import subprocess as sp
+
+    kubectl_bin = shutil.which("kubectl") or "kubectl"
+    args = [kubectl_bin, "--kubeconfig", str(kubeconfig), "-n", "volplane-system"]
+    if sp.run([*args, "get", "deployment", "volplane"], capture_output=True).returncode != 0:
+        return False
+    sp.run([*args, "scale", "deployment", "volplane", f"--replicas={replicas}"], check=True,
+           capture_output=True)
+    if replicas == 0:
+        wait_for(lambda: not sp.run([*args, "get", "pods", "-l", "app.kubernetes.io/name=volplane",
+                                     "-o", "name"], capture_output=True, text=True).stdout.strip(),
+                 timeout=120, message="in-cluster volplane pods gone")
+        # its Lease would keep the tests' operators waiting for it to expire
+        sp.run([*args, "delete", "lease", "volplane", "--ignore-not-found"], capture_output=True)
+    return True
 
 
 @pytest.fixture(scope="session")

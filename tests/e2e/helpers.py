@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pykube
@@ -348,3 +349,74 @@ def scrape_metrics(port: int) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
+
+
+# ----------------------------------------------------------------------------- nodes
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+
+
+@dataclass(frozen=True)
+class E2ENodes:
+    """The nodes a test may pin pods and pools to, found by what the cluster has (never by
+    kwok's names): on the local control plane the kwok nodes (label ``type=kwok``), on
+    kind (or any cluster) the nodes with a zone label, workers first. ``names`` alternate
+    zones like kwok's (0 and 2 in one zone, 1 and 3 in the other)."""
+
+    names: tuple[str, ...]
+    zone_a: tuple[str, ...]
+    zone_b: tuple[str, ...]
+    # nodeSelector for pods the scheduler places (kwok nodes carry type=kwok; on kind the
+    # control-plane taint keeps scheduled pods on the workers)
+    selector: dict = field(default_factory=dict)
+    # kwok plays the kubelets: node status (volumesInUse) is the test's to write
+    fake_kubelets: bool = False
+
+
+def discover_nodes(api: pykube.HTTPClient) -> E2ENodes:
+    nodes = [n.obj for n in pykube.Node.objects(api)]
+    kwok = sorted((n for n in nodes if (n["metadata"].get("labels") or {}).get("type") == "kwok"),
+                  key=lambda n: n["metadata"]["name"])
+    if kwok:
+        names = tuple(n["metadata"]["name"] for n in kwok)
+        return E2ENodes(names=names, zone_a=names[0::2], zone_b=names[1::2],
+                        selector={"type": "kwok"}, fake_kubelets=True)
+
+    def order(n: dict) -> tuple:
+        labels = n["metadata"].get("labels") or {}
+        return (CONTROL_PLANE_LABEL in labels, n["metadata"]["name"])
+
+    zoned: dict[str, list[str]] = {}
+    for n in sorted(nodes, key=order):
+        zone = (n["metadata"].get("labels") or {}).get(ZONE_LABEL)
+        if zone:
+            zoned.setdefault(zone, []).append(n["metadata"]["name"])
+    zones = sorted(zoned)
+    if len(zones) < 2:
+        raise RuntimeError(f"the e2e suite needs nodes in two zones ({ZONE_LABEL}); "
+                           f"found {zoned or 'none'}")
+    a, b = zoned[zones[0]], zoned[zones[1]]
+    names = tuple(x for pair in zip(a, b, strict=False) for x in pair)
+    return E2ENodes(names=names, zone_a=tuple(a), zone_b=tuple(b))
+
+
+def node_plugin_registered(api: pykube.HTTPClient, node: str) -> bool:
+    """The kubelet of `node` runs volplane's CSI node plugin (its CSINode lists it)."""
+    obj = get_or_none(api, "storage.k8s.io/v1", "CSINode", node)
+    drivers = ((obj.obj if obj else {}).get("spec") or {}).get("drivers") or []
+    return any(d.get("name") == POOL_DRIVER for d in drivers)
+
+
+def pod_started(api: pykube.HTTPClient, nodes: E2ENodes, pod: dict | None) -> bool:
+    """A pod using pool volumes got as far as the cluster lets it: Running where pool
+    volumes mount (kwok's fake kubelets, or a node with volplane's node plugin);
+    scheduled, with volplane's part done, where the kubelet has no node plugin to ask."""
+    if not pod:
+        return False
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node:
+        return False
+    if nodes.fake_kubelets or node_plugin_registered(api, node):
+        return (pod.get("status") or {}).get("phase") == "Running"
+    return True

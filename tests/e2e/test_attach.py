@@ -5,8 +5,12 @@ Run on a cluster of their own when others share the machine:
 
 Most tests use static CSI PVs pre-bound to their claims (claimRef + volumeName, both
 marked Bound here) and pods pinned with spec.nodeName, so that they exercise only the
-two controllers under test. kwok plays the kubelets: pods go Running, but no kubelet
-reports status.volumesInUse, so the tests that need it patch node status themselves.
+two controllers under test. On the local control plane kwok plays the kubelets: pods
+go Running, but no kubelet reports status.volumesInUse, so the tests that need it patch
+node status themselves (the kwok variants). On kind the real kubelets report
+volumesInUse, and the same tests check the controller against what they report; pool
+volumes are not mounted there until the CSI node plugin is installed (pods wait in
+ContainerCreating), which the attach/detach path does not need.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from volplane.attach.reconcile import OUT_OF_SERVICE_TAINT, node_ready
 from volplane.kinds import MANAGED_ANNOTATION
 from volplane.pools.slots import ATTACHER_FINALIZER, SLOT_ANNOTATION
 
-from .conftest import REPO_ROOT, load_cluster_module
+from .conftest import REPO_ROOT
 from .helpers import (
     create,
     delete_quietly,
@@ -37,6 +41,7 @@ from .helpers import (
     get_or_none,
     holds_for,
     kind_class,
+    node_plugin_registered,
     wait_for,
 )
 
@@ -83,16 +88,24 @@ def patch(api, path: str, patch_body: dict) -> None:
 
 
 def kwok_nodes(cluster) -> list[str]:
-    return load_cluster_module().node_names(4)
+    """Four nodes to pin pods to: kwok's on the local control plane, kind's nodes on kind
+    (workers first, then the control plane; zones alternate)."""
+    return list(cluster.nodes.names)
+
+
+def needs_fake_kubelets(cluster, why: str) -> None:
+    if not cluster.nodes.fake_kubelets:
+        pytest.skip(f"needs kwok (fake kubelets): {why}")
 
 
 class World:
     """Cluster-scoped objects one test makes, and their cleanup."""
 
-    def __init__(self, api, namespace: str):
+    def __init__(self, api, namespace: str, fake_kubelets: bool = True):
         self.api = api
         self.ns = namespace
         self.tag = namespace
+        self.fake_kubelets = fake_kubelets
         self.pvs: list[str] = []
         self.pools: list[str] = []
         self.drivers: list[str] = []
@@ -105,10 +118,11 @@ class World:
         spec_nodes = {"names": nodes} if nodes else {}
         if selector:
             spec_nodes["selector"] = selector
+        spec = {"capacity": "1Ti", "nodes": spec_nodes, "slotsPerNode": slots}
+        if not self.fake_kubelets:
+            spec["backing"] = {"type": "File"}  # real kubelets mount through the node plugin
         create(self.api, {"apiVersion": "volplane.io/v1alpha1", "kind": "StoragePool",
-                          "metadata": {"name": name},
-                          "spec": {"capacity": "1Ti", "nodes": spec_nodes,
-                                   "slotsPerNode": slots}})
+                          "metadata": {"name": name}, "spec": spec})
         self.pools.append(name)
         return name
 
@@ -169,6 +183,10 @@ class World:
             r.raise_for_status()
 
     def fake_node(self) -> str:
+        """A Node that kwok keeps Ready with no kubelet behind it (local control plane)."""
+        if not self.fake_kubelets:
+            pytest.skip("needs kwok: a Node kept Ready with no kubelet, deleted or tainted "
+                        "out-of-service by the test")
         name = f"{self.tag}-node{len(self.nodes)}"
         create(self.api, {
             "apiVersion": "v1", "kind": "Node",
@@ -210,6 +228,9 @@ class World:
     def reported(self, node: str) -> dict[str, str]:
         st = node_obj(self.api, node).get("status") or {}
         return {e["name"]: e.get("devicePath", "") for e in st.get("volumesAttached") or ()}
+
+    def in_use(self, node: str) -> set[str]:
+        return set((node_obj(self.api, node).get("status") or {}).get("volumesInUse") or ())
 
     # -- cleanup (while the operator still runs, so attachers release their finalizers)
     def cleanup(self) -> None:
@@ -280,9 +301,7 @@ def crds(api):
 
 @pytest.fixture
 def world(api, namespace, operator, crds, cluster):
-    if not cluster.local:
-        pytest.skip("these tests pin pods to kwok nodes of the local control plane")
-    w = World(api, namespace)
+    w = World(api, namespace, fake_kubelets=cluster.nodes.fake_kubelets)
     yield w
     w.cleanup()
 
@@ -313,7 +332,7 @@ def test_statefulset_on_a_pool_class_gets_upstream_named_attachments(api, world,
             "replicas": 3, "serviceName": "web",
             "selector": {"matchLabels": {"app": "web"}},
             "template": {"metadata": {"labels": {"app": "web"}},
-                         "spec": {"nodeSelector": {"type": "kwok"},
+                         "spec": {"nodeSelector": dict(cluster.nodes.selector),
                                   "terminationGracePeriodSeconds": 0,
                                   "containers": [{"name": "main", "image": PAUSE_IMAGE,
                                                   "volumeMounts": [{"name": "data",
@@ -323,11 +342,18 @@ def test_statefulset_on_a_pool_class_gets_upstream_named_attachments(api, world,
                 "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": sc,
                          "resources": {"requests": {"storage": "1Gi"}}}}]}})
 
-    def pods_running():
+    # kwok runs pods at once; real kubelets mount first (the node plugin, once installed)
+    def pods_scheduled():
         pods = [p.obj for p in pykube.Pod.objects(api, namespace=world.ns)]
-        ok = [p for p in pods if p["status"].get("phase") == "Running"]
+        ok = [p for p in pods if p["spec"].get("nodeName")
+              and (cluster.nodes.fake_kubelets or p["status"].get("phase") == "Running"
+                   or not node_plugin_registered(api, p["spec"]["nodeName"]))]
         return ok if len(ok) == 3 else None
-    pods = wait_for(pods_running, timeout=120, message="3 StatefulSet pods Running")
+    pods = wait_for(pods_scheduled, timeout=180, message="3 StatefulSet pods scheduled")
+    if cluster.nodes.fake_kubelets:
+        pods = wait_for(lambda: [p for p in pods_scheduled() or []
+                                 if p["status"].get("phase") == "Running"] or None,
+                        timeout=120, message="3 StatefulSet pods Running")
     for p in pods:
         node = p["spec"]["nodeName"]
         claim = pykube.PersistentVolumeClaim.objects(api, namespace=world.ns).get_by_name(
@@ -347,7 +373,15 @@ def test_statefulset_on_a_pool_class_gets_upstream_named_attachments(api, world,
                  timeout=15, message=f"{node} status.volumesAttached lists {unique}")
         assert any(e["reason"] == "SuccessfulAttachVolume"
                    for e in events_for(api, world.ns, p["metadata"]["name"], "Pod"))
+        if not cluster.nodes.fake_kubelets and not node_plugin_registered(api, node):
+            # a real kubelet verified the attachment and now asks for the node plugin
+            wait_for(lambda pod=p["metadata"]["name"]: any(
+                e["reason"] == "FailedMount" and
+                f"driver name {POOL_DRIVER} not found in the list of registered CSI drivers"
+                in e["message"] for e in events_for(api, world.ns, pod, "Pod")),
+                timeout=150, message=f"{p['metadata']['name']}: FailedMount naming the driver")
     # claims/PVs go with the namespace; the PV binder and provisioner reclaim them.
+
 
 
 def test_deleting_a_pod_detaches_and_frees_its_slot(api, world, operator, cluster):
@@ -364,7 +398,7 @@ def test_deleting_a_pod_detaches_and_frees_its_slot(api, world, operator, cluste
     wait_for(lambda: unique in world.reported(node), timeout=15, message="reported attached")
 
     world.delete_pod("p0")
-    world.wait_no_va(pv, timeout=30)
+    world.wait_no_va(pv, timeout=30 if world.fake_kubelets else 90)
     wait_for(lambda: unique not in world.reported(node), timeout=15, message="report cleared")
     # the only slot is free again: a second volume gets it
     claim1, pv1, handle1 = world.volume(1, pool=pool)
@@ -416,13 +450,24 @@ def test_moving_a_rwo_volume_detaches_from_the_old_node_first(api, world, operat
     unique = unique_volume_name(POOL_DRIVER, handle)
     world.pod("old", n0, claim)
     old_va = world.wait_attached(pv, n0, handle)["metadata"]["name"]
-    # n0's kubelet still has it mounted: the move must wait for the unmount
+    new_va = volume_attachment_name(handle, POOL_DRIVER, n1)
+    if not world.fake_kubelets:
+        # n0's real kubelet lists the volume in use; the move must wait until it stops
+        wait_for(lambda: unique in world.in_use(n0), timeout=60,
+                 message=f"{n0}'s kubelet reports {unique} in volumesInUse")
+        samples = DetachSampler(world, pv, handle, unique, n0, n1)
+        world.delete_pod("old")
+        world.pod("new", n1, claim)
+        world.wait_attached(pv, n1, handle, timeout=90)
+        samples.close()
+        samples.assert_safe()
+        return
+    # kwok: no kubelet; the test plays n0's, which still has it mounted
     patch_status(api, f"/api/v1/nodes/{n0}", {"status": {"volumesInUse": [unique]}})
     watch = VAWatch(api)
     try:
         world.delete_pod("old")
         world.pod("new", n1, claim)
-        new_va = volume_attachment_name(handle, POOL_DRIVER, n1)
         holds_for(lambda: world.va_for(pv, n1, handle) is None and
                   world.va_for(pv, n0, handle) is not None, duration=4,
                   message="no attachment on the new node while the old one is mounted")
@@ -438,6 +483,50 @@ def test_moving_a_rwo_volume_detaches_from_the_old_node_first(api, world, operat
     finally:
         watch.close()
         patch_status(api, f"/api/v1/nodes/{n0}", {"status": {"volumesInUse": None}})
+
+
+class DetachSampler:
+    """Samples, every 0.2 s in a thread, what a real kubelet reports (volumesInUse of the
+    old node) and the attachments of one volume on the old and the new node, so a test
+    can check the controller's order against the kubelet: no detach starts while the
+    old node lists the volume in use, and the new node gets no attachment before the
+    old one is gone."""
+
+    def __init__(self, world, pv: str, handle: str, unique: str, old: str, new: str | None):
+        self.world, self.pv, self.handle, self.unique = world, pv, handle, unique
+        self.old, self.new = old, new
+        self.samples: list[tuple[float, bool, str, bool]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                in_use = self.unique in self.world.in_use(self.old)
+                va = self.world.va_for(self.pv, self.old, self.handle)
+                old = ("gone" if va is None else
+                       "detaching" if va["metadata"].get("deletionTimestamp") else "attached")
+                new = bool(self.new and self.world.va_for(self.pv, self.new, self.handle))
+                self.samples.append((time.monotonic(), in_use, old, new))
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def assert_safe(self):
+        assert self.samples, "no samples"
+        for t, in_use, old, new in self.samples:
+            assert not (in_use and old != "attached"), (
+                f"detach from {self.old} started while its kubelet listed the volume in use "
+                f"(t={t:.1f}): {self.samples}")
+            assert not (new and old != "gone"), (
+                f"attached on {self.new} before the old attachment was gone: {self.samples}")
+        assert any(in_use for _, in_use, _, _ in self.samples) or self.samples[0][2] != "gone", \
+            "sampling started too late to see the old node's state"
 
 
 def test_two_pods_on_two_nodes_with_one_rwo_claim(api, world, operator, cluster):
@@ -474,6 +563,16 @@ def test_volume_in_use_stays_attached_until_unmounted(api, world, operator, clus
     unique = unique_volume_name(POOL_DRIVER, handle)
     world.pod("p", node, claim)
     world.wait_attached(pv, node, handle)
+    if not world.fake_kubelets:
+        # the real kubelet reports the volume in use, in the format the controller reads
+        wait_for(lambda: unique in world.in_use(node), timeout=60,
+                 message=f"{node}'s kubelet reports {unique} in volumesInUse")
+        samples = DetachSampler(world, pv, handle, unique, node, None)
+        world.delete_pod("p")
+        world.wait_no_va(pv, timeout=90)
+        samples.close()
+        samples.assert_safe()
+        return
     patch_status(api, f"/api/v1/nodes/{node}", {"status": {"volumesInUse": [unique]}})
     try:
         world.delete_pod("p")
@@ -626,7 +725,8 @@ def test_slot_exhaustion_gives_a_clear_error_and_recovers(api, world, operator, 
                          for e in events_for(api, world.ns, "p2", "Pod")),
              timeout=15, message="FailedAttachVolume event on p2")
     world.delete_pod("p0")
-    va = world.wait_attached(vols[2][1], node, vols[2][2], timeout=20)
+    va = world.wait_attached(vols[2][1], node, vols[2][2],
+                             timeout=20 if world.fake_kubelets else 90)
     assert va["metadata"]["annotations"][SLOT_ANNOTATION] in ("0", "1")
     slots = sorted(v["metadata"]["annotations"][SLOT_ANNOTATION]
                    for v in world.my_vas().values())

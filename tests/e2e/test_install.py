@@ -28,7 +28,7 @@ def rendered_manifests() -> list[dict]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api,
+def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api, cluster,
                                                                operator_kubeconfig):
     docs = rendered_manifests()
     kinds = {d["kind"] for d in docs}
@@ -79,8 +79,14 @@ def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api,
     wait_for(lambda: subprocess.run(
         ["kubectl", "--kubeconfig", kubeconfig, "get", "ns", "volplane-system"],
         capture_output=True).returncode != 0, timeout=90, message="namespace deleted")
-    from .conftest import install_prerequisites
+    from .conftest import _scale_in_cluster_operator, install_prerequisites
     install_prerequisites(kubeconfig)
+    if cluster.flavor == "kind":
+        # apply -k brought back the 2-replica Deployment; the session keeps it at zero
+        # (the tests run their own operators) and restores it at the end
+        kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-k",
+                str(REPO_ROOT / "manifests"))
+        _scale_in_cluster_operator(Path(kubeconfig), 0)
     if Path(operator_kubeconfig).resolve() != Path(kubeconfig).resolve():
         # The ServiceAccount was re-created: its old token is void. Re-mint it in place so
         # the rest of the session's operators keep running under that identity.

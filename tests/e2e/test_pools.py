@@ -33,6 +33,7 @@ from .helpers import (
     kget,
     klist,
     kpatch_response,
+    pod_started,
     wait_for,
 )
 
@@ -43,8 +44,23 @@ PROVISIONER = "pool.volplane.io"
 FINALIZER = "volplane.io/allocation"
 GI = 1024**3
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
-ZONE_A = ["kwok-node-0", "kwok-node-2"]
-ZONE_B = ["kwok-node-1", "kwok-node-3"]
+# The cluster's nodes (kwok's or kind's, set per module by `_nodes`): NODES alternate
+# zones, ZONE_A = NODES[0::2], ZONE_B = NODES[1::2].
+NODES: list[str] = []
+ZONE_A: list[str] = []
+ZONE_B: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _nodes(cluster):
+    NODES[:] = cluster.nodes.names
+    ZONE_A[:] = cluster.nodes.zone_a
+    ZONE_B[:] = cluster.nodes.zone_b
+    SELECTOR.clear()
+    SELECTOR.update(cluster.nodes.selector)
+
+
+SELECTOR: dict[str, str] = {}  # nodeSelector of the pods the scheduler places
 
 
 # ----------------------------------------------------------------------------- queries
@@ -123,10 +139,11 @@ def _free_port() -> int:
 class PoolEnv:
     """Creates test-unique cluster-scoped objects and cleans them up afterwards."""
 
-    def __init__(self, api, namespace: str, operator):
+    def __init__(self, api, namespace: str, operator, nodes=None):
         self.api = api
         self.ns = namespace
         self.operator = operator
+        self.nodes = nodes
         self.pools: list[str] = []
         self.classes: list[str] = []
         self.metrics_port = _free_port()
@@ -146,13 +163,18 @@ class PoolEnv:
 
     # objects
     def pool(self, suffix: str, capacity: str | int, *, names=None, selector=None,
-             labels=None, **spec) -> str:
+             labels=None, mounts: bool = False, **spec) -> str:
+        """mounts: pods will mount its volumes; where kubelets are real (kind) the pool then
+        gets File backing (real bytes, so its capacity is bounded by the host's disk too)."""
         name = self.name(suffix)
         nodes: dict = {}
         if names:
             nodes["names"] = list(names)
         if selector:
             nodes["selector"] = selector
+        if mounts and self.nodes is not None and not self.nodes.fake_kubelets:
+            # real kubelets mount pool volumes through the node plugin: real bytes
+            spec.setdefault("backing", {"type": "File"})
         body = {"apiVersion": POOL_API, "kind": "StoragePool",
                 "metadata": {"name": name, "labels": {"volplane.io/e2e": self.ns,
                                                       **(labels or {})}},
@@ -233,8 +255,8 @@ class PoolEnv:
 
 
 @pytest.fixture
-def pool_env(api, crds, namespace, operator):
-    env = PoolEnv(api, namespace, operator)
+def pool_env(api, crds, namespace, operator, cluster):
+    env = PoolEnv(api, namespace, operator, cluster.nodes)
     yield env
     env.cleanup()
 
@@ -270,7 +292,7 @@ def test_api_server_rejects_invalid_pool_naming_the_field(api, crds, namespace, 
 
 
 def test_pool_capacity_cannot_drop_below_allocated(api, crds, pool_env):
-    name = pool_env.pool("shrink", "10Gi", names=["kwok-node-0"])
+    name = pool_env.pool("shrink", "10Gi", names=[NODES[0]])
     r = kpatch_response(api, "StoragePool", name, {"status": {"allocatedBytes": 6 * GI}},
                         sub="status")
     assert r.status_code == 200, r.text
@@ -284,7 +306,7 @@ def test_pool_capacity_cannot_drop_below_allocated(api, crds, pool_env):
 
 
 def test_statefulset_gets_volumes_on_the_pool_nodes(api, pool_env):
-    pool = pool_env.pool("sts", "10Gi", names=ZONE_A)
+    pool = pool_env.pool("sts", "10Gi", names=ZONE_A, mounts=True)
     cls = pool_env.storage_class("sts")
     pool_env.start_ready()
     ns = pool_env.ns
@@ -296,7 +318,7 @@ def test_statefulset_gets_volumes_on_the_pool_nodes(api, pool_env):
             "selector": {"matchLabels": {"app": "web"}},
             "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
                 "terminationGracePeriodSeconds": 0,
-                "nodeSelector": {"type": "kwok"},
+                "nodeSelector": dict(SELECTOR),
                 "containers": [{"name": "main", "image": PAUSE_IMAGE,
                                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}},
             "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
@@ -321,11 +343,12 @@ def test_statefulset_gets_volumes_on_the_pool_nodes(api, pool_env):
 
     def pods_running():
         pods = [kget(api, "Pod", f"web-{i}", ns) for i in range(3)]
-        if all(p and p.get("status", {}).get("phase") == "Running" for p in pods):
+        if all(pod_started(api, pool_env.nodes, p) for p in pods):
             return pods
         return None
 
-    pods = wait_for(pods_running, timeout=90, message="3 StatefulSet pods Running")
+    pods = wait_for(pods_running, timeout=90, message="3 StatefulSet pods Running "
+                    "(scheduled, where no node plugin mounts)")
     assert {p["spec"]["nodeName"] for p in pods} <= set(ZONE_A)
     status = wait_for(lambda: (s := pool_env.pool_status(pool)).get("volumeCount") == 3 and s,
                       timeout=15, message="pool status counts 3 volumes")
@@ -334,7 +357,7 @@ def test_statefulset_gets_volumes_on_the_pool_nodes(api, pool_env):
 
 
 def test_fifty_claims_on_a_twenty_gi_pool(api, pool_env):
-    pool = pool_env.pool("full", "20Gi", names=["kwok-node-0"])
+    pool = pool_env.pool("full", "20Gi", names=[NODES[0]])
     cls = pool_env.storage_class("full")
     pool_env.start_ready()
     ns = pool_env.ns
@@ -396,7 +419,7 @@ def test_fifty_claims_on_a_twenty_gi_pool(api, pool_env):
 
 
 def test_unknown_or_bad_class_parameter_fails_naming_it(api, pool_env):
-    pool_env.pool("params", "10Gi", names=["kwok-node-0"], parameters={"media": "ssd"})
+    pool_env.pool("params", "10Gi", names=[NODES[0]], parameters={"media": "ssd"})
     typo = pool_env.storage_class("typo", parameters={"mediaa": "ssd"})
     bad = pool_env.storage_class("badvalue", parameters={"placement": "Random"})
     good = pool_env.storage_class("good", parameters={"media": "ssd", "placement": "Spread"})
@@ -418,7 +441,7 @@ def test_unknown_or_bad_class_parameter_fails_naming_it(api, pool_env):
 
 
 def test_mount_options_fstype_and_retain(api, pool_env):
-    pool = pool_env.pool("retain", "10Gi", names=["kwok-node-1"])
+    pool = pool_env.pool("retain", "10Gi", names=[NODES[1]])
     cls = pool_env.storage_class("retain", reclaim="Retain", mountOptions=["noatime"],
                                  parameters={"csi.storage.k8s.io/fstype": "xfs"})
     pool_env.start_ready()
@@ -441,7 +464,7 @@ def test_mount_options_fstype_and_retain(api, pool_env):
 
 
 def test_delete_frees_allocation_and_pool_gone_keeps_volume(api, pool_env):
-    pool = pool_env.pool("gone", "10Gi", names=["kwok-node-1"])
+    pool = pool_env.pool("gone", "10Gi", names=[NODES[1]])
     cls = pool_env.storage_class("gone")
     pool_env.start_ready()
     ns = pool_env.ns
@@ -477,7 +500,7 @@ def test_delete_frees_allocation_and_pool_gone_keeps_volume(api, pool_env):
 
 def _pod(name: str, ns: str, claim: str) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
-            "spec": {"terminationGracePeriodSeconds": 0, "nodeSelector": {"type": "kwok"},
+            "spec": {"terminationGracePeriodSeconds": 0, "nodeSelector": dict(SELECTOR),
                      "containers": [{"name": "main", "image": PAUSE_IMAGE,
                                      "volumeMounts": [{"name": "d", "mountPath": "/d"}]}],
                      "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]}}
@@ -486,7 +509,7 @@ def _pod(name: str, ns: str, claim: str) -> dict:
 def test_wffc_scheduler_avoids_the_full_zone(api, pool_env):
     group = {"volplane.io/group": pool_env.ns}
     full = pool_env.pool("zone-a", "1Gi", names=ZONE_A, labels=group)
-    roomy = pool_env.pool("zone-b", "10Gi", names=ZONE_B, labels=group)
+    roomy = pool_env.pool("zone-b", "10Gi", names=ZONE_B, labels=group, mounts=True)
     fill = pool_env.storage_class("fill", parameters={"pool": full})
     wffc = pool_env.storage_class("wffc", binding="WaitForFirstConsumer",
                                   parameters={"poolSelector": f"volplane.io/group={pool_env.ns}"})
@@ -516,9 +539,10 @@ def test_wffc_scheduler_avoids_the_full_zone(api, pool_env):
 
     def running():
         p = kget(api, "Pod", "consumer", ns)
-        return p if p and p.get("status", {}).get("phase") == "Running" else None
+        return p if pod_started(api, pool_env.nodes, p) else None
 
-    pod = wait_for(running, timeout=120, message="consumer pod Running")
+    pod = wait_for(running, timeout=120, message="consumer pod Running (scheduled, where "
+                   "no node plugin mounts)")
     assert pod["spec"]["nodeName"] in ZONE_B
     claim = kget(api, "PersistentVolumeClaim", "data", ns)
     assert claim["status"]["phase"] == "Bound"
@@ -535,14 +559,14 @@ def test_wffc_scheduler_avoids_the_full_zone(api, pool_env):
 
 
 def test_wffc_selected_node_without_room_is_given_back(api, pool_env):
-    full = pool_env.pool("tiny", "1Gi", names=["kwok-node-0"])
+    full = pool_env.pool("tiny", "1Gi", names=[NODES[0]])
     wffc = pool_env.storage_class("tiny", binding="WaitForFirstConsumer",
                                   parameters={"pool": full})
     pool_env.start_ready()
     ns = pool_env.ns
     # What the scheduler does when it picks a node: annotate the claim.
     pool_env.claim("big", "5Gi", wffc,
-                   annotations={"volume.kubernetes.io/selected-node": "kwok-node-0"})
+                   annotations={"volume.kubernetes.io/selected-node": NODES[0]})
 
     def given_back():
         c = kget(api, "PersistentVolumeClaim", "big", ns)
@@ -560,7 +584,7 @@ def test_wffc_selected_node_without_room_is_given_back(api, pool_env):
 
 
 def test_expansion_within_pool_capacity_and_refused_beyond(api, pool_env):
-    pool = pool_env.pool("grow", "10Gi", names=["kwok-node-2"])
+    pool = pool_env.pool("grow", "10Gi", names=[NODES[2]])
     cls = pool_env.storage_class("grow", allowVolumeExpansion=True)
     pool_env.start_ready()
     ns = pool_env.ns
@@ -601,7 +625,7 @@ def test_expansion_within_pool_capacity_and_refused_beyond(api, pool_env):
 
 
 def test_pool_metrics(api, pool_env):
-    pool = pool_env.pool("metrics", "4Gi", names=["kwok-node-3"])
+    pool = pool_env.pool("metrics", "4Gi", names=[NODES[3]])
     cls = pool_env.storage_class("metrics")
     pool_env.start_ready()
     pool_env.claim("m", "1Gi", cls)
@@ -629,7 +653,7 @@ def test_pool_metrics(api, pool_env):
 
 @pytest.mark.parametrize("point", ["provision-1", "provision-2"])
 def test_crash_between_provisioning_writes_converges(api, pool_env, point):
-    pool = pool_env.pool("crash", "4Gi", names=["kwok-node-0"])
+    pool = pool_env.pool("crash", "4Gi", names=[NODES[0]])
     cls = pool_env.storage_class("crash")
     op = pool_env.start_ready(env={"VOLPLANE_CRASH_AT": point})
     ns = pool_env.ns
@@ -649,7 +673,7 @@ def test_crash_between_provisioning_writes_converges(api, pool_env, point):
 
 @pytest.mark.parametrize("point", ["delete-1", "delete-2"])
 def test_crash_between_delete_writes_converges(api, pool_env, point):
-    pool = pool_env.pool("crashdel", "4Gi", names=["kwok-node-0"])
+    pool = pool_env.pool("crashdel", "4Gi", names=[NODES[0]])
     cls = pool_env.storage_class("crashdel")
     op = pool_env.start_ready()
     ns = pool_env.ns
@@ -674,7 +698,7 @@ def test_kill_nine_during_a_burst(api, pool_env):
     """100 claims against a 60Gi pool while the operator is SIGKILLed at random points."""
     seed = int(time.time())
     rng = random.Random(seed)
-    pool = pool_env.pool("burst", "60Gi", names=["kwok-node-0", "kwok-node-1"])
+    pool = pool_env.pool("burst", "60Gi", names=NODES[:2])
     cls = pool_env.storage_class("burst")
     op = pool_env.start_ready()
     ns = pool_env.ns

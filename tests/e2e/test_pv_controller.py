@@ -584,14 +584,14 @@ def test_lost_claim_comes_back_when_its_volume_returns(api, namespace, pvs, oper
 
 
 def test_wait_for_first_consumer_with_scheduler(api, cluster, namespace, pvs, operator):
-    if not cluster.local:
-        pytest.skip("needs the kwok nodes of the local control plane")
     start(operator)
     sc = pvs.storage_class("wffc", provisioner="kubernetes.io/no-provisioner",
                            volumeBindingMode="WaitForFirstConsumer")
-    # One PV fits only on kwok-node-2; the one on kwok-node-1 is too small.
-    pvs.pv("node2", "5Gi", storage_class=sc, node="kwok-node-2")
-    pvs.pv("node1", "1Gi", storage_class=sc, node="kwok-node-1")
+    # One PV fits only on node 2 (hostPath, pinned by nodeAffinity); the one on node 1 is
+    # too small. Both are nodes the scheduler may use (kwok's, or kind's workers).
+    node2, node1 = cluster.nodes.names[2], cluster.nodes.names[1]
+    pvs.pv("node2", "5Gi", storage_class=sc, node=node2)
+    pvs.pv("node1", "1Gi", storage_class=sc, node=node1)
     for suffix in ("node2", "node1"):
         wait_volume_phase(api, pvs.name(suffix), "Available")
     pvs.pvc("data", "3Gi", storage_class=sc)
@@ -603,7 +603,7 @@ def test_wait_for_first_consumer_with_scheduler(api, cluster, namespace, pvs, op
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "app", "namespace": namespace},
         "spec": {
-            "nodeSelector": {"type": "kwok"},
+            "nodeSelector": dict(cluster.nodes.selector),
             "terminationGracePeriodSeconds": 0,
             "containers": [{"name": "main", "image": PAUSE_IMAGE,
                             "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
@@ -618,7 +618,7 @@ def test_wait_for_first_consumer_with_scheduler(api, cluster, namespace, pvs, op
     pod = wait_for(lambda: (p := kget(api, "Pod", "app", namespace))
                    and (p.get("status") or {}).get("phase") == "Running" and p,
                    timeout=90, message="pod app Running")
-    assert pod["spec"]["nodeName"] == "kwok-node-2"
+    assert pod["spec"]["nodeName"] == node2
     # Who wrote what (server-side field ownership): the claimRef is kube-scheduler's,
     # not ours. For a static PV the scheduler writes no selected-node annotation on the
     # claim (upstream only does that for claims it wants provisioned).

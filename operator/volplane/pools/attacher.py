@@ -10,7 +10,9 @@ attach (no deletionTimestamp)
        attachment's resourceVersion: annotations ``volplane.io/pool`` and
        ``volplane.io/slot``, finalizer ``volplane.io/attacher``;
     3. write ``status.attached: true`` and ``attachmentMetadata.devicePath``
-       (``/dev/volplane/<pool>/slot-<n>``) through the status subresource.
+       (``/dev/volplane/<pool>/slot-<n>``) through the status subresource; for a pool
+       with ``spec.backing``, also ``backingType`` and ``backingFile``, which the kubelet
+       hands the node plugin as the publish context (volplane/node/backing.py).
 detach (deletionTimestamp set, our finalizer present)
     1. ``status.attached: false`` (the device is gone);
     2. remove the finalizer: the attachment disappears and its slot with it.
@@ -51,6 +53,7 @@ from ..kinds import (
     VOLUME_ATTACHMENTS,
 )
 from ..kube import ApiError
+from ..node import backing
 from ..objects import now_rfc3339, rv_int
 from ..workqueue import WorkQueue, process
 from . import slots as S
@@ -281,11 +284,15 @@ class PoolAttacher:
         st = va.get("status") or {}
         if st.get("attached") and (st.get("attachmentMetadata") or {}).get("devicePath") == path:
             return
+        # What the node plugin needs to find the volume's bytes (the publish context).
+        pv = self.pvs.get((va["spec"].get("source") or {}).get("persistentVolumeName") or "")
+        handle = (((pv or {}).get("spec") or {}).get("csi") or {}).get("volumeHandle") or ""
+        where = backing.publish_context(self.pools.get(slot[0]), handle)
         new = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
             "metadata": {"resourceVersion": md["resourceVersion"]},
             "status": {"attached": True, "attachError": None,
                        "attachmentMetadata": {"devicePath": path, "pool": slot[0],
-                                              "slot": str(slot[1])}}})
+                                              "slot": str(slot[1]), **where}}})
         metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
         self.vas.put(new)
         faults.point("pool-attach-2")

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from .. import faults, logs, metrics
 from ..kube import pv_path, pvc_path
+from ..node import backing
+from ..objects import now_rfc3339
 from ..pv import constants as C
 from ..pv.index import claim_request, volume_capacity
-from ..quantity import format_quantity
+from ..quantity import format_quantity, parse_quantity
 from .context import PoolContext
 from .placement import pool_capacity
 from .records import PROVISIONER, alloc_path
@@ -90,6 +92,10 @@ class Expander:
             metrics.api_writes.labels(self.name, "storageallocations", "patch").inc()
             faults.point("expand-1")
         size = format_quantity(int(record["spec"]["sizeBytes"]))
+        node_side = backing.needs_node_expansion(self.pools.get(pool_name))
+        if node_side and volume_capacity(pv) >= want and backing.node_resize_pending(
+                claim, want, parse_quantity):
+            return  # handed to the kubelet already (NodeExpandVolume finishes it)
         if volume_capacity(pv) < want:
             pv = await self.kube.merge_patch(pv_path(pv_name), {
                 "metadata": {"resourceVersion": pv["metadata"]["resourceVersion"]},
@@ -98,6 +104,20 @@ class Expander:
             metrics.api_writes.labels(self.name, "persistentvolumes", "patch").inc()
             faults.point("expand-2")
         md = claim["metadata"]
+        if node_side:  # the volume has bytes on a node: the kubelet finishes (node/backing.py)
+            new = await self.kube.merge_patch(
+                pvc_path(md["namespace"], md["name"], "status"),
+                {"metadata": {"resourceVersion": md["resourceVersion"]},
+                 "status": backing.node_resize_status(size, now_rfc3339())})
+            self.pvcs.put(new)
+            metrics.api_writes.labels(self.name, "persistentvolumeclaims", "patch-status").inc()
+            self.events.emit(claim, C.NORMAL, backing.FS_RESIZE_REQUIRED,
+                             "Require file system resize of volume on node",
+                             component=COMPONENT)
+            log.info("expansion handed to the node", kind="PersistentVolumeClaim",
+                     namespace=md["namespace"], name=md["name"], volume=pv_name, size=size,
+                     action="expand")
+            return
         new = await self.kube.merge_patch(pvc_path(md["namespace"], md["name"], "status"), {
             "metadata": {"resourceVersion": md["resourceVersion"]},
             "status": {"capacity": {"storage": size}, "allocatedResources": {"storage": size},

@@ -14,6 +14,7 @@ import time
 
 from .. import logs
 from ..kube import ApiError, pv_path, pvc_path
+from ..node import backing
 from .context import PoolContext
 from .records import alloc_path
 
@@ -52,6 +53,8 @@ class GarbageCollector:
     def _orphaned(self, name: str, record: dict) -> bool:
         if name in self.pvs:
             return False
+        if backing.RETAINED_ANNOTATION in (record["metadata"].get("annotations") or {}):
+            return False  # a retained volume: freed only by deleting its record
         ref = (record.get("spec") or {}).get("claim") or {}
         claim = self.pvcs.get(f"{ref.get('namespace')}/{ref.get('name')}")
         if claim is None or claim["metadata"].get("uid") != ref.get("uid"):

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from volplane.node.backing import reported_capacity
 from volplane.objects import md as _meta
 from volplane.objects import spec as _spec
 from volplane.quantity import format_quantity, parse_quantity
@@ -42,7 +43,9 @@ def _q(n: int) -> str:
 
 
 def pool_capacity(pool: Mapping[str, Any]) -> int | None:
-    """spec.capacity in bytes, or None if missing/invalid/not positive."""
+    """spec.capacity in bytes, or None if missing/invalid/not positive; for a pool with
+    backing storage, at most what its node agent reports the backing really offers
+    (status.backing.capacityBytes, see volplane.node.backing)."""
     raw = _spec(pool).get("capacity")
     if raw is None:
         return None
@@ -50,7 +53,10 @@ def pool_capacity(pool: Mapping[str, Any]) -> int | None:
         n = parse_quantity(raw)
     except ValueError:
         return None
-    return n if n > 0 else None
+    if n <= 0:
+        return None
+    real = reported_capacity(pool)
+    return n if real is None else min(n, real)
 
 
 def _node_deleting(node: Mapping[str, Any]) -> bool:

@@ -45,6 +45,7 @@ from .. import faults, logs, metrics
 from ..context import Context
 from ..kinds import ALLOCATIONS, CLASSES, NODES, POOLS, PVCS, PVS
 from ..kube import ApiError, pv_path, pvc_path
+from ..node import backing
 from ..objects import key_of
 from ..pv import constants as C
 from ..pv.index import access_modes, claim_class, claim_request
@@ -406,6 +407,17 @@ class PoolProvisioner:
         phase Available. The allocation stays: the volume still exists.
         """
         md = pv["metadata"]
+        if backing.has_backing(self.pools.get(pool_of_volume(pv) or "")):
+            # As upstream for a volume no recycler can scrub: Failed, with the reason.
+            if (pv.get("status") or {}).get("phase") != C.VOLUME_FAILED:
+                pv = await self.kube.merge_patch(pv_path(md["name"], "status"), {
+                    "metadata": {"resourceVersion": md["resourceVersion"]},
+                    "status": {"phase": C.VOLUME_FAILED,
+                               "message": backing.RECYCLE_REFUSED}})
+                self.pvs.put(pv)
+            self.events.emit(pv, C.WARNING, C.VOLUME_FAILED_RECYCLE,
+                             backing.RECYCLE_REFUSED, component=COMPONENT)
+            return False
         ref = (pv.get("spec") or {}).get("claimRef")
         if ref and ref.get("uid"):
             if (md.get("annotations") or {}).get(C.ANN_BOUND_BY_CONTROLLER):
@@ -432,17 +444,41 @@ class PoolProvisioner:
         pv = self.pvs.get(name)
         if pv is None or not self._needs_finishing(pv):
             return
-        await self._free_and_unfinalize(name)
+        keep = (pv.get("spec") or {}).get("persistentVolumeReclaimPolicy") == C.RECLAIM_RETAIN
+        if keep:
+            await self._retain(name)  # its bytes stay: a re-created PV finds them
+        await self._free_and_unfinalize(name, keep=keep)
 
-    async def _free_and_unfinalize(self, name: str) -> None:
-        """Delete steps 2 and 3, for a PV whose deletion has begun."""
+    async def _retain(self, name: str) -> None:
+        """A deleted PV with reclaim policy Retain: mark its allocation retained, so that
+        neither step 2 below nor the orphan GC frees it. Its space stays counted and its
+        bytes stay on the nodes until an administrator deletes the StorageAllocation."""
+        record = self.allocations.get(name)
+        if record is None or backing.RETAINED_ANNOTATION in (
+                record["metadata"].get("annotations") or {}):
+            return
         try:
-            await self.kube.delete(alloc_path(name))
-            metrics.api_writes.labels(self.name, "storageallocations", "delete").inc()
+            new = await self.kube.merge_patch(alloc_path(name), {"metadata": {
+                "annotations": {backing.RETAINED_ANNOTATION: "true"}}})
         except ApiError as e:
-            if not e.not_found:
-                raise
-        self.pc.released(name)
+            if e.not_found:
+                return
+            raise
+        self.allocations.put(new)
+        metrics.api_writes.labels(self.name, "storageallocations", "patch").inc()
+        log.info("allocation retained", kind="PersistentVolume", name=name, action="retain")
+
+    async def _free_and_unfinalize(self, name: str, keep: bool = False) -> None:
+        """Delete steps 2 and 3, for a PV whose deletion has begun. `keep`: a Retain
+        volume's record (and so its bytes) outlives the PV."""
+        if not keep:
+            try:
+                await self.kube.delete(alloc_path(name))
+                metrics.api_writes.labels(self.name, "storageallocations", "delete").inc()
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+            self.pc.released(name)
         faults.point("delete-2")
         for _ in range(5):
             try:

@@ -169,7 +169,7 @@ class Publisher:
             "kind": "CSIDriver",
             "metadata": {"name": PROVISIONER, "labels": {MANAGED_BY: "volplane"}},
             "spec": {"attachRequired": True, "storageCapacity": True, "podInfoOnMount": False,
-                     "volumeLifecycleModes": ["Persistent"]},
+                     "volumeLifecycleModes": ["Persistent"], "fsGroupPolicy": "File"},
         }
         delay = 1.0
         while True:

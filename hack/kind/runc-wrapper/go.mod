@@ -1,0 +1,3 @@
+module volplane.io/hack/kind/runc-wrapper
+
+go 1.26

@@ -1,0 +1,7 @@
+"""`python -m volplane`: the same command line as the `volplane` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
