@@ -360,9 +360,10 @@ def build_bits(v: dict[str, str]) -> dict[str, Path]:
             f"cni-plugins-{v['CNI_PLUGINS_VERSION']}",
             [f"github.com/containernetworking/plugins/plugins/{p}@{v['CNI_PLUGINS_VERSION']}"
              for p in ("ipam/host-local", "main/loopback", "main/ptp", "meta/portmap")]),
-        "coredns": _go_install(
-            f"coredns-{v['COREDNS_VERSION']}", [f"github.com/coredns/coredns@{v['COREDNS_VERSION']}"]),
-        "kind": _go_install(f"kind-{v['KIND_VERSION']}", [f"sigs.k8s.io/kind@{v['KIND_VERSION']}"]),
+        "coredns": _go_install(f"coredns-{v['COREDNS_VERSION']}",
+                               [f"github.com/coredns/coredns@{v['COREDNS_VERSION']}"]),
+        "kind": _go_install(f"kind-{v['KIND_VERSION']}",
+                            [f"sigs.k8s.io/kind@{v['KIND_VERSION']}"]),
         "k8s": build_kubernetes_node_bits(v),
         "controlplane": controlplane_bin(),
     }
@@ -372,7 +373,8 @@ def build_bits(v: dict[str, str]) -> dict[str, Path]:
 
 def kind_binary() -> Path:
     v = versions()
-    return _go_install(f"kind-{v['KIND_VERSION']}", [f"sigs.k8s.io/kind@{v['KIND_VERSION']}"]) / "kind"
+    kind_dir = _go_install(f"kind-{v['KIND_VERSION']}", [f"sigs.k8s.io/kind@{v['KIND_VERSION']}"])
+    return kind_dir / "kind"
 
 
 def kubectl_binary() -> Path:
@@ -457,7 +459,8 @@ def component_images(v: dict[str, str], bits: dict[str, Path], node_base: str) -
     cp = bits["controlplane"]
     specs = [
         (f"registry.k8s.io/kube-apiserver:{kv}", cp / "kube-apiserver", "scratch"),
-        (f"registry.k8s.io/kube-controller-manager:{kv}", cp / "kube-controller-manager", "scratch"),
+        (f"registry.k8s.io/kube-controller-manager:{kv}", cp / "kube-controller-manager",
+         "scratch"),
         (f"registry.k8s.io/kube-scheduler:{kv}", cp / "kube-scheduler", "scratch"),
         (f"registry.k8s.io/etcd:{etcd_tag}", cp / "etcd", "scratch"),
         (f"registry.k8s.io/kube-proxy:{kv}", bits["k8s"] / "kube-proxy", node_base),
@@ -618,7 +621,8 @@ COPY runc /usr/local/sbin/runc
 COPY cni/ /opt/cni/bin/
 COPY cri-base.json /etc/containerd/cri-base.json
 RUN chmod 755 /kind /kind/bin /usr/local/bin/* /usr/local/sbin/runc /opt/cni/bin/* \\
-    && find /lib/systemd/system/sysinit.target.wants/ -name "systemd-tmpfiles-setup.service" -delete \\
+    && find /lib/systemd/system/sysinit.target.wants/ \\
+        -name "systemd-tmpfiles-setup.service" -delete \\
     && rm -f /lib/systemd/system/multi-user.target.wants/* \\
     && rm -f /etc/systemd/system/*.wants/* \\
     && rm -f /lib/systemd/system/local-fs.target.wants/* \\
@@ -706,7 +710,8 @@ def operator_image() -> str:
                   quiet=True).stdout
     runtime = _runtime_requirements(frozen)
     key = _digest(root, runtime, _tree_digest(REPO_ROOT / "operator"),
-                  (REPO_ROOT / "pyproject.toml").read_text(), (REPO_ROOT / "Dockerfile").read_text())
+                  (REPO_ROOT / "pyproject.toml").read_text(),
+                  (REPO_ROOT / "Dockerfile").read_text())
     if _image_label(OPERATOR_IMAGE, "io.volplane.key") == key:
         return OPERATOR_IMAGE
     build = REPO_ROOT / "build" / "image"
@@ -872,7 +877,8 @@ def setup_network() -> None:
             ],
         }
         script = ["set -e", "mkdir -p /etc/cni/net.d",
-                  f"cat > /etc/cni/net.d/.10-volplane.tmp <<'EOF'\n{json.dumps(conf, indent=1)}\nEOF",
+                  "cat > /etc/cni/net.d/.10-volplane.tmp <<'EOF'\n"
+                  f"{json.dumps(conf, indent=1)}\nEOF",
                   "mv /etc/cni/net.d/.10-volplane.tmp /etc/cni/net.d/10-volplane.conflist"]
         for other, (ocidr, oaddr) in info.items():
             if other != name:

@@ -68,7 +68,8 @@ def test_pods_on_every_node_reach_each_other_and_the_api_server(api, kind_cluste
     # with nslookup, busybox's own resolver)
     for i, node in enumerate(nodes):
         checks = " && ".join(
-            f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080 | grep -q hello-from-{servers[n]}"
+            f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080"
+            f" | grep -q hello-from-{servers[n]}"
             for n, ip in ips.items() if servers[n] != node)
         checks += (" && nslookup kubernetes.default.svc.cluster.local | grep -q Address"
                    " && echo | nc -w 5 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT"

@@ -6,7 +6,8 @@ import json
 import shutil
 
 import pytest
-from flex_helpers import SAMPLE
+
+from .flex_helpers import SAMPLE
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Builders shared by the FlexVolume unit tests (a plain module, imported by name)."""
+"""Builders shared by the FlexVolume unit tests."""
 
 from __future__ import annotations
 

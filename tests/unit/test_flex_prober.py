@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from flex_helpers import SAMPLE, fake_driver, flex_pv, metric
 from watchfiles import Change
 
 from volplane.volumeplugins import FlexVolumeProber, ProbeOp, VolumePluginRegistry, VolumeSpec
+
+from .flex_helpers import SAMPLE, fake_driver, flex_pv, metric
 
 GOOD = """echo '{"status":"Success","capabilities":{"attach":true}}'\n"""
 GARBAGE = """echo 'Traceback (most recent call last): oops'\n"""
@@ -137,7 +138,8 @@ def test_hanging_init_and_bad_names_never_stop_the_prober(tmp_path):
             by_dir = {p.dir_name: p for p in r.problems}
             assert "init command timed out after 0.3s" in by_dir["acme~slow"].message
             assert by_dir["Bad_Vendor~x"].permanent
-            assert 'volume plugin has invalid name: "Bad_Vendor/x"' in by_dir["Bad_Vendor~x"].message
+            bad = by_dir["Bad_Vendor~x"].message
+            assert 'volume plugin has invalid name: "Bad_Vendor/x"' in bad
             fake_driver(plugins, GOOD, "acme~late")
             await until(lambda: r.names() == {"acme/late"}, what="a good driver after bad ones")
             assert not r.task.done()

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from flex_helpers import DRIVER, fake_driver, flex_pv, inline_flex, metric
 
 from volplane.volumeplugins import (
     CSIPlugin,
@@ -29,6 +28,8 @@ from volplane.volumeplugins import (
 )
 from volplane.volumeplugins import flex as F
 from volplane.volumeplugins.prober import ProbeEvent, ProbeOp
+
+from .flex_helpers import DRIVER, fake_driver, flex_pv, inline_flex, metric
 
 
 def run(coro):
@@ -114,7 +115,8 @@ def test_mount_options_pod_secret_fsgroup():
     assert F.secret_ref(spec, "shop") == ("shop", "creds")
     pv_spec = VolumeSpec.from_pv(flex_pv(secret_ref={"name": "s", "namespace": "vault"}))
     assert F.secret_ref(pv_spec, "shop") == ("vault", "s")
-    assert F.secret_ref(VolumeSpec.from_pv(flex_pv(secret_ref={"name": "s"})), "shop") == ("shop", "s")
+    same_ns = VolumeSpec.from_pv(flex_pv(secret_ref={"name": "s"}))
+    assert F.secret_ref(same_ns, "shop") == ("shop", "s")
     assert F.secret_ref(VolumeSpec.from_pv(flex_pv()), "shop") is None
     secret = {"type": DRIVER, "data": {"user": base64.b64encode(b"admin").decode(),
                                        "pass": base64.b64encode(b"p\x00ss").decode()}}
@@ -169,7 +171,8 @@ def test_check_status_success_shapes():
     assert s.capabilities.attach is False and s.capabilities.fs_group is True
     s = F.check_status(DRIVER, "attach", '{"status":"Success","device":"/dev/x","message":null,'
                                          '"capabilities":null,"volumeNewSize":42}')
-    assert (s.device, s.message, s.capabilities.attach, s.volume_new_size) == ("/dev/x", "", True, 42)
+    assert (s.device, s.message, s.capabilities.attach, s.volume_new_size) == (
+        "/dev/x", "", True, 42)
 
 
 @pytest.mark.parametrize("result,kind,text", [
@@ -383,7 +386,8 @@ def test_registry_csi_entry():
 def test_registry_flex_lookup_add_remove(sample):
     reg = VolumePluginRegistry()
     spec = VolumeSpec.from_pv(flex_pv())
-    with pytest.raises(NoPluginMatched, match='flexVolume driver "volplane-demo/disk" is not installed'):
+    with pytest.raises(NoPluginMatched,
+                       match='flexVolume driver "volplane-demo/disk" is not installed'):
         reg.find_attachable_plugin_by_spec(spec)
     with pytest.raises(NoPluginMatched):
         reg.find_plugin_by_spec(VolumeSpec.from_volume({"name": "tmp", "emptyDir": {}}))

@@ -21,17 +21,21 @@ from volplane.node.mounts import (
 
 GI = 1 << 30
 
-MOUNTINFO = """\
-22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
-40 22 0:5 / /dev rw,nosuid shared:2 - devtmpfs udev rw,size=1000k
-300 22 7:3 / /var/lib/kubelet/plugins/kubernetes.io/csi/pool.volplane.io/abc/globalmount rw,relatime shared:90 - ext4 /dev/loop3 rw
-301 22 7:3 / /var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pvc-1/mount rw,relatime shared:90 - ext4 /dev/loop3 rw
-302 22 7:3 / /var/lib/kubelet/pods/u2/volumes/kubernetes.io~csi/pvc-1/mount ro,relatime shared:90 - ext4 /dev/loop3 rw
-303 22 0:5 /loop4 /var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-2/u3 rw,nosuid - devtmpfs udev rw
-304 22 0:40 / /mnt/with\\040space rw - tmpfs tmpfs rw
-305 304 0:41 / /mnt/with\\040space rw - tmpfs tmpfs rw
-garbage line
-"""
+MOUNTINFO = "".join(line + "\n" for line in (
+    "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw",
+    "40 22 0:5 / /dev rw,nosuid shared:2 - devtmpfs udev rw,size=1000k",
+    "300 22 7:3 / /var/lib/kubelet/plugins/kubernetes.io/csi/pool.volplane.io/abc/globalmount"
+    " rw,relatime shared:90 - ext4 /dev/loop3 rw",
+    "301 22 7:3 / /var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pvc-1/mount"
+    " rw,relatime shared:90 - ext4 /dev/loop3 rw",
+    "302 22 7:3 / /var/lib/kubelet/pods/u2/volumes/kubernetes.io~csi/pvc-1/mount"
+    " ro,relatime shared:90 - ext4 /dev/loop3 rw",
+    "303 22 0:5 /loop4 /var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-2/u3"
+    " rw,nosuid - devtmpfs udev rw",
+    "304 22 0:40 / /mnt/with\\040space rw - tmpfs tmpfs rw",
+    "305 304 0:41 / /mnt/with\\040space rw - tmpfs tmpfs rw",
+    "garbage line",
+))
 
 
 def test_parse_mountinfo():

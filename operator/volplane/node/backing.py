@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +74,8 @@ def pool_backing(pool: Mapping[str, Any] | None) -> Backing | None:
         raise BackingError("spec.backing", "must be an object")
     type_ = raw.get("type")
     if type_ not in BACKING_TYPES:
-        raise BackingError("spec.backing.type", f"{type_!r} is not one of {', '.join(BACKING_TYPES)}")
+        raise BackingError("spec.backing.type",
+                           f"{type_!r} is not one of {', '.join(BACKING_TYPES)}")
     path = raw.get("path") or default_path(_name(pool))
     if not isinstance(path, str) or not path.startswith("/"):
         raise BackingError("spec.backing.path", f"{path!r} is not an absolute path")
@@ -185,7 +186,7 @@ def handles_in_use(pvs: Iterable[Mapping[str, Any]]) -> set[str]:
 
 def plan(pools: Mapping[str, Mapping[str, Any]], allocations: Mapping[str, Mapping[str, Any]],
          pvs: Iterable[Mapping[str, Any]], files: Mapping[str, Mapping[str, FileState]],
-         reaches, root: str = DEFAULT_ROOT) -> Plan:
+         reaches: Callable[[Mapping[str, Any]], bool], root: str = DEFAULT_ROOT) -> Plan:
     """What the node agent must do to make the backing files match the records.
 
     `pools`, `allocations`: by name. `files`: pool name -> file name -> FileState, as found
@@ -202,13 +203,7 @@ def plan(pools: Mapping[str, Mapping[str, Any]], allocations: Mapping[str, Mappi
     """
     out = Plan()
     in_use = handles_in_use(pvs)
-    by_pool: dict[str, list[tuple[str, int]]] = {}
-    for name, rec in allocations.items():
-        spec = _spec(rec)
-        try:
-            by_pool.setdefault(spec["pool"], []).append((name, int(spec["sizeBytes"])))
-        except (KeyError, TypeError, ValueError):
-            continue
+    by_pool = _sizes_by_pool(allocations)
     for pool_name in sorted(pools):
         pool = pools[pool_name]
         try:
@@ -225,32 +220,59 @@ def plan(pools: Mapping[str, Mapping[str, Any]], allocations: Mapping[str, Mappi
             continue
         out.dirs[pool_name] = backing
         have = files.get(pool_name) or {}
-        wanted = set()
-        for volume, size in sorted(by_pool.get(pool_name, ())):
-            if not _NAME_RE.match(volume):
-                continue
-            fname = file_name(volume)
-            wanted.add(fname)
-            path = backing_file(backing, volume)
-            st = have.get(fname)
-            if st is None:
-                out.actions.append(Action("create", pool_name, volume, path, size,
-                                          f"allocation {volume} has no backing file"))
-            elif st.size < size:
-                out.actions.append(Action("grow", pool_name, volume, path, size,
-                                          f"allocation {volume} is {size} bytes, its file "
-                                          f"{st.size}"))
-        for fname in sorted(have):
-            volume = volume_of_file(fname)
-            if volume is None or fname in wanted:
-                continue
-            if f"{pool_name}/{volume}" in in_use or have[fname].attached:
-                continue
-            out.actions.append(Action("delete", pool_name, volume,
-                                      os.path.join(backing.path, fname), 0,
-                                      f"no StorageAllocation {volume} and no PV uses "
-                                      f"{pool_name}/{volume}"))
+        wanted = _creates_and_grows(out, pool_name, backing, by_pool.get(pool_name, ()), have)
+        _deletes(out, pool_name, backing, have, wanted, in_use)
     return out
+
+
+def _sizes_by_pool(allocations: Mapping[str, Mapping[str, Any]]
+                   ) -> dict[str, list[tuple[str, int]]]:
+    """pool -> (volume, sizeBytes) of its allocations (malformed records skipped)."""
+    by_pool: dict[str, list[tuple[str, int]]] = {}
+    for name, rec in allocations.items():
+        spec = _spec(rec)
+        try:
+            by_pool.setdefault(spec["pool"], []).append((name, int(spec["sizeBytes"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return by_pool
+
+
+def _creates_and_grows(out: Plan, pool_name: str, backing: Backing,
+                       sizes: Iterable[tuple[str, int]],
+                       have: Mapping[str, FileState]) -> set[str]:
+    """The create and grow actions of one pool's allocations; the file names they want."""
+    wanted = set()
+    for volume, size in sorted(sizes):
+        if not _NAME_RE.match(volume):
+            continue
+        fname = file_name(volume)
+        wanted.add(fname)
+        path = backing_file(backing, volume)
+        st = have.get(fname)
+        if st is None:
+            out.actions.append(Action("create", pool_name, volume, path, size,
+                                      f"allocation {volume} has no backing file"))
+        elif st.size < size:
+            out.actions.append(Action("grow", pool_name, volume, path, size,
+                                      f"allocation {volume} is {size} bytes, its file "
+                                      f"{st.size}"))
+    return wanted
+
+
+def _deletes(out: Plan, pool_name: str, backing: Backing, have: Mapping[str, FileState],
+             wanted: set[str], in_use: set[str]) -> None:
+    """Delete candidates: volume files no allocation wants, no PV names, no loop holds."""
+    for fname in sorted(have):
+        volume = volume_of_file(fname)
+        if volume is None or fname in wanted:
+            continue
+        if f"{pool_name}/{volume}" in in_use or have[fname].attached:
+            continue
+        out.actions.append(Action("delete", pool_name, volume,
+                                  os.path.join(backing.path, fname), 0,
+                                  f"no StorageAllocation {volume} and no PV uses "
+                                  f"{pool_name}/{volume}"))
 
 
 def capacity_report(free: int, used_by_files: int) -> int:
@@ -303,7 +325,8 @@ RECYCLE_REFUSED = ("Recycle is not supported for volumes of a StoragePool with "
                    "(use reclaimPolicy Delete or Retain)")
 
 
-def node_resize_pending(claim: Mapping[str, Any], size: int, parse) -> bool:
+def node_resize_pending(claim: Mapping[str, Any], size: int,
+                        parse: Callable[[str], int]) -> bool:
     """Has the claim already been handed to the kubelet for `size` bytes?"""
     status = claim.get("status") or {}
     if (status.get("allocatedResourceStatuses") or {}).get("storage") not in (
@@ -315,7 +338,7 @@ def node_resize_pending(claim: Mapping[str, Any], size: int, parse) -> bool:
         return False
 
 
-def node_resize_status(size_quantity: str, now: str) -> dict:
+def node_resize_status(size_quantity: str, now: str) -> dict[str, Any]:
     """The claim status external-resizer writes when the node must finish the resize
     (markPVCAsFSResizeRequired): capacity stays as it is until the kubelet has run
     NodeExpandVolume; it then sets it and clears both markers."""

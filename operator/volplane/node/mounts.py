@@ -107,7 +107,7 @@ def parse_losetup(text: str) -> list[LoopDevice]:
         if deleted:
             back = back[: -len(" (deleted)")]
 
-        def _bool(v) -> bool:
+        def _bool(v: object) -> bool:
             return v in (True, 1, "1", "true")
 
         dev = None

@@ -107,7 +107,8 @@ async def unique_volume_name(plugin: AttachableVolumePlugin, spec: VolumeSpec) -
     return get_unique_volume_name(plugin.name, volume_name)
 
 
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 
 
@@ -312,7 +313,8 @@ class VolumePluginRegistry:
         attaching, None when its plugin does not attach it. Raises like
         find_plugin_by_spec when no (or more than one) plugin supports the spec."""
         plugin = self.find_plugin_by_spec(spec)
-        if getattr(plugin, "attachable", False) and plugin.can_attach(spec, csi_drivers=csi_drivers):
+        if getattr(plugin, "attachable", False) and plugin.can_attach(
+                spec, csi_drivers=csi_drivers):
             return plugin
         return None
 

@@ -21,11 +21,11 @@ class VolumeSpec:
     volume: Mapping[str, Any] | None = None
     read_only: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if (self.pv is None) == (self.volume is None):
             raise ValueError("a VolumeSpec wraps exactly one of a PersistentVolume or a pod volume")
 
-    __hash__ = None  # wraps dicts
+    __hash__ = None  # type: ignore[assignment]  # wraps dicts
 
     @classmethod
     def from_pv(cls, pv: Mapping[str, Any], read_only: bool = False) -> VolumeSpec:
