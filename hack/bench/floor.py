@@ -19,7 +19,7 @@ writes themselves on this machine: the physical limit for any controller.
                     pool attacher attaches it); as attachments report attached, the
                     node's status.volumesAttached, one merge patch per node per batch,
                     batched on the same schedule as volplane's attach/detach controller
-                    (volplane.attach.state.NodeReportSchedule: 0.1 s debounce, reports
+                    (volplane.attach.reports.NodeReportSchedule: 0.1 s debounce, reports
                     of a node with attachments still in progress >= 1 s apart)
 
 `--concurrency` claims are in flight at once (volplane's default --workers is 16),
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib import ANN_PAIR, REPO, Api, client_ssl, watch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "operator"))
-from volplane.attach import reports as S  # noqa: E402  (pure: the node-report schedule)
+from volplane.attach import reports as R  # noqa: E402  (pure: the node-report schedule)
 from volplane.attach.names import volume_attachment_name  # noqa: E402
 
 BOUND_BY = "pv.kubernetes.io/bound-by-controller"
@@ -102,15 +102,15 @@ async def provision(api: Api, claim: dict) -> None:
 
 class NodeReporter:
     """node.status.volumesAttached, one merge patch per node per batch of changes, on
-    volplane's schedule (S.NodeReportSchedule), so both make comparable batches."""
+    volplane's schedule (R.NodeReportSchedule), so both make comparable batches."""
 
     def __init__(self, api: Api):
         self.api = api
         self.attached: dict[str, dict[str, str]] = {}  # node -> unique name -> devicePath
         self.attaching: dict[str, set[str]] = {}       # node -> wanted, not attached yet
         self.sent: dict[str, list] = {}                # node -> last report written
-        self.schedule = S.NodeReportSchedule(S.NODE_STATUS_DEBOUNCE,
-                                             S.NODE_STATUS_MIN_INTERVAL)
+        self.schedule = R.NodeReportSchedule(R.NODE_STATUS_DEBOUNCE,
+                                             R.NODE_STATUS_MIN_INTERVAL)
         self.locks: dict[str, asyncio.Lock] = {}
         self.tasks: set[asyncio.Task] = set()
 

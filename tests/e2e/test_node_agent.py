@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from volplane.attach import state as S
+from volplane.attach.names import volume_attachment_name
 
 from . import test_pools as _pools
 from .conftest import LOG_DIR, _volplane_executable, kubectl, serviceaccount_kubeconfig
@@ -271,7 +271,7 @@ def test_attachment_metadata_leads_the_node_plugin_to_the_bytes(api, pool_env, n
     wait_for(f.exists, timeout=30, message="file created")
 
     # What the AD controller would create for a pod on NODE (it is not running here).
-    va_name = S.volume_attachment_name(handle, "pool.volplane.io", NODE)
+    va_name = volume_attachment_name(handle, "pool.volplane.io", NODE)
     create(api, {"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
                  "metadata": {"name": va_name},
                  "spec": {"attacher": "pool.volplane.io", "nodeName": NODE,

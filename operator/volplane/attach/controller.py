@@ -20,7 +20,7 @@ Writes, each safe to repeat after a crash:
   A crash between the two leaves an attached VolumeAttachment, which the next sync
   reports again and detaches again;
 - node.status.volumesAttached: recomputed from the VolumeAttachments, patched only when
-  it differs, and coalesced per node (`state.NodeReportSchedule`): a change is reported
+  it differs, and coalesced per node (`reports.NodeReportSchedule`): a change is reported
   after a short debounce, changes arriving while a report is in flight share the next
   one, and while attachments on the node are still in progress its reports are at least
   NODE_STATUS_MIN_INTERVAL apart. Nothing of that is durable: the report is recomputed
