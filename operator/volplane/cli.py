@@ -28,12 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_format, args.log_level)
     log = logs.get("cli")
-    if os.environ.get("VOLPLANE_KOPF_BARRIER_PATCH", "1") == "0":
-        log.warning("Kopf's index-barrier patch disabled (VOLPLANE_KOPF_BARRIER_PATCH=0)")
-    elif not kopf_patches.apply():
-        log.warning("Kopf's index-barrier patch not applied (unexpected Kopf version): "
-                    "start-up with many objects will be slow",
-                    expected=kopf_patches.PATCHED_VERSION)
+    kopf_patches.apply_unless_disabled(log)
     try:
         enabled = runtime.parse_controllers(args.controllers)
     except ValueError as e:

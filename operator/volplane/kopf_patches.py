@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
+from typing import Any
 
 import kopf
 from kopf._cogs.aiokits import aiotoggles
@@ -86,6 +88,15 @@ def apply() -> bool:
     cls.drop_toggle = _drop_toggle
     cls.drop_toggles = _drop_toggles
     return True
+
+
+def apply_unless_disabled(log: Any) -> None:
+    """apply(), unless VOLPLANE_KOPF_BARRIER_PATCH=0; says so when not applied."""
+    if os.environ.get("VOLPLANE_KOPF_BARRIER_PATCH", "1") == "0":
+        log.warning("Kopf's index-barrier patch disabled (VOLPLANE_KOPF_BARRIER_PATCH=0)")
+    elif not apply():
+        log.warning("Kopf's index-barrier patch not applied (unexpected Kopf version): "
+                    "start-up with many objects will be slow", expected=PATCHED_VERSION)
 
 
 def revert() -> None:

@@ -29,6 +29,7 @@ from . import logs, settings
 from .context import Context
 from .informers import NAMESPACES, handler_id
 from .serving import state as readiness
+from .settings import initial_streaming
 from .watchhealth import WatchHealth
 
 log = logs.get("runtime")
@@ -100,7 +101,7 @@ def _register_lifecycle(registry: kopf.OperatorRegistry, ctx: Context, kinds: li
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any):
-        streaming = await _initial_streaming(ctx, watch_initial)
+        streaming = await initial_streaming(ctx.kube, watch_initial)
         _configure(settings, [*kinds, NAMESPACES], streaming, watch_timeout)
         ctx.informers.bind(kwargs)  # Kopf's (still empty) indexes: populated before handlers
         ctx.events.start()
@@ -176,19 +177,6 @@ def _inject_plugins(controllers: list) -> None:
     if plugins and not hosts:
         log.warning("no PV controller: its volume plugins are idle (enable pv-binder)",
                     plugins=[p.name for p in plugins])
-
-
-async def _initial_streaming(ctx: Context, mode: str) -> bool:
-    """Stream the initial state (WatchList) when the server has it (>= 1.34)."""
-    if mode != "auto":
-        return mode == "stream"
-    try:
-        v = await ctx.kube.get("/version")
-        major, minor = int(v.get("major") or 0), int(str(v.get("minor") or 0).rstrip("+"))
-    except Exception as e:  # noqa: BLE001 - any doubt: the paginated LIST always works
-        log.warning("cannot read the server version; listing", error=str(e))
-        return False
-    return (major, minor) >= (1, 34)
 
 
 def _configure(s: kopf.OperatorSettings, kinds, streaming: bool, watch_timeout: int) -> None:

@@ -17,7 +17,10 @@ from typing import Any
 
 import kopf
 
+from . import logs
 from .kinds import Kind
+
+log = logs.get("settings")
 
 # Kopf's retry pauses for a failed LIST/WATCH (or any) request. Their sum is how long
 # Kopf tries one request before the stream starts over; the longest one bounds the
@@ -112,6 +115,19 @@ def configure(settings: kopf.OperatorSettings, kinds: list[Kind], *,
     # Kopf's peering is not leader election.
     settings.peering.standalone = True
     settings.peering.mandatory = False
+
+
+async def initial_streaming(kube: Any, mode: str = "auto") -> bool:
+    """Stream the initial state (WatchList) when the server has it (>= 1.34)."""
+    if mode != "auto":
+        return mode == "stream"
+    try:
+        v = await kube.get("/version")
+        major, minor = int(v.get("major") or 0), int(str(v.get("minor") or 0).rstrip("+"))
+    except Exception as e:  # noqa: BLE001 - any doubt: the paginated LIST always works
+        log.warning("cannot read the server version; listing", error=str(e))
+        return False
+    return (major, minor) >= (1, 34)
 
 
 def reconnect_quiet() -> float:

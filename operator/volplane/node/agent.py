@@ -22,6 +22,12 @@ directory's filesystem really offers (statvfs free + bytes its volume files alre
 use). Only that field is written (a JSON merge patch of status.backing), so the
 controller's status writer (every other status field) is never overwritten; the pool
 provisioner counts min(spec.capacity, status.backing.capacityBytes).
+
+What it reads comes from its own embedded Kopf operator (watch.py): pools, allocations,
+PVs and this node's Node. Pool and allocation changes wake it (debounced); PV changes
+do not (they only veto deletions, which are confirmed live), nor do its Node's (status
+heartbeats; its labels are read at the next round); otherwise a round runs every
+--agent-period. The first round waits for the caches to be synced.
 """
 
 from __future__ import annotations
@@ -34,26 +40,18 @@ import threading
 import time
 
 from .. import logs
-from ..cache import Store
+from ..informers import Informers
+from ..kinds import ALLOCATIONS, POOLS
 from ..kube import ApiError, Kube
-from ..pools.ledger import pool_nodes
-from ..reflector import Reflector
+from ..pools.placement import pool_nodes
 from . import backing as B
+from . import watch
 from .system import System
 
 log = logs.get("node-agent")
 
-ALLOCATIONS = ("volplane.io", "v1alpha1", "storageallocations", "StorageAllocation")
-POOLS = ("volplane.io", "v1alpha1", "storagepools", "StoragePool")
-PVS = ("", "v1", "persistentvolumes", "PersistentVolume")
 DEFAULT_SLOTS = 16
-
-
-def _slim_pv(pv: dict) -> dict:
-    md = pv.get("metadata") or {}
-    csi = (pv.get("spec") or {}).get("csi") or {}
-    return {"metadata": {k: md[k] for k in ("name", "resourceVersion", "uid") if k in md},
-            "spec": {"csi": {k: csi[k] for k in ("driver", "volumeHandle") if k in csi}}}
+SYNC_PATIENCE = 60.0  # seconds before a start-up still waiting for its Node says so
 
 
 def _now() -> str:
@@ -71,38 +69,61 @@ class Agent:
         self.period = period
         self.grace = grace
         self.clock = clock
-        self.pools = Store("StoragePool")
-        self.allocations = Store("StorageAllocation")
-        self.pvs = Store("PersistentVolume", _slim_pv)
-        self.node: dict | None = None
+        self.stopping = threading.Event()      # stop() was called (from any thread)
+        self._stop_flag = asyncio.Event()      # Kopf's stop flag, in the agent's loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The listers (Kopf's indexes), read by the agent's loop only.
+        self.informers = Informers()
+        self.pools = self.informers.lister(POOLS)
+        self.allocations = self.informers.lister(ALLOCATIONS)
+        self.pvs = self.informers.lister(watch.PVS)
+        self.node: dict | None = None          # this node (slim), from the watch
+        # The pools as the CSI threads read them (NodeGetInfo, NodeStage): a plain dict
+        # this loop updates one key per event, safe to read from another thread (a
+        # lister is not: it walks Kopf's per-key stores while this loop changes them).
+        self._pool_view: dict[str, dict] = {}
         self._orphans: dict[str, float] = {}   # file path -> first time seen orphaned
         self._wake = asyncio.Event()
+        self.synced = asyncio.Event()          # the Node's first event: every index full
         self.rounds = 0
         self.first_round = threading.Event()   # NodeGetInfo waits for it (other thread)
         self.last_error: str | None = None
         # Pools and allocations say what to create, grow or delete: act soon after they
         # change. PVs only veto deletions (confirmed live anyway): no wake-up for them,
         # so a busy cluster's PV churn costs the agents nothing.
-        for store in (self.pools, self.allocations):
-            store.listen(lambda *_: self._wake.set())
+        self.informers.listen(POOLS, self._pool_changed)
+        self.informers.listen(ALLOCATIONS, lambda *_: self._wake.set())
+        self.informers.listen(watch.node_kind(node_name), self._node_changed)
+
+    def _pool_changed(self, key: str, _old: dict | None, new: dict | None) -> None:
+        if new is None:
+            self._pool_view.pop(key, None)
+        else:
+            self._pool_view[key] = new
+        self._wake.set()
+
+    def _node_changed(self, _key: str, _old: dict | None, new: dict | None) -> None:
+        self.node = new
+        self.synced.set()  # Kopf calls no handler before every index is populated
 
     # -- facts for NodeGetInfo ------------------------------------------------------------------
     def reaches(self, pool: dict) -> bool:
-        if self.node is None:
+        node = self.node
+        if node is None:
             return False
-        return bool(pool_nodes(pool, {self.node_name: self.node}))
+        return bool(pool_nodes(pool, {self.node_name: node}))
 
     def backing_of(self, pool_name: str) -> B.Backing | None:
         """The backing of a pool in the cache (None: unknown, none or malformed)."""
         try:
-            return B.pool_backing(self.pools.get(pool_name))
+            return B.pool_backing(self._pool_view.get(pool_name))
         except B.BackingError:
             return None
 
     def max_volumes(self) -> int:
         """The node's device slots: slotsPerNode summed over the File pools reaching it."""
         total = 0
-        for pool in list(self.pools.values()):
+        for pool in list(self._pool_view.values()):
             try:
                 if B.pool_backing(pool) is None or not self.reaches(pool):
                     continue
@@ -112,47 +133,55 @@ class Agent:
         return total
 
     # -- loop -----------------------------------------------------------------------------------
-    async def run(self) -> None:
-        reflectors = [Reflector(self.kube, store, group=g, version=v, plural=p, kind=k)
-                      for store, (g, v, p, k) in ((self.pools, POOLS),
-                                                  (self.allocations, ALLOCATIONS),
-                                                  (self.pvs, PVS))]
-        tasks = [asyncio.create_task(r.run(), name=f"agent-{r.plural}") for r in reflectors]
-        try:
-            await asyncio.gather(*(r.synced.wait() for r in reflectors))
-            log.info("agent synced", node=self.node_name, pools=len(self.pools),
-                     allocations=len(self.allocations))
-            while True:
-                self._wake.clear()
-                try:
-                    await self.reconcile()
-                    self.last_error = None
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    self.last_error = str(e)
-                    log.warning("agent round failed", error=str(e))
-                self.rounds += 1
-                self.first_round.set()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.period)
-                    await asyncio.sleep(0.5)  # debounce a burst of changes
-                except TimeoutError:
-                    pass
-        finally:
-            for t in tasks:
-                t.cancel()
+    def stop(self) -> None:
+        """Stop the watches and the rounds; callable from any thread."""
+        self.stopping.set()
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._stop_flag.set)
+            except RuntimeError:
+                pass  # the loop has ended already
 
-    async def _refresh_node(self) -> None:
+    async def run(self) -> None:
+        """Kopf (the watches) and the rounds, until stop() or Kopf ends."""
+        self._loop = asyncio.get_running_loop()
+        if self.stopping.is_set():
+            self._stop_flag.set()
+        # Created before Kopf starts: Kopf leaves the tasks it found running alone.
+        rounds = asyncio.create_task(self._rounds(), name="agent-rounds")
         try:
-            node = await self.kube.get(f"/api/v1/nodes/{self.node_name}")
-        except ApiError as e:
-            if e.not_found:
-                self.node = None
-                return
-            raise
-        self.node = {"metadata": {k: (node.get("metadata") or {}).get(k)
-                                  for k in ("name", "labels", "deletionTimestamp")}}
+            await watch.run(self.informers, self.kube, self._stop_flag)
+        finally:
+            rounds.cancel()
+            await asyncio.gather(rounds, return_exceptions=True)
+
+    async def _rounds(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.synced.wait(), timeout=SYNC_PATIENCE)
+                break
+            except TimeoutError:
+                log.warning("agent not synced yet: no event of its Node", node=self.node_name)
+        log.info("agent synced", node=self.node_name, pools=len(self.pools),
+                 allocations=len(self.allocations))
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile()
+                self.last_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.last_error = str(e)
+                log.warning("agent round failed", error=str(e))
+            self.rounds += 1
+            self.first_round.set()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.period)
+                await asyncio.sleep(0.5)  # debounce a burst of changes
+            except TimeoutError:
+                pass
 
     def _scan(self, dirs: dict[str, B.Backing]) -> dict[str, dict[str, B.FileState]]:
         """Files in each pool directory (created if missing), with their loop attachment."""
@@ -180,7 +209,6 @@ class Agent:
         return out
 
     async def reconcile(self) -> None:
-        await self._refresh_node()
         # Which directories to look at: the plan with no files tells (cheap, pure).
         first = B.plan(self.pools, self.allocations, self.pvs.values(), {}, self.reaches,
                        self.root)
@@ -298,7 +326,7 @@ class Agent:
                     continue
                 raise
             if new:
-                self.pools.upsert(new)
+                self.pools.put(new)  # seen at once, until the watch brings it
             log.info("pool capacity reported", pool=pool, capacity=want["capacityBytes"],
                      free=want["freeBytes"], used=want["usedBytes"],
                      problem=want["message"])

@@ -4,7 +4,8 @@ kubelet registration and health endpoints, in one process (one DaemonSet contain
     main thread      signals; waits
     gRPC threads     CSI Identity + Node on --csi-address (unix socket),
                      kubelet plugin registration on --registration-dir/<driver>-reg.sock
-    agent thread     asyncio loop: the node agent (backing files, pool capacity)
+    agent thread     asyncio loop: the node agent (backing files, pool capacity) and
+                     the Kopf operator embedded in it that feeds its caches (watch.py)
     http thread      /healthz (a CSI Probe through the socket, as the livenessprobe
                      sidecar does) and /metrics on --health-port
 """
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping")
+    _stop_agent(holder)
     if reg_server is not None:
         reg_server.stop(grace=1).wait()
         try:
@@ -180,11 +182,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start_agent(args, system, log):
+    from .. import kopf_patches
     from ..kube import Kube
     from .agent import Agent
 
+    kopf_patches.apply_unless_disabled(log)  # as the operator: Kopf's start-up with many PVs
     holder: dict = {}
     ready = threading.Event()
+    stopping = threading.Event()
 
     def main() -> None:
         async def go():
@@ -192,13 +197,15 @@ def _start_agent(args, system, log):
                         user_agent=f"volplane-node/{args.node_id}")
             holder["agent"] = Agent(kube, args.node_id, system, root=args.backing_root,
                                     period=args.agent_period, grace=args.delete_grace)
+            if stopping.is_set():
+                holder["agent"].stop()
             ready.set()
             try:
                 await holder["agent"].run()
             finally:
                 await kube.aclose()
 
-        while True:  # the agent must not take the CSI server down with it
+        while not stopping.is_set():  # the agent must not take the CSI server down with it
             try:
                 asyncio.run(go())
             except SystemExit as e:
@@ -207,8 +214,24 @@ def _start_agent(args, system, log):
                 return
             except Exception as e:
                 log.exception("node agent crashed; restarting", error=str(e))
-            threading.Event().wait(5.0)
+            else:
+                if not stopping.is_set():
+                    log.warning("node agent's watches ended; restarting")
+            stopping.wait(5.0)
 
-    threading.Thread(target=main, name="agent", daemon=True).start()
+    holder["stopping"] = stopping
+    holder["thread"] = threading.Thread(target=main, name="agent", daemon=True)
+    holder["thread"].start()
     ready.wait(timeout=30.0)
     return holder
+
+
+def _stop_agent(holder: dict, timeout: float = 10.0) -> None:
+    """Let the agent close its watches (Kopf's stop flag), then go on without it."""
+    if "thread" not in holder:
+        return
+    holder["stopping"].set()
+    agent = holder.get("agent")
+    if agent is not None:
+        agent.stop()
+    holder["thread"].join(timeout)
