@@ -151,19 +151,13 @@ def run(args: argparse.Namespace) -> int:
     log.info("serving CSI", driver=DRIVER, address=args.csi_address, node=args.node_id,
              backing_root=args.backing_root, state_dir=state_dir)
 
-    registration = None
-    reg_server = None
-    reg_path = None
-    if args.registration_dir:
-        reg_path = os.path.join(args.registration_dir, f"{DRIVER}-reg.sock")
-        registration = reg.Registration(DRIVER, args.kubelet_registration_path)
-        reg_server = _unix_server(reg_path, workers=2)
-        reg.add_to_server(reg_server, registration)
-        reg_server.start()
-        log.info("serving kubelet registration", socket=reg_path)
-
+    registration = (reg.Registration(DRIVER, args.kubelet_registration_path)
+                    if args.registration_dir else None)
+    # /healthz first: once the kubelet can see the registration socket, all is served.
     if args.health_port:
         _serve_health(args.health_port, args.bind_address, args.csi_address, registration)
+    reg_path = os.path.join(args.registration_dir, f"{DRIVER}-reg.sock")
+    reg_server = _serve_registration(reg_path, registration, log)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,6 +173,19 @@ def run(args: argparse.Namespace) -> int:
             pass
     server.stop(grace=5).wait()
     return 0
+
+
+def _serve_registration(path: str, registration, log):
+    """The kubelet plugin registration socket (None: not registering)."""
+    if registration is None:
+        return None
+    from . import registration as reg
+
+    server = _unix_server(path, workers=2)
+    reg.add_to_server(server, registration)
+    server.start()
+    log.info("serving kubelet registration", socket=path)
+    return server
 
 
 def _start_agent(args, system, log):
