@@ -810,6 +810,27 @@ def ensure_loop_devices(count: int = LOOP_DEVICES) -> None:
                 os.mknod(p, 0o660 | 0o060000, os.makedev(7, i))
 
 
+# Every kind node runs systemd, which takes inotify instances of the host's per-user
+# pool; with Debian's default (128) a second cluster's nodes fail to boot ("Failed to
+# create inotify object: Too many open files", containerd and kubelet never start).
+# kind's known-issues page gives these values.
+INOTIFY_LIMITS = {"fs/inotify/max_user_instances": 512, "fs/inotify/max_user_watches": 524288}
+
+
+def ensure_inotify_limits() -> None:
+    """Raise (never lower) the host's inotify limits where we may."""
+    for key, want in INOTIFY_LIMITS.items():
+        p = Path("/proc/sys") / key
+        try:
+            have = int(p.read_text())
+            if have < want:
+                p.write_text(str(want))
+                log(f"raised {key.replace('/', '.')} from {have} to {want}")
+        except (OSError, ValueError) as e:
+            log(f"note: cannot raise {key.replace('/', '.')} to {want} ({e}); "
+                "nodes may fail to boot if the host runs out of inotify instances")
+
+
 def _kind_cluster():
     from pytest_kind import KindCluster
 
@@ -938,6 +959,7 @@ def up(install: bool = True) -> Path:
         cluster = _kind_cluster()
         if not cluster_exists() or not kubeconfig_path().exists():
             ensure_loop_devices()
+            ensure_inotify_limits()
             config = render_config(v)
             local_dir().mkdir(parents=True, exist_ok=True)
             for marker in (local_dir() / "loaded").glob("*"):
