@@ -26,7 +26,7 @@ export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:--buildvcs=false}" GOTOOLCHAIN=local
 export GOPROXY=${GOPROXY:-https://proxy.golang.org}
 start=$SECONDS
 echo "building e2e.test $K8S_VERSION (go test -c k8s.io/kubernetes/test/e2e)" >&2
-(cd "$here/k8s" && go test -c -trimpath -ldflags "$kv" -o "$out.tmp" k8s.io/kubernetes/test/e2e)
+(cd "$here/k8s" && go test -c -vet=off -trimpath -ldflags "$kv" -o "$out.tmp" k8s.io/kubernetes/test/e2e)
 mv "$out.tmp" "$out"
 echo "e2e.test built in $((SECONDS - start)) s" >&2
 echo "$out"

@@ -95,12 +95,19 @@ def list_images(e2e_test: Path) -> list[str]:
 # ----------------------------------------------------------------------------- images
 
 
-def _wanted(names: list[str], repo: str) -> str:
-    """The exact name:tag e2e.test expects for an image repository."""
-    for n in names:
-        if n.rsplit(":", 1)[0] == repo:
-            return n
-    raise kind.KindError(f"e2e.test --list-images names no {repo}")
+def _wanted(names: list[str], repo: str) -> list[str]:
+    """Every name:tag e2e.test may ask for of an image repository (some are listed
+    twice, e.g. agnhost's current and previous version: both get the same image)."""
+    tags = sorted(n for n in names if n.rsplit(":", 1)[0] == repo)
+    if not tags:
+        raise kind.KindError(f"e2e.test --list-images names no {repo}")
+    return tags
+
+
+def _tag_all(source: str, tags: list[str]) -> None:
+    for t in tags:
+        if t != source:
+            kind.docker("tag", source, t)
 
 
 def _build_if_changed(tag: str, key: str, context: Path, dockerfile: str) -> bool:
@@ -135,8 +142,8 @@ def build_images(e2e_test: Path) -> list[str]:
     nginx = _wanted(names, "registry.k8s.io/e2e-test-images/nginx")
     glibc = _wanted(names, "registry.k8s.io/e2e-test-images/glibc-dns-testing")
 
-    # busybox: the kind tooling's Debian busybox-static image, under upstream's name
-    kind.docker("tag", kind.busybox_image(v), busybox)
+    # busybox: the kind tooling's Debian busybox-static image, under upstream's names
+    _tag_all(kind.busybox_image(v), busybox)
 
     tools = kind.rootfs_image("e2e-tools", TOOLS_PACKAGES, v)
     agn = agnhost_binary(v)
@@ -149,7 +156,7 @@ def build_images(e2e_test: Path) -> list[str]:
             (ctx / f).chmod(0o644)
         key = kind._digest(tools, kind._file_digest(agn), RECIPE)
         # upstream's Dockerfile, on Debian: the same user/group, files and entrypoint
-        _build_if_changed(agnhost, key, ctx, (
+        _build_if_changed(agnhost[-1], key, ctx, (
             f"FROM {tools}\n"
             "COPY agnhost /agnhost\n"
             "COPY localhost.crt localhost.key /\n"
@@ -160,18 +167,21 @@ def build_images(e2e_test: Path) -> list[str]:
             "EXPOSE 80 8080 8081 9376 5000\n"
             'ENTRYPOINT ["/agnhost"]\n'
             'CMD ["pause"]\n'))
+    _tag_all(agnhost[-1], agnhost)
     with tempfile.TemporaryDirectory(prefix="img-") as tmp:
         key = kind._digest(tools, RECIPE)
-        _build_if_changed(nginx, key, Path(tmp), (
+        _build_if_changed(nginx[-1], key, Path(tmp), (
             f"FROM {tools}\n"
             "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
             "EXPOSE 80\n"
             'CMD ["nginx", "-g", "daemon off;"]\n'))
-        _build_if_changed(glibc, key, Path(tmp), (
+        _build_if_changed(glibc[-1], key, Path(tmp), (
             f"FROM {tools}\n"
             "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
             'CMD ["/bin/sh"]\n'))
-    return [busybox, agnhost, nginx, glibc]
+    _tag_all(nginx[-1], nginx)
+    _tag_all(glibc[-1], glibc)
+    return [*busybox, *agnhost, *nginx, *glibc]
 
 
 def load_images(tags: list[str]) -> None:
