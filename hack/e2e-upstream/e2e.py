@@ -194,10 +194,21 @@ def load_images(tags: list[str]) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
+def ssh_key() -> Path:
+    """The key the suites log in to nodes with (KUBE_SSH_KEY_PATH), made once."""
+    key = out_dir() / "ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kind._run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "volplane-e2e-upstream",
+                   "-f", str(key)], quiet=True)
+    return key
+
+
 def prepare_cluster() -> Path:
-    """kind cluster with volplane (kind.up), the suites' pool, the test images."""
+    """kind cluster with volplane (kind.up), the suites' pool, sshd on the nodes."""
     kubeconfig = kind.up()
     kind.kubectl("apply", "--server-side", "-f", str(POOL_YAML))
+    kind.enable_ssh(Path(str(ssh_key()) + ".pub").read_text())
     return kubeconfig
 
 
@@ -216,8 +227,9 @@ def run_suites(e2e_test: Path, kubeconfig: Path, focus: str, skip: str | None,
         "-disable-log-dump",
         "-non-blocking-taints=node-role.kubernetes.io/control-plane",
     ]
+    # the ginkgo CLI writes reports under -output-dir (a relative name), e2e.test in cwd
     ginkgo_args = [f"-focus={focus}", f"-timeout={timeout}", "-no-color",
-                   f"-junit-report={junit}", "-v" if procs == 1 else "-succinct"]
+                   f"-junit-report={junit.name}", "-v" if procs == 1 else "-succinct"]
     if skip:
         ginkgo_args.append(f"-skip={skip}")
     if procs > 1:
@@ -228,10 +240,13 @@ def run_suites(e2e_test: Path, kubeconfig: Path, focus: str, skip: str | None,
     log("$ " + " ".join(argv))
     start = time.monotonic()
     with open(out / "e2e.log", "w") as fh:
+        # [Disruptive] tests stop and start a node's kubelet over SSH (as root, our key)
+        env = {**os.environ, "KUBE_SSH_KEY_PATH": str(ssh_key()), "KUBE_SSH_USER": "root"}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=out)
+                                text=True, cwd=out, env=env)
         for line in proc.stdout:
             fh.write(line)
+            fh.flush()
             if re.match(r"^(•|\[(FAILED|PASSED|SKIPPED|PANICKED)\]|Ran |FAIL|PASS|"
                         r"\s*\[FAIL\])", line):
                 sys.stderr.write(line)

@@ -54,9 +54,13 @@ GOPROXY = os.environ.get("VOLPLANE_GOPROXY", "https://proxy.golang.org")
 # Debian packages of the node's root filesystem: what kind's base image installs,
 # less NFS/iSCSI/fuse/curl, plus xfsprogs (the CSI node plugin formats xfs too). jq is
 # what kind's createContainer hook (mount-product-files.sh) parses the OCI state with.
+# openssh-server: installed, not enabled; upstream's e2e suites restart the kubelet over
+# SSH (their [Disruptive] tests), so hack/e2e-upstream starts it with its own key
+# (enable_ssh below).
 NODE_PACKAGES = (
     "systemd systemd-sysv dbus conntrack iptables nftables iproute2 ethtool util-linux "
-    "mount kmod libseccomp2 pigz e2fsprogs xfsprogs bash ca-certificates procps jq"
+    "mount kmod libseccomp2 pigz e2fsprogs xfsprogs bash ca-certificates procps jq "
+    "openssh-server"
 ).split()
 # The operator image: Debian's python3 and what the CSI node plugin calls
 # (losetup/blkid in util-linux and mount, mkfs.ext4/resize2fs, mkfs.xfs/xfs_growfs).
@@ -624,6 +628,7 @@ RUN chmod 755 /kind /kind/bin /usr/local/bin/* /usr/local/sbin/runc /opt/cni/bin
     && ln -sf /usr/lib/systemd/systemd /sbin/init \\
     && systemctl enable kubelet.service containerd.service undo-mount-hacks.service \\
     && systemctl mask systemd-binfmt.service \\
+    && rm -f /etc/ssh/ssh_host_* \\
     && mkdir -p /etc/kubernetes/manifests /kind/manifests {NODE_POOL_DIR} \\
     && containerd --version && runc --version && crictl --version
 ENV container=docker
@@ -900,6 +905,26 @@ def setup_network() -> None:
         docker("exec", "-i", name, "bash", "-s", input="\n".join(script) + "\n")
 
 
+def enable_ssh(public_key: str) -> None:
+    """Start sshd on every node, root logging in with this key only (what upstream's
+    e2e framework needs to stop and start a node's kubelet). Idempotent."""
+    script = "\n".join([
+        "set -e",
+        "mkdir -p -m 700 /root/.ssh",
+        f"echo '{public_key.strip()}' > /root/.ssh/authorized_keys",
+        "chmod 600 /root/.ssh/authorized_keys",
+        "printf 'PermitRootLogin prohibit-password\\nPasswordAuthentication no\\n' "
+        "> /etc/ssh/sshd_config.d/volplane.conf",
+        "test -s /etc/ssh/ssh_host_ed25519_key || ssh-keygen -A",
+        "systemctl start ssh.service",
+    ]) + "\n"
+    for name in node_names():
+        proc = docker("exec", "-i", name, "bash", "-s", input=script, check=False)
+        if proc.returncode != 0:
+            raise KindError(f"cannot start sshd on {name} (node image without "
+                            f"openssh-server?): {proc.stderr.strip()[-500:]}")
+
+
 def wait_nodes_ready(timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -925,19 +950,24 @@ def load_image(cluster, tag: str) -> bool:
     return True
 
 
+def _apply_kustomization(path: Path) -> None:
+    """kubectl apply of a kustomization, its `volplane:dev` image replaced by
+    OPERATOR_IMAGE (VOLPLANE_IMAGE: another worktree's own tag). Rendered first, so an
+    image that is not on the nodes is never rolled out, not even for a moment."""
+    rendered = kubectl("kustomize", str(path)).stdout
+    if OPERATOR_IMAGE != "volplane:dev":
+        if "image: volplane:dev\n" not in rendered:
+            raise KindError(f"{path}: no `image: volplane:dev` to replace")
+        rendered = rendered.replace("image: volplane:dev\n", f"image: {OPERATOR_IMAGE}\n")
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=rendered)
+
+
 def install_volplane(restart: bool) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO_ROOT / "manifests"),
-            capture=True)
+    _apply_kustomization(REPO_ROOT / "manifests")
     kubectl("wait", "--for=condition=Established", "--timeout=60s",
             "crd/storagepools.volplane.io", "crd/storageallocations.volplane.io")
     # the CSI node plugin (manifests/node/): real kubelets mount pool volumes through it
-    kubectl("apply", "--server-side", "--force-conflicts", "-k",
-            str(REPO_ROOT / "manifests" / "node"), capture=True)
-    if OPERATOR_IMAGE != "volplane:dev":  # VOLPLANE_IMAGE: another worktree's own tag
-        kubectl("-n", "volplane-system", "set", "image", "deployment/volplane",
-                f"volplane={OPERATOR_IMAGE}")
-        kubectl("-n", "volplane-node", "set", "image", "daemonset/volplane-node",
-                f"node={OPERATOR_IMAGE}")
+    _apply_kustomization(REPO_ROOT / "manifests" / "node")
     if restart:
         kubectl("-n", "volplane-system", "rollout", "restart", "deployment/volplane")
         kubectl("-n", "volplane-node", "rollout", "restart", "daemonset/volplane-node")
