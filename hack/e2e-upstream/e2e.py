@@ -22,7 +22,13 @@ test/utils/image/manifest.go), and `kind load`ed:
   Debian root with the tools its Dockerfile installs on Alpine (nsenter and mount for
   the storage suites' host-exec pods, a shell, dig, curl, nc, ip);
 - nginx and glibc-dns-testing (the volumes and multivolume suites run shell commands
-  in them): Debian roots with nginx / dnsutils.
+  in them): Debian roots with nginx / dnsutils;
+- hello-populator (the volume populator of "should provision storage with any volume
+  data source"): hack/e2e-upstream/hello-populator, our own Go implementation of it
+  (its module is not served by the Go module proxy), under the manifest's image name.
+
+The [Disruptive] suites stop and start a node's kubelet over SSH: the nodes run sshd
+(kind.enable_ssh) and the suites get our key (KUBE_SSH_KEY_PATH, user root).
 
 Everything is cached: e2e.test and ginkgo by version under ~/.cache/volplane, the
 images by a digest of their inputs (a docker label), the load per node image id.
@@ -133,6 +139,34 @@ def agnhost_binary(v: dict[str, str]) -> Path:
     return out
 
 
+POPULATOR_MANIFEST = ("test/e2e/testing-manifests/storage-csi/any-volume-datasource/"
+                      "hello-populator-deploy.yaml")
+
+
+def hello_populator_image() -> str:
+    """hack/e2e-upstream/hello-populator (our own implementation of the populator the
+    suite deploys; its upstream module is not served), FROM scratch, under the name the
+    suite's manifest gives it."""
+    manifest = (kind._k8s_module_dir() / POPULATOR_MANIFEST).read_text()
+    tag = next(line.split("image:", 1)[1].strip() for line in manifest.splitlines()
+               if line.strip().startswith("image:"))
+    src = HERE / "hello-populator"
+    key = kind._digest(*(p.read_text() for p in sorted(src.iterdir()) if p.is_file()), RECIPE)
+    if kind._image_label(tag, "io.volplane.key") == key:
+        return tag
+    with tempfile.TemporaryDirectory(prefix="img-") as tmp:
+        kind._run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o",
+                   str(Path(tmp) / "hello-populator"), "."], env=kind._go_env(), cwd=src)
+        _build_if_changed(tag, key, Path(tmp), (
+            "FROM scratch
+"
+            "COPY hello-populator /hello-populator
+"
+            'ENTRYPOINT ["/hello-populator"]
+'))
+    return tag
+
+
 def build_images(e2e_test: Path) -> list[str]:
     """The images the External Storage suites start, under the names e2e.test expects."""
     v = kind.versions()
@@ -181,7 +215,7 @@ def build_images(e2e_test: Path) -> list[str]:
             'CMD ["/bin/sh"]\n'))
     _tag_all(nginx[-1], nginx)
     _tag_all(glibc[-1], glibc)
-    return [*busybox, *agnhost, *nginx, *glibc]
+    return [*busybox, *agnhost, *nginx, *glibc, hello_populator_image()]
 
 
 def load_images(tags: list[str]) -> None:
