@@ -158,12 +158,9 @@ def hello_populator_image() -> str:
         kind._run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o",
                    str(Path(tmp) / "hello-populator"), "."], env=kind._go_env(), cwd=src)
         _build_if_changed(tag, key, Path(tmp), (
-            "FROM scratch
-"
-            "COPY hello-populator /hello-populator
-"
-            'ENTRYPOINT ["/hello-populator"]
-'))
+            "FROM scratch\n"
+            "COPY hello-populator /hello-populator\n"
+            'ENTRYPOINT ["/hello-populator"]\n'))
     return tag
 
 
@@ -432,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_report:
                 cmd = (f"e2e.test -ginkgo.focus='{args.focus}'"
                        + (f" -ginkgo.skip='{args.skip}'" if args.skip else "")
-                       + f" -storage.testdriver=hack/e2e-upstream/driver.yaml -provider=local"
+                       + " -storage.testdriver=hack/e2e-upstream/driver.yaml -provider=local"
                        + f"   # {args.procs} ginkgo processes")
                 write_report(rows, timings=timings, command=cmd)
             failed = [r for r in rows if r["state"] == "failed"]
