@@ -313,7 +313,12 @@ def parse_junit(path: Path) -> list[dict]:
 
 
 def _short(name: str) -> str:
-    name = re.sub(r"^\[sig-storage\] External Storage \[Driver: pool\.volplane\.io\]\s*", "", name)
+    """The spec's text without the node type ("[It] "), the driver prefix and the label
+    list ginkgo appends ("[Disruptive, LinuxOnly]": the tags are in the text already)."""
+    name = re.sub(r"^\[It\]\s*", "", name)
+    name = re.sub(r"^(\[sig-storage\]\s*)?External Storage \[Driver: pool\.volplane\.io\]\s*",
+                  "", name)
+    name = re.sub(r"\s*\[[^\[\]]*,[^\[\]]*\]$", "", name)
     return name.replace("|", "\\|")
 
 
