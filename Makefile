@@ -6,7 +6,8 @@ VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
 .PHONY: setup tools venv csi-stubs node-test controlplane cluster cluster-down cluster-status crds \
-	run test unit e2e lint bench image kind kind-down kind-status e2e-kind
+	run test unit e2e lint bench image kind kind-down kind-status e2e-kind \
+	e2e-upstream e2e-upstream-build
 
 setup: venv controlplane tools
 
@@ -124,3 +125,15 @@ kind-status: venv
 # The e2e suite against the kind cluster (made or reused by the suite itself).
 e2e-kind: setup
 	$(VPY) -m pytest tests/e2e --kind $(PYTEST_ARGS)
+
+# Upstream's External Storage e2e suites (k8s.io/kubernetes test/e2e at the pinned version)
+# against pool.volplane.io on the kind cluster; writes docs/upstream-e2e.md.
+# E2E_PROCS (default 2) ginkgo processes; FOCUS/SKIP narrow a run (then the doc is kept).
+e2e-upstream: setup
+	$(VPY) hack/e2e-upstream/e2e.py run $(if $(E2E_PROCS),--procs $(E2E_PROCS),) \
+	  $(if $(FOCUS),--focus '$(FOCUS)' --no-report,) $(if $(SKIP),--skip '$(SKIP)',)
+
+# Only e2e.test, the ginkgo CLI and the test images (cached by version).
+e2e-upstream-build: setup
+	$(VPY) hack/e2e-upstream/e2e.py build
+	$(VPY) hack/e2e-upstream/e2e.py images

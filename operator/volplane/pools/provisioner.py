@@ -133,6 +133,33 @@ def is_ours(pv: dict) -> bool:
     return ann.get(C.ANN_PROVISIONED_BY) == PROVISIONER or driver == PROVISIONER
 
 
+SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
+PROVISIONING = "Provisioning"  # external-provisioner's reason for "left to a populator"
+
+
+def data_source_verdict(claim: dict) -> tuple[str, str] | None:
+    """What the pool provisioner does with a claim that names a data source, as
+    external-provisioner decides it: None (no data source: provision an empty volume),
+    ("unsupported", why) for a clone or a snapshot restore (pools have neither: a
+    ProvisioningFailed event, never an empty volume in its place), or ("populator", why)
+    for any other kind (a volume populator fills the volume: leave the claim alone).
+    dataSourceRef is read first (the API server mirrors dataSource into it)."""
+    spec = claim.get("spec") or {}
+    ref = spec.get("dataSourceRef") or spec.get("dataSource")
+    if not ref:
+        return None
+    kind = ref.get("kind") or ""
+    group = ref.get("apiGroup") or ""
+    name = ref.get("name") or ""
+    if kind == "PersistentVolumeClaim" and group == "":
+        return ("unsupported", f'cannot clone PersistentVolumeClaim "{name}": '
+                f"{PROVISIONER} does not support cloning (the claim's dataSourceRef)")
+    if kind == "VolumeSnapshot" and group == SNAPSHOT_GROUP:
+        return ("unsupported", f'cannot restore VolumeSnapshot "{name}": '
+                f"{PROVISIONER} does not support snapshots (the claim's dataSourceRef)")
+    return ("populator", "Assuming an external populator will provision the volume")
+
+
 def build_allocation(claim: dict, storage_class: str, pool: str, size: int,
                      node: str | None) -> dict:
     md = claim["metadata"]
@@ -397,6 +424,13 @@ class PoolProvisioner:
         sc = self.cache.classes.get(class_name)
         if sc is None:
             return  # the PV controller reports the missing class
+        verdict = data_source_verdict(claim)
+        if verdict is not None:
+            action, why = verdict
+            if action == "unsupported":
+                return self._failed(claim, "data-source", why, t0)
+            self.ctx.events.emit(claim, C.NORMAL, PROVISIONING, why, component=COMPONENT)
+            return  # the populator's own claim is provisioned; the PV is rebound to this one
         try:
             size = claim_request(claim)
         except ValueError as e:
