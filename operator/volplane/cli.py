@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 
 from . import __version__
@@ -16,6 +15,8 @@ def _run(args: argparse.Namespace) -> int:
         # Before the kubernetes package is imported: it reads $KUBECONFIG at import
         # time, and Kopf's login (login_via_client) uses that default.
         os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
+    from . import faults
+    faults.install_clock_hook()  # e2e only: VOLPLANE_WALL_CLOCK_OFFSET_FILE
     import kopf
 
     from . import logs, runtime, serving
@@ -26,6 +27,9 @@ def _run(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_format, args.log_level)
     log = logs.get("cli")
+    if faults.wall_clock_offset() or faults._offset_file:
+        log.warning("test hook: the wall clock follows VOLPLANE_WALL_CLOCK_OFFSET_FILE",
+                    offset=faults.wall_clock_offset())
     from . import kopf_patches
     # The patch fixes Kopf's index barrier; only the Kopf watch layer uses indexes.
     if args.watch_layer == "kopf" and not kopf_patches.apply():
@@ -36,9 +40,11 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("bad --controllers", error=str(e))
         return 2
+    from .leader import default_identity
+    identity = args.leader_elect_identity or default_identity()
     kube = Kube(args.kubeconfig, qps=args.kube_api_qps, burst=args.kube_api_burst,
                 workers=args.api_workers,
-                user_agent=f"volplane/{__version__} ({args.leader_elect_identity})")
+                user_agent=f"volplane/{__version__} ({identity})")
     ctx = Context(kube=kube, cache=Cache(),
                   events=EventRecorder(kube, "persistentvolume-controller"),
                   options=Options(resync_period=args.resync_period, workers=args.workers,
@@ -54,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
             lease_duration=args.leader_elect_lease_duration,
             renew_deadline=args.leader_elect_renew_deadline,
             retry_period=args.leader_elect_retry_period,
-            identity=args.leader_elect_identity))
+            identity=identity))
     registry = runtime.build(ctx, enabled, elector)
     if args.metrics_port:
         try:
@@ -121,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--leader-elect-lease-duration", type=float, default=15.0)
     r.add_argument("--leader-elect-renew-deadline", type=float, default=10.0)
     r.add_argument("--leader-elect-retry-period", type=float, default=2.0)
-    r.add_argument("--leader-elect-identity",
-                   default=os.environ.get("POD_NAME") or socket.gethostname(),
-                   help="unique per replica; stable across restarts of one replica so a "
-                        "restarted leader re-takes its lease at once (default: $POD_NAME "
-                        "or the hostname)")
+    r.add_argument("--leader-elect-identity", default=None,
+                   help="unique per process (default: $POD_NAME, else the hostname plus a "
+                        "random suffix, as kube-controller-manager does; never the bare "
+                        "hostname, which two processes on one host would share)")
     r.add_argument("--log-format", choices=["json", "console"], default="json")
     r.add_argument("--log-level", default="INFO")
     r.set_defaults(fn=_run)
