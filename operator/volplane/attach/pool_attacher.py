@@ -94,7 +94,7 @@ class PoolAttacher:
         self.nodes = c.add_store("nodes", "Node", S.slim_node)
         self.pools = c.add_store("storagepools", "StoragePool")
         self.pvs = c.pvs
-        self.queue = WorkQueue("pool-attacher")
+        self.queue = WorkQueue("pool-attacher", resource="volumeattachments")
         self.ours_by_node: dict[str, set[str]] = {}   # node -> our VolumeAttachments
         self.ours_by_pv: dict[str, set[str]] = {}
         # (node, pool) -> slot -> attachment: slots being written right now

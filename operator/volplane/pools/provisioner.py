@@ -242,8 +242,10 @@ class PoolProvisioner:
         self.ledger = Ledger()
         self.namespace = (os.environ.get("VOLPLANE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
                           or "volplane-system")
-        self.finishing = WorkQueue("pool-deletions")   # PVs being deleted: free + unfinalize
-        self.expanding = WorkQueue("pool-expansions")  # bound claims asking for more space
+        self.finishing = WorkQueue("pool-deletions",   # PVs being deleted: free + unfinalize
+                                   resource="persistentvolumes")
+        self.expanding = WorkQueue("pool-expansions",  # bound claims
+                                   resource="persistentvolumeclaims") asking for more space
         self._dirty = asyncio.Event()       # pool status / capacity objects to refresh
         self._requeue_pending = False       # space was freed: retry Pending pool claims
         self._published: dict[str, dict] | None = None  # CSIStorageCapacity name -> object
