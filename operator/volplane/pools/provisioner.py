@@ -244,8 +244,8 @@ class PoolProvisioner:
                           or "volplane-system")
         self.finishing = WorkQueue("pool-deletions",   # PVs being deleted: free + unfinalize
                                    resource="persistentvolumes")
-        self.expanding = WorkQueue("pool-expansions",  # bound claims
-                                   resource="persistentvolumeclaims") asking for more space
+        self.expanding = WorkQueue("pool-expansions",  # bound claims asking for more space
+                                   resource="persistentvolumeclaims")
         self._dirty = asyncio.Event()       # pool status / capacity objects to refresh
         self._requeue_pending = False       # space was freed: retry Pending pool claims
         self._published: dict[str, dict] | None = None  # CSIStorageCapacity name -> object
