@@ -89,6 +89,46 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """Gather, check, print; with --wait, re-gather until clean or the time is up."""
+    import time
+
+    from .check import gather, report
+    from .check.invariants import INVARIANTS, Limits, Scope, check
+    from .kube import ApiError, Kube
+
+    only = [i.strip() for i in (args.only or "").split(",") if i.strip()]
+    unknown = [i for i in only if i not in INVARIANTS]
+    if unknown:
+        print(f"unknown invariant(s): {', '.join(unknown)}; known: {', '.join(INVARIANTS)}",
+              file=sys.stderr)
+        return 2
+    limits = Limits(orphan_grace=args.orphan_grace, stuck_after=args.stuck_after,
+                    unmount_max_wait=args.unmount_max_wait)
+    scope = Scope(exclude_namespaces=frozenset(args.exclude_namespace or ()))
+
+    async def run():
+        kube = Kube(args.kubeconfig, qps=50, burst=100, user_agent="volplane-check")
+        deadline = time.monotonic() + max(0.0, args.wait)
+        try:
+            while True:
+                snap = await gather.gather(kube)
+                rep = check(snap, limits, scope, only or None)
+                if rep.ok or time.monotonic() >= deadline:
+                    return rep
+                await asyncio.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+        finally:
+            await kube.aclose()
+
+    try:
+        rep = asyncio.run(run())
+    except (gather.GatherError, ApiError, OSError) as e:
+        print(f"volplane check: cannot read the cluster: {e}", file=sys.stderr)
+        return 2
+    print(report.as_json(rep) if args.output == "json" else report.text(rep))
+    return 0 if rep.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="volplane", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,6 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("claim", help="NAMESPACE/NAME")
     e.add_argument("--kubeconfig", default=None)
     e.set_defaults(fn=_explain)
+
+    k = sub.add_parser("check", help="verify volplane's invariants on a cluster (read-only); "
+                       "exit 0 when all hold, 1 with a report when not")
+    k.add_argument("--kubeconfig", default=None)
+    k.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    k.add_argument("--stuck-after", type=float, default=120.0,
+                   help="seconds a claim, PV or attachment may wait before it counts as stuck")
+    k.add_argument("--orphan-grace", type=float, default=30.0,
+                   help="age after which an allocation record without its PV is an orphan "
+                        "(the pool provisioner's grace)")
+    k.add_argument("--unmount-max-wait", type=float, default=360.0,
+                   help="the operator's --unmount-max-wait (attachments of NotReady nodes)")
+    k.add_argument("--exclude-namespace", action="append", metavar="NS",
+                   help="do not judge objects in NS (or bound to them); repeatable. Objects "
+                        "and namespaces labelled volplane.io/check-exclude are always skipped")
+    k.add_argument("--only", default="", help="comma-separated invariant ids to run")
+    k.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="re-check every 2 s until every invariant holds or SECONDS pass "
+                        "(a busy cluster converges; the last report is printed)")
+    k.set_defaults(fn=_check)
 
     args = p.parse_args(argv)
     return args.fn(args)
