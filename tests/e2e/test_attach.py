@@ -233,6 +233,12 @@ class World:
                           {"metadata": {"finalizers": None}})
                 except requests.HTTPError:
                     pass
+        # allocation records of the pools' provisioned volumes (the StatefulSet test's):
+        # with their PVs deleted above, left behind they would be orphans of a gone pool
+        alloc_cls = cls(api, "StorageAllocation", "volplane.io/v1alpha1")
+        for rec in alloc_cls.objects(api):
+            if rec.obj.get("spec", {}).get("pool") in self.pools:
+                delete_quietly(rec)
         for name in self.pools:
             obj = get_or_none(api, "volplane.io/v1alpha1", "StoragePool", name)
             if obj is not None:
