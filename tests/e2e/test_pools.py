@@ -693,23 +693,25 @@ def test_orphaned_allocation_is_freed_although_the_operator_restarts_faster_than
     created = datetime.fromisoformat(
         record["metadata"]["creationTimestamp"].replace("Z", "+00:00")).timestamp()
     restarts = 0
-    freed_at = None
-    deadline = time.monotonic() + 120
+    freed_at = uptime = None
+    deadline = time.monotonic() + 150
     while freed_at is None and time.monotonic() < deadline:
         pool_env.start_ready(env={})
         restarts += 1
         up = time.monotonic()
         while time.monotonic() - up < 8:
             if kget(api, "StorageAllocation", name) is None:
-                freed_at = time.time()
+                freed_at, uptime = time.time(), time.monotonic() - up
                 break
             time.sleep(0.5)
         if freed_at is None:
             op.kill(signal.SIGKILL)
     assert freed_at is not None, f"orphan {name} never freed over {restarts} restarts"
-    assert restarts >= 3, f"freed after {restarts} starts: the restarts were not faster"
-    # freed at the first start after the record turned 30 s old (8 s per run, some slack)
-    assert grace <= freed_at - created + 1 <= grace + 8 + 12, freed_at - created
+    # not early: the record was kept by every start while it was younger than the grace
+    assert restarts >= 2 and freed_at - created + 1 >= grace, (restarts, freed_at - created)
+    # and the process that freed it had been ready for less than the GC period (15 s):
+    # with the grace timer in memory, a process needed 15 s (first GC pass) + 30 s
+    assert uptime < 15, uptime
     freed = [ln for ln in op.log_lines(all_runs=True)
              if ln.get("event") == "orphaned allocation freed" and ln.get("name") == name]
     assert len(freed) == 1, freed
