@@ -742,16 +742,17 @@ def test_claims_deleted_mid_sync_end_their_work_without_warnings(api, pool_env):
         m = scrape_metrics(pool_env.metrics_port)
         return sum(v for k, v in m.items() if k.startswith("volplane_sync_total")
                    and 'outcome="gone"' in k)
-    wait_for(lambda: gone_count() >= 1, timeout=60,
-             message="a write met its deleted claim (sync ended as gone)")
+    def failed_404():
+        return [ln for ln in op.log_lines() if ln.get("event") == "sync failed"
+                and "404" in str(ln.get("error"))]
+    wait_for(lambda: gone_count() >= 1 or failed_404(), timeout=60,
+             message="a write met its deleted claim")
     time.sleep(3)  # let the rest of the backlog drain
+    assert failed_404() == []
     lines = op.log_lines()
     ended = [ln for ln in lines if ln.get("event") == "object deleted during sync; its work "
              "is done"]
     assert ended and all(ln["level"] == "debug" for ln in ended)
-    failed = [ln for ln in lines if ln.get("event") == "sync failed" and "404" in str(
-        ln.get("error"))]
-    assert failed == [], failed
     assert not [ln for ln in lines if ln.get("level") in ("warning", "error")
                 and "404" in json.dumps(ln)], "a 404 was logged as a warning"
 
