@@ -637,21 +637,43 @@ def test_slot_exhaustion_gives_a_clear_error_and_recovers(api, world, operator, 
 
 
 # ----------------------------------------------------------------------------- crash safety
+class OperatorDied(Exception):
+    pass
+
+
 def assert_converged(api, world, pool: str, running: dict[str, tuple[str, str, str]],
-                     timeout: float = 90) -> None:
+                     timeout: float = 90, operator=None) -> None:
     """running: pod -> (node, pv, handle). Every running pod's volume attached on its node
-    under the upstream name, nothing else attached, slots unique, node reports exact."""
+    under the upstream name, nothing else attached, slots unique, node reports exact.
+    `operator`: fail at once if it exits meanwhile. A timeout says which attachment is
+    missing, extra or unattached, and how the operator's log ends."""
     want = {S.volume_attachment_name(h, POOL_DRIVER, n): (pv, n) for n, pv, h in running.values()}
 
     def converged():
+        if operator is not None and not operator.running:
+            raise OperatorDied(f"operator exited ({operator.returncode}) before "
+                               f"converging; {operator.log_path}:\n{operator.tail()}")
         vas = world.my_vas()
         if set(vas) != set(want):
             return None
         if not all((v.get("status") or {}).get("attached") for v in vas.values()):
             return None
         return vas
-    vas = wait_for(converged, timeout=timeout, interval=0.5,
-                   message=f"{len(want)} attachments exactly, all attached")
+
+    try:
+        vas = wait_for(converged, timeout=timeout, interval=0.5,
+                       message=f"{len(want)} attachments exactly, all attached")
+    except TimeoutError as e:
+        vas = world.my_vas()
+        state = {n: ("missing" if n not in vas else {
+            "attached": (vas[n].get("status") or {}).get("attached"),
+            "slot": (vas[n]["metadata"].get("annotations") or {}).get(S.SLOT_ANNOTATION),
+            "deleting": bool(vas[n]["metadata"].get("deletionTimestamp")),
+            "attachError": ((vas[n].get("status") or {}).get("attachError") or {}).get(
+                "message")}) for n in want}
+        state.update({n: "extra" for n in set(vas) - set(want)})
+        tail = f"\n{operator.log_path}:\n{operator.tail(15)}" if operator is not None else ""
+        raise TimeoutError(f"{e}; attachments (name -> state): {state}{tail}") from None
     seen = {}
     for name, v in vas.items():
         slot = (v["spec"]["nodeName"], v["metadata"]["annotations"][S.SLOT_ANNOTATION])
@@ -716,7 +738,7 @@ def test_kill_9_during_a_burst_of_pod_starts_and_deletes(api, world, operator, c
             f.result()
     start(operator, *args)
     running = {p: v for p, v in placement.items() if p not in gone}
-    assert_converged(api, world, pool, running, timeout=120)
+    assert_converged(api, world, pool, running, timeout=120, operator=operator)
     # desired and actual states agree
     def agree():
         vals = metric_values(port, "attachdetach_controller_total_volumes")
@@ -747,7 +769,7 @@ def test_crash_between_writes_converges(api, world, operator, cluster, point):
         wait_for(lambda: not operator.running, timeout=30, message=f"crash at {point}")
         assert operator.returncode == 86
         start(operator)
-    assert_converged(api, world, pool, placement)
+    assert_converged(api, world, pool, placement, operator=operator)
     if not attach_phase:
         operator.stop()
         start(operator, env=crash_env)
@@ -758,10 +780,10 @@ def test_crash_between_writes_converges(api, world, operator, cluster, point):
         assert operator.returncode == 86
         start(operator)
     running = {p: v for p, v in placement.items() if p not in ("p0", "p1")}
-    assert_converged(api, world, pool, running)
+    assert_converged(api, world, pool, running, operator=operator)
     # freed slots are reusable: two more pods fit in the 4 slots per node
     for i in (0, 1):
         world.pod(f"q{i}", nodes[i % 2], vols[i][0])
     running.update({f"q{i}": placement[f"p{i}"] for i in (0, 1)})
-    assert_converged(api, world, pool, running)
+    assert_converged(api, world, pool, running, operator=operator)
 
