@@ -69,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
             log.error("cannot serve metrics", port=args.metrics_port, error=str(e))
             return 2
     log.info("starting", version=__version__, controllers=enabled,
-             metrics_port=args.metrics_port, health_port=args.health_port)
+             metrics_port=args.metrics_port, health_port=args.health_port,
+             identity=identity if args.leader_elect else None)
     liveness = (f"http://{args.bind_address}:{args.health_port}/healthz"
                 if args.health_port else None)
     kopf.run(registry=registry, clusterwide=True, standalone=True,
