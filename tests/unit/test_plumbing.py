@@ -209,3 +209,46 @@ def test_a_404_about_another_object_is_still_a_failure_and_retried():
     log = _run_one(sync, "ns/c1", q)
     assert [(line[0], line[1]) for line in log.lines] == [("warning", "sync failed")]
     assert q.failures("ns/c1") == 1 and q._delayed
+
+
+# -- deletions seen by the watch ---------------------------------------------------------------
+def _va(name, rv, uid="u1", **status):
+    return {"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
+            "metadata": {"name": name, "uid": uid, "resourceVersion": str(rv)},
+            "spec": {"nodeName": "n"}, "status": status}
+
+
+def test_a_response_older_than_a_watched_deletion_does_not_bring_the_object_back():
+    """A GET answered before the DELETE but processed after the DELETED event (both in
+    flight in one event loop) would put the deleted object back for good."""
+    s = Store("VolumeAttachment")
+    s.upsert(_va("x", 5, attached=True))
+    s.deleted(_va("x", 7))
+    assert "x" not in s
+    assert not s.upsert(_va("x", 6, attached=True))   # the lagging GET response
+    assert "x" not in s
+    assert s.upsert(_va("x", 10, uid="u2"))             # a new incarnation of the name
+    assert s["x"]["metadata"]["uid"] == "u2"
+
+
+def test_a_deletion_of_an_older_incarnation_keeps_the_newer_one():
+    """The old attachment's DELETED event arrives after its successor (same name) was
+    created and written through: the successor stays."""
+    s = Store("VolumeAttachment")
+    seen = []
+    s.listen(lambda k, old, new: seen.append((k, new is not None)))
+    s.upsert(_va("x", 10, uid="u2"))
+    s.deleted(_va("x", 7, uid="u1"))
+    assert s["x"]["metadata"]["uid"] == "u2"
+    assert seen == [("x", True)]
+    assert s.upsert(_va("x", 11, uid="u2", attached=True))
+
+
+def test_deletion_tombstones_expire():
+    clock = Clock()
+    s = Store("VolumeAttachment", clock=clock)
+    s.deleted(_va("x", 7))
+    clock.t = 400.0
+    s.deleted(_va("y", 9))                               # pruning happens on insert
+    assert "x" not in s._gone and "y" in s._gone
+    assert s.upsert(_va("x", 6))                        # tombstone gone: accepted again
