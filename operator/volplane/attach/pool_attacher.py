@@ -329,10 +329,16 @@ class PoolAttacher:
         if S.ATTACHER_FINALIZER not in finalizers:
             return
         if (va.get("status") or {}).get("attached"):
-            va = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
-                "metadata": {"resourceVersion": md["resourceVersion"]},
-                "status": {"attached": False, "attachmentMetadata": None,
-                           "detachError": None}})
+            try:
+                va = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
+                    "metadata": {"resourceVersion": md["resourceVersion"]},
+                    "status": {"attached": False, "attachmentMetadata": None,
+                               "detachError": None}})
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+                self.vas.remove(md["name"])  # gone already: a stale copy, drop it
+                return
             metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
             self.vas.upsert(va)
             faults.point("pool-detach-1")
