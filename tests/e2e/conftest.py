@@ -29,7 +29,13 @@ from pathlib import Path
 import pykube
 import pytest
 
-from .helpers import delete_quietly, remove_e2e_leftovers, wait_for
+from .helpers import (
+    delete_quietly,
+    get_or_none,
+    kpatch_response,
+    remove_e2e_leftovers,
+    wait_for,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_DIR = REPO_ROOT / ".local" / (f"clusters/{os.environ['VOLPLANE_CLUSTER']}/logs" if os.environ.get("VOLPLANE_CLUSTER") else "logs")
@@ -148,10 +154,17 @@ def namespace(api, e2e_leftovers_removed) -> str:
     yield name
     delete_quietly(ns)
     # PVs are cluster-scoped: the tests name theirs "<namespace>-…". Left behind they
-    # would go Released and keep the next test's operator busy at start-up.
+    # would go Released and keep the next test's operator busy at start-up. A Bound one
+    # keeps kubernetes.io/pv-protection until a binder releases it, and no operator runs
+    # any more: strip the finalizers after the delete, as every other e2e cleanup does
+    # (else it stays Terminating, Bound to a claim that is gone: `volplane check` after
+    # the module reports it).
     for pv in pykube.PersistentVolume.objects(api):
         if pv.name.startswith(f"{name}-"):
             delete_quietly(pv)
+            if get_or_none(api, "v1", "PersistentVolume", pv.name) is not None:
+                kpatch_response(api, "PersistentVolume", pv.name,
+                                {"metadata": {"finalizers": None}})
 
 
 # ----------------------------------------------------------------------------- invariants
