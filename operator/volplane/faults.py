@@ -15,6 +15,22 @@ import sys
 _points = {p.strip() for p in os.environ.get("VOLPLANE_CRASH_AT", "").split(",") if p.strip()}
 
 
+# `VOLPLANE_DELAY_AT=detach-response=1.0` makes the process wait that many seconds at a
+# named point (async): a test widens a race window that load opens only rarely.
+_delays: dict[str, float] = {}
+for _item in os.environ.get("VOLPLANE_DELAY_AT", "").split(","):
+    _name, _, _secs = _item.partition("=")
+    if _name.strip() and _secs.strip():
+        _delays[_name.strip()] = float(_secs)
+
+
+async def delay(name: str) -> None:
+    seconds = _delays.get(name)
+    if seconds:
+        import asyncio
+        await asyncio.sleep(seconds)
+
+
 def point(name: str) -> None:
     if name in _points:
         sys.stdout.write(f'{{"event": "fault injected, exiting hard", "point": "{name}"}}\n')

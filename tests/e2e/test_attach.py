@@ -636,6 +636,28 @@ def test_slot_exhaustion_gives_a_clear_error_and_recovers(api, world, operator, 
     assert slots == ["0", "1"]
 
 
+def test_reattaching_right_after_a_detach_never_waits_on_a_stale_attachment(api, world,
+                                                                            operator,
+                                                                            cluster):
+    """A pod deleted and another started with the same claim on the same node reuse the
+    attachment's name. The attach/detach controller's DELETE response can be processed
+    after the pool attacher has detached the attachment and the watch has reported it
+    gone (CPU load makes that rare; VOLPLANE_DELAY_AT makes it certain). That stale
+    response must not put the attachment back in the cache: it used to, as "detaching",
+    for good, and the new pod waited forever (the flaky crash test, issue 15)."""
+    start(operator, env={"VOLPLANE_DELAY_AT": "detach-response=1.0"})
+    node = kwok_nodes(cluster)[0]
+    pool = world.pool(nodes=[node])
+    claim, pv, handle = world.volume(0, pool=pool)
+    for i in range(3):
+        world.pod(f"p{i}", node, claim)
+        world.wait_attached(pv, node, handle, timeout=30)
+        world.delete_pod(f"p{i}")
+        world.wait_no_va(pv, timeout=30)
+    world.pod("last", node, claim)
+    world.wait_attached(pv, node, handle, timeout=30)
+
+
 # ----------------------------------------------------------------------------- crash safety
 class OperatorDied(Exception):
     pass

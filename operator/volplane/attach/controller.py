@@ -429,6 +429,7 @@ class AttachDetachController:
         faults.point("detach-1")
         try:
             gone = await self.ctx.kube.delete(f"{VA_PATH}/{op.va_name}")
+            await faults.delay("detach-response")  # e2e: the response lags the watch
             metrics.api_writes.labels(self.name, "volumeattachments", "delete").inc()
         except ApiError as e:
             if not e.not_found:
