@@ -5,16 +5,25 @@ gets back from the API straight in ("write-through"), so the next decision
 sees its own writes without waiting for the watch. A store never goes back in
 time: an update older than what it holds (by resourceVersion) is ignored.
 
+Deletions seen by the watch leave a short-lived tombstone (the resourceVersion of the
+deletion): a response that left the API server before the deletion but is processed
+after it (a GET racing a DELETE, both in flight in one event loop) would otherwise put
+the deleted object back for good, since no later event removes it again. And a DELETED
+event of an older incarnation never removes a newer one (same name, written through).
+
 Objects are slimmed on the way in (managedFields and last-applied annotations
 dropped): they are kept for every PV/PVC in the cluster, so bytes matter.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+TOMBSTONE_SECONDS = 300.0  # far longer than any response can lag behind the watch
 
 
 def slim(body: Mapping[str, Any]) -> dict:
@@ -53,11 +62,13 @@ Slimmer = Callable[[Mapping], dict]
 class Store(Mapping[str, dict]):
     """key -> slim object, with change listeners called as (key, old, new)."""
 
-    def __init__(self, kind: str, slimmer: Slimmer | None = None):
+    def __init__(self, kind: str, slimmer: Slimmer | None = None, clock=time.monotonic):
         self.kind = kind
         self.slimmer = slimmer  # a projection for kinds with many objects (Pods, Nodes)
         self._items: dict[str, dict] = {}
         self._listeners: list[Listener] = []
+        self._clock = clock
+        self._gone: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (rv, when)
 
     def __getitem__(self, key: str) -> dict:
         return self._items[key]
@@ -77,6 +88,11 @@ class Store(Mapping[str, dict]):
         old = self._items.get(key)
         if old is not None and rv_int(obj) and rv_int(obj) <= rv_int(old):
             return False  # stale or already seen: the watch is behind our own write
+        gone = self._gone.get(key)
+        if gone is not None:
+            if rv_int(obj) and rv_int(obj) <= gone[0]:
+                return False  # older than its deletion: a response that lagged the watch
+            del self._gone[key]  # a newer incarnation
         self._items[key] = obj
         for fn in self._listeners:
             fn(key, old, obj)
@@ -110,6 +126,23 @@ class Store(Mapping[str, dict]):
         if old is not None:
             for fn in self._listeners:
                 fn(key, old, None)
+
+    def deleted(self, obj: Mapping) -> None:
+        """A watch DELETED event: remove the object unless what is stored is newer (a
+        newer incarnation of the name, written through), and remember the deletion's
+        resourceVersion for a while so that no older copy is upserted again."""
+        key = key_of(obj)
+        rv = rv_int(obj)
+        cur = self._items.get(key)
+        if cur is not None and rv and rv_int(cur) > rv:
+            return
+        if rv:
+            now = self._clock()
+            self._gone[key] = (rv, now)
+            self._gone.move_to_end(key)
+            while self._gone and now - next(iter(self._gone.values()))[1] > TOMBSTONE_SECONDS:
+                self._gone.popitem(last=False)
+        self.remove(key)
 
 
 class Cache:

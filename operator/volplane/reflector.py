@@ -121,7 +121,7 @@ class Reflector:
             if etype in ("ADDED", "MODIFIED"):
                 self._upsert(obj)
             elif etype == "DELETED":
-                self.store.remove(key_of(obj))
+                self.store.deleted(obj)
             elif etype != "BOOKMARK":
                 continue
             self._applied[etype].inc()

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import kopf
 
 from . import logs, settings
-from .cache import key_of
 from .context import Context
 from .reflector import Reflector, Reflectors
 from .serving import state as readiness
@@ -215,4 +214,4 @@ def _register_watch(registry: kopf.OperatorRegistry, ctx: Context, w: Watch) -> 
     async def on_event(type, body, **_):
         # Kopf runs the indexer above for every other event, before handlers.
         if type == "DELETED":
-            store.remove(key_of(body))
+            store.deleted(body)

@@ -134,3 +134,121 @@ def test_queue_idle_means_nothing_queued_and_nothing_in_flight():
         assert q.idle()
         assert await q.wait_idle(timeout=0.1)
     run(body())
+
+
+# -- a deleted object is the end of its work ------------------------------------------------
+def _not_found(name, kind):
+    from volplane.kube import ApiError
+    return ApiError(404, "Not Found", {
+        "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+        "message": f'{kind} "{name}" not found', "details": {"name": name, "kind": kind}})
+
+
+def test_is_gone_only_for_the_synced_object():
+    from volplane.kube import ApiError
+    from volplane.workqueue import is_gone
+    claims = "persistentvolumeclaims"
+    assert is_gone(_not_found("c1", claims), "ns/c1", claims)
+    assert is_gone(_not_found("pv-1", "persistentvolumes"), "pv-1", "persistentvolumes")
+    assert is_gone(_not_found("c1", claims), "ns/c1", None)
+    # another object of the sync (the PV a claim binds to), or another kind of that name
+    assert not is_gone(_not_found("pv-1", "persistentvolumes"), "ns/c1", claims)
+    assert not is_gone(_not_found("c1", "persistentvolumes"), "ns/c1", claims)
+    # a resource type that is not served (no details), other errors
+    assert not is_gone(ApiError(404, "Not Found", {"details": {}}), "ns/c1", claims)
+    assert not is_gone(ApiError(404, "Not Found", "404 page not found"), "ns/c1", claims)
+    assert not is_gone(ApiError(409, "Conflict", {"details": {"name": "c1"}}), "ns/c1", claims)
+
+
+class RecordingLog:
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, level):
+        return lambda event, **kw: self.lines.append((level, event, kw))
+
+
+def _run_one(sync, key, queue):
+    """Runs one worker until `key` was synced once, returns nothing."""
+    from volplane.workqueue import process
+
+    async def body():
+        log = RecordingLog()
+        queue.add(key)
+        task = asyncio.create_task(process(queue, sync, controller="t", log=log))
+        while queue._processing or len(queue):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        task.cancel()
+        if queue._timer:
+            queue._timer.cancel()
+        return log
+    return run(body())
+
+
+def test_a_claim_deleted_mid_sync_ends_its_work_without_a_warning():
+    async def sync(key):
+        raise _not_found("c1", "persistentvolumeclaims")
+
+    async def go():
+        q = WorkQueue("claims", resource="persistentvolumeclaims")
+        return q
+    q = run(go())
+    log = _run_one(sync, "ns/c1", q)
+    assert [line[0] for line in log.lines] == ["debug"], log.lines
+    assert q.failures("ns/c1") == 0 and not q._delayed  # done: not retried
+
+
+def test_a_404_about_another_object_is_still_a_failure_and_retried():
+    async def sync(key):
+        raise _not_found("pv-9", "persistentvolumes")
+
+    async def go():
+        return WorkQueue("claims", resource="persistentvolumeclaims")
+    q = run(go())
+    log = _run_one(sync, "ns/c1", q)
+    assert [(line[0], line[1]) for line in log.lines] == [("warning", "sync failed")]
+    assert q.failures("ns/c1") == 1 and q._delayed
+
+
+# -- deletions seen by the watch ---------------------------------------------------------------
+def _va(name, rv, uid="u1", **status):
+    return {"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
+            "metadata": {"name": name, "uid": uid, "resourceVersion": str(rv)},
+            "spec": {"nodeName": "n"}, "status": status}
+
+
+def test_a_response_older_than_a_watched_deletion_does_not_bring_the_object_back():
+    """A GET answered before the DELETE but processed after the DELETED event (both in
+    flight in one event loop) would put the deleted object back for good."""
+    s = Store("VolumeAttachment")
+    s.upsert(_va("x", 5, attached=True))
+    s.deleted(_va("x", 7))
+    assert "x" not in s
+    assert not s.upsert(_va("x", 6, attached=True))   # the lagging GET response
+    assert "x" not in s
+    assert s.upsert(_va("x", 10, uid="u2"))             # a new incarnation of the name
+    assert s["x"]["metadata"]["uid"] == "u2"
+
+
+def test_a_deletion_of_an_older_incarnation_keeps_the_newer_one():
+    """The old attachment's DELETED event arrives after its successor (same name) was
+    created and written through: the successor stays."""
+    s = Store("VolumeAttachment")
+    seen = []
+    s.listen(lambda k, old, new: seen.append((k, new is not None)))
+    s.upsert(_va("x", 10, uid="u2"))
+    s.deleted(_va("x", 7, uid="u1"))
+    assert s["x"]["metadata"]["uid"] == "u2"
+    assert seen == [("x", True)]
+    assert s.upsert(_va("x", 11, uid="u2", attached=True))
+
+
+def test_deletion_tombstones_expire():
+    clock = Clock()
+    s = Store("VolumeAttachment", clock=clock)
+    s.deleted(_va("x", 7))
+    clock.t = 400.0
+    s.deleted(_va("y", 9))                               # pruning happens on insert
+    assert "x" not in s._gone and "y" in s._gone
+    assert s.upsert(_va("x", 6))                        # tombstone gone: accepted again

@@ -97,7 +97,7 @@ class PoolAttacher:
         self.nodes = c.add_store("nodes", "Node", S.slim_node)
         self.pools = c.add_store("storagepools", "StoragePool")
         self.pvs = c.pvs
-        self.queue = WorkQueue("pool-attacher")
+        self.queue = WorkQueue("pool-attacher", resource="volumeattachments")
         self.ours_by_node: dict[str, set[str]] = {}   # node -> our VolumeAttachments
         self.ours_by_pv: dict[str, set[str]] = {}
         # (node, pool) -> slot -> attachment: slots being written right now
@@ -336,10 +336,16 @@ class PoolAttacher:
         if S.ATTACHER_FINALIZER not in finalizers:
             return
         if (va.get("status") or {}).get("attached"):
-            va = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
-                "metadata": {"resourceVersion": md["resourceVersion"]},
-                "status": {"attached": False, "attachmentMetadata": None,
-                           "detachError": None}})
+            try:
+                va = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
+                    "metadata": {"resourceVersion": md["resourceVersion"]},
+                    "status": {"attached": False, "attachmentMetadata": None,
+                               "detachError": None}})
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+                self.vas.remove(md["name"])  # gone already: a stale copy, drop it
+                return
             metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
             self.vas.upsert(va)
             faults.point("pool-detach-1")

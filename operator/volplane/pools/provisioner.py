@@ -18,7 +18,8 @@ Provisioning a claim ``C`` (uid ``U``) is two durable writes, both named after `
 
 A crash after 1 leaves a record and no PV: the next sync of the still-Pending claim
 finds the record and creates the PV. If the claim was deleted meanwhile, the record is
-an orphan (no PV, no claim with ``U``) and the GC loop deletes it after a grace period.
+an orphan (no PV, no claim with ``U``) and the GC loop deletes it once the record is
+older than a grace period (by its own creationTimestamp, so restarts do not reset it).
 A crash after 2 is a normal provisioned PV. So no duplicate PV (one name per claim) and
 no leaked or double-counted allocation (one record per claim, freed with its PV).
 
@@ -36,6 +37,7 @@ on. The space is freed only after the PV's deletion is irreversible.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import os
 import time
 from typing import Any
@@ -82,7 +84,7 @@ PV_PROTECTION = "kubernetes.io/pv-protection"
 ANN_POOL = "volplane.io/pool"
 VOLUME_RESIZE_FAILED = "VolumeResizeFailed"
 VOLUME_RESIZE_SUCCESSFUL = "VolumeResizeSuccessful"
-ORPHAN_GRACE = 30.0      # seconds an allocation record must look orphaned before GC
+ORPHAN_GRACE = 30.0      # minimum age (creationTimestamp) of an orphaned record before GC
 GC_PERIOD = 15.0
 CAPACITY_RELIST = 300.0  # re-list our CSIStorageCapacity objects (someone may delete them)
 DEBOUNCE = 0.2
@@ -264,22 +266,25 @@ class PoolProvisioner:
     name = "pool-provisioner"
     watches = (PVS, PVCS, CLASSES, NODES, POOLS, ALLOCATIONS)
 
-    def __init__(self, ctx: Context, *, clock=time.monotonic):
+    def __init__(self, ctx: Context, *, clock=time.monotonic, wall=None):
         self.ctx = ctx
         self.cache = ctx.cache
         self.clock = clock
+        self.wall = wall or (lambda: time.time())  # record ages (creationTimestamp)
         self.pools = self.cache.add_store(POOLS.plural, POOLS.kind)
         self.allocations = self.cache.add_store(ALLOCATIONS.plural, ALLOCATIONS.kind)
         self.nodes = self.cache.add_store(NODES.plural, NODES.kind, _node_slimmer())
         self.ledger = Ledger()
         self.namespace = (os.environ.get("VOLPLANE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
                           or "volplane-system")
-        self.finishing = WorkQueue("pool-deletions")   # PVs being deleted: free + unfinalize
-        self.expanding = WorkQueue("pool-expansions")  # bound claims asking for more space
+        self.finishing = WorkQueue("pool-deletions",   # PVs being deleted: free + unfinalize
+                                   resource="persistentvolumes")
+        self.expanding = WorkQueue("pool-expansions",  # bound claims asking for more space
+                                   resource="persistentvolumeclaims")
         self._dirty = asyncio.Event()       # pool status / capacity objects to refresh
         self._requeue_pending = False       # space was freed: retry Pending pool claims
         self._published: dict[str, dict] | None = None  # CSIStorageCapacity name -> object
-        self._orphans: dict[str, float] = {}  # allocation -> first time seen orphaned
+        self._provisioning: set[str] = set()  # records whose provision() is in flight
         self._loaded = asyncio.Event()      # the ledger was checked against a fresh LIST
         self.allocations.listen(self._on_allocation)
         self.pools.listen(self._on_pool)
@@ -413,9 +418,16 @@ class PoolProvisioner:
     # -- provision -------------------------------------------------------------------------------
     async def provision(self, claim: dict, decision: Any) -> None:
         """PV controller plugin: make (or finish making) the PV for a Pending claim."""
+        name = volume_name(claim)
+        self._provisioning.add(name)  # the GC leaves its record alone meanwhile
+        try:
+            await self._provision(claim, decision, name)
+        finally:
+            self._provisioning.discard(name)
+
+    async def _provision(self, claim: dict, decision: Any, name: str) -> None:
         t0 = time.monotonic()
         md = claim["metadata"]
-        name = volume_name(claim)
         if name in self.cache.pvs:
             return  # already made; the PV controller binds it
         if not self._loaded.is_set():
@@ -924,14 +936,16 @@ class PoolProvisioner:
 
     # -- garbage collection of orphaned allocation records ----------------------------------------
     async def _gc(self) -> None:
+        """Once at start (an operator restarted more often than GC_PERIOD still collects),
+        then every GC_PERIOD."""
         while True:
-            await asyncio.sleep(GC_PERIOD)
             try:
                 await self.collect_orphans()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("allocation GC failed", error=str(e))
+            await asyncio.sleep(GC_PERIOD)
 
     def _orphaned(self, name: str, record: dict) -> bool:
         if name in self.cache.pvs:
@@ -946,16 +960,21 @@ class PoolProvisioner:
         return bool(bound_to) and bound_to != name
 
     async def collect_orphans(self) -> list[str]:
-        """Delete records with no PV whose claim is gone (seen so for ORPHAN_GRACE)."""
-        now = self.clock()
+        """Delete records with no PV whose claim is gone, once ORPHAN_GRACE old.
+
+        The grace is measured from the record's own creationTimestamp, not from when
+        this process first saw it orphaned: an in-memory timer restarts with the
+        process, so an operator restarting more often than the grace never freed
+        anything (issue 15). What the grace protects is a provisioning in flight (the
+        PV is written right after the record): a record that old has none, except one
+        whose provision() runs here right now (skipped). The cache may lag, so the
+        PV's and the claim's absence is confirmed with the API server before deleting."""
+        now = self.wall()
         freed = []
-        seen = set()
         for name, record in list(self.allocations.items()):
-            if not self._orphaned(name, record):
+            if name in self._provisioning or not self._orphaned(name, record):
                 continue
-            seen.add(name)
-            first = self._orphans.setdefault(name, now)
-            if now - first < ORPHAN_GRACE:
+            if not orphan_due(record, now, ORPHAN_GRACE):
                 continue
             try:  # the cache may lag: confirm with the API server
                 await self.ctx.kube.get(pv_path(name))
@@ -983,7 +1002,21 @@ class PoolProvisioner:
             freed.append(name)
             log.info("orphaned allocation freed", name=name, pool=record["spec"].get("pool"),
                      claim=f"{ref['namespace']}/{ref['name']}", action="gc")
-        for name in list(self._orphans):
-            if name not in seen or name in freed:
-                self._orphans.pop(name, None)
         return freed
+
+
+def orphan_due(record: dict, now: float, grace: float = ORPHAN_GRACE) -> bool:
+    """Whether an orphaned allocation record is old enough to collect: `now` (wall
+    clock) is at least `grace` seconds past its creationTimestamp. A record without a
+    readable timestamp is never collected on age (it is reported by `volplane check`)."""
+    created = _timestamp((record.get("metadata") or {}).get("creationTimestamp"))
+    return created is not None and now - created >= grace
+
+
+def _timestamp(s: str | None) -> float | None:
+    if not s:
+        return None
+    try:
+        return calendar.timegm(time.strptime(s, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None

@@ -95,8 +95,8 @@ class PVController:
         self.ctx = ctx
         self.cache = ctx.cache
         self.index = VolumeIndex()
-        self.claims = WorkQueue("claims")
-        self.volumes = WorkQueue("volumes")
+        self.claims = WorkQueue("claims", resource="persistentvolumeclaims")
+        self.volumes = WorkQueue("volumes", resource="persistentvolumes")
         # Plugins, registered by other controllers (pool provisioner, ...).
         self.provisioners: dict[str, Provisioner] = {}
         self.deleters: dict[str, Deleter] = {}
