@@ -6,7 +6,8 @@ VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
 .PHONY: setup tools venv csi-stubs node-test controlplane cluster cluster-down cluster-status crds \
-	run test unit e2e lint types contracts check bench image kind kind-down kind-status e2e-kind
+	run test unit e2e lint types contracts check bench image kind kind-down kind-status e2e-kind \
+	e2e-upstream e2e-upstream-build
 
 setup: venv controlplane tools
 
@@ -85,7 +86,19 @@ node-test: venv
 e2e: setup
 	$(VPY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test: unit node-test e2e e2e-kind
+# unit and node-plugin tests, then the local control-plane e2e while the kind cluster is
+# built and started in the background (niced: the build yields to the tests), then the
+# e2e suite on kind. Both e2e suites run even if the first fails; either failing fails.
+test: unit node-test
+	@$(VPY) hack/kind/kind.py engine >/dev/null 2>&1 || true
+	@mkdir -p .local && echo "kind: images and cluster in the background (log: .local/kind-up.log)"
+	@nice -n 10 $(VPY) hack/kind/kind.py up > .local/kind-up.log 2>&1 & kind_pid=$$!; \
+	  $(MAKE) --no-print-directory e2e; e2e_rc=$$?; \
+	  wait $$kind_pid; echo "kind: background build finished (exit $$?):"; \
+	  tail -n 3 .local/kind-up.log; \
+	  $(MAKE) --no-print-directory e2e-kind; kind_rc=$$?; \
+	  echo "e2e: local control plane exit $$e2e_rc, kind exit $$kind_rc"; \
+	  exit $$(( e2e_rc || kind_rc ))
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests hack
@@ -123,3 +136,15 @@ kind-status: venv
 # The e2e suite against the kind cluster (made or reused by the suite itself).
 e2e-kind: setup
 	$(VPY) -m pytest tests/e2e --kind $(PYTEST_ARGS)
+
+# Upstream's External Storage e2e suites (k8s.io/kubernetes test/e2e at the pinned version)
+# against pool.volplane.io on the kind cluster; writes docs/upstream-e2e.md.
+# E2E_PROCS (default 2) ginkgo processes; FOCUS/SKIP narrow a run (then the doc is kept).
+e2e-upstream: setup
+	$(VPY) hack/e2e-upstream/e2e.py run $(if $(E2E_PROCS),--procs $(E2E_PROCS),) \
+	  $(if $(FOCUS),--focus '$(FOCUS)' --no-report,) $(if $(SKIP),--skip '$(SKIP)',)
+
+# Only e2e.test, the ginkgo CLI and the test images (cached by version).
+e2e-upstream-build: setup
+	$(VPY) hack/e2e-upstream/e2e.py build
+	$(VPY) hack/e2e-upstream/e2e.py images

@@ -54,9 +54,13 @@ GOPROXY = os.environ.get("VOLPLANE_GOPROXY", "https://proxy.golang.org")
 # Debian packages of the node's root filesystem: what kind's base image installs,
 # less NFS/iSCSI/fuse/curl, plus xfsprogs (the CSI node plugin formats xfs too). jq is
 # what kind's createContainer hook (mount-product-files.sh) parses the OCI state with.
+# openssh-server: installed, not enabled; upstream's e2e suites restart the kubelet over
+# SSH (their [Disruptive] tests), so hack/e2e-upstream starts it with its own key
+# (enable_ssh below).
 NODE_PACKAGES = (
     "systemd systemd-sysv dbus conntrack iptables nftables iproute2 ethtool util-linux "
-    "mount kmod libseccomp2 pigz e2fsprogs xfsprogs bash ca-certificates procps jq"
+    "mount kmod libseccomp2 pigz e2fsprogs xfsprogs bash ca-certificates procps jq "
+    "openssh-server"
 ).split()
 # The operator image: Debian's python3 and what the CSI node plugin calls
 # (losetup/blkid in util-linux and mount, mkfs.ext4/resize2fs, mkfs.xfs/xfs_growfs).
@@ -633,6 +637,7 @@ RUN chmod 755 /kind /kind/bin /usr/local/bin/* /usr/local/sbin/runc /opt/cni/bin
     && ln -sf /usr/lib/systemd/systemd /sbin/init \\
     && systemctl enable kubelet.service containerd.service undo-mount-hacks.service \\
     && systemctl mask systemd-binfmt.service \\
+    && rm -f /etc/ssh/ssh_host_* \\
     && mkdir -p /etc/kubernetes/manifests /kind/manifests {NODE_POOL_DIR} \\
     && containerd --version && runc --version && crictl --version
 ENV container=docker
@@ -820,6 +825,27 @@ def ensure_loop_devices(count: int = LOOP_DEVICES) -> None:
                 os.mknod(p, 0o660 | 0o060000, os.makedev(7, i))
 
 
+# Every kind node runs systemd, which takes inotify instances of the host's per-user
+# pool; with Debian's default (128) a second cluster's nodes fail to boot ("Failed to
+# create inotify object: Too many open files", containerd and kubelet never start).
+# kind's known-issues page gives these values.
+INOTIFY_LIMITS = {"fs/inotify/max_user_instances": 512, "fs/inotify/max_user_watches": 524288}
+
+
+def ensure_inotify_limits() -> None:
+    """Raise (never lower) the host's inotify limits where we may."""
+    for key, want in INOTIFY_LIMITS.items():
+        p = Path("/proc/sys") / key
+        try:
+            have = int(p.read_text())
+            if have < want:
+                p.write_text(str(want))
+                log(f"raised {key.replace('/', '.')} from {have} to {want}")
+        except (OSError, ValueError) as e:
+            log(f"note: cannot raise {key.replace('/', '.')} to {want} ({e}); "
+                "nodes may fail to boot if the host runs out of inotify instances")
+
+
 def _kind_cluster():
     from pytest_kind import KindCluster
 
@@ -890,6 +916,26 @@ def setup_network() -> None:
         docker("exec", "-i", name, "bash", "-s", input="\n".join(script) + "\n")
 
 
+def enable_ssh(public_key: str) -> None:
+    """Start sshd on every node, root logging in with this key only (what upstream's
+    e2e framework needs to stop and start a node's kubelet). Idempotent."""
+    script = "\n".join([
+        "set -e",
+        "mkdir -p -m 700 /root/.ssh",
+        f"echo '{public_key.strip()}' > /root/.ssh/authorized_keys",
+        "chmod 600 /root/.ssh/authorized_keys",
+        "printf 'PermitRootLogin prohibit-password\\nPasswordAuthentication no\\n' "
+        "> /etc/ssh/sshd_config.d/volplane.conf",
+        "test -s /etc/ssh/ssh_host_ed25519_key || ssh-keygen -A",
+        "systemctl start ssh.service",
+    ]) + "\n"
+    for name in node_names():
+        proc = docker("exec", "-i", name, "bash", "-s", input=script, check=False)
+        if proc.returncode != 0:
+            raise KindError(f"cannot start sshd on {name} (node image without "
+                            f"openssh-server?): {proc.stderr.strip()[-500:]}")
+
+
 def wait_nodes_ready(timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -915,19 +961,24 @@ def load_image(cluster, tag: str) -> bool:
     return True
 
 
+def _apply_kustomization(path: Path) -> None:
+    """kubectl apply of a kustomization, its `volplane:dev` image replaced by
+    OPERATOR_IMAGE (VOLPLANE_IMAGE: another worktree's own tag). Rendered first, so an
+    image that is not on the nodes is never rolled out, not even for a moment."""
+    rendered = kubectl("kustomize", str(path)).stdout
+    if OPERATOR_IMAGE != "volplane:dev":
+        if "image: volplane:dev\n" not in rendered:
+            raise KindError(f"{path}: no `image: volplane:dev` to replace")
+        rendered = rendered.replace("image: volplane:dev\n", f"image: {OPERATOR_IMAGE}\n")
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=rendered)
+
+
 def install_volplane(restart: bool) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO_ROOT / "manifests"),
-            capture=True)
+    _apply_kustomization(REPO_ROOT / "manifests")
     kubectl("wait", "--for=condition=Established", "--timeout=60s",
             "crd/storagepools.volplane.io", "crd/storageallocations.volplane.io")
     # the CSI node plugin (manifests/node/): real kubelets mount pool volumes through it
-    kubectl("apply", "--server-side", "--force-conflicts", "-k",
-            str(REPO_ROOT / "manifests" / "node"), capture=True)
-    if OPERATOR_IMAGE != "volplane:dev":  # VOLPLANE_IMAGE: another worktree's own tag
-        kubectl("-n", "volplane-system", "set", "image", "deployment/volplane",
-                f"volplane={OPERATOR_IMAGE}")
-        kubectl("-n", "volplane-node", "set", "image", "daemonset/volplane-node",
-                f"node={OPERATOR_IMAGE}")
+    _apply_kustomization(REPO_ROOT / "manifests" / "node")
     if restart:
         kubectl("-n", "volplane-system", "rollout", "restart", "deployment/volplane")
         kubectl("-n", "volplane-node", "rollout", "restart", "daemonset/volplane-node")
@@ -949,6 +1000,7 @@ def up(install: bool = True) -> Path:
         cluster = _kind_cluster()
         if not cluster_exists() or not kubeconfig_path().exists():
             ensure_loop_devices()
+            ensure_inotify_limits()
             config = render_config(v)
             local_dir().mkdir(parents=True, exist_ok=True)
             for marker in (local_dir() / "loaded").glob("*"):

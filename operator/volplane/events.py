@@ -76,6 +76,12 @@ class EventRecorder:
                 await self._post(*item)
             except asyncio.CancelledError:
                 raise
+            except ApiError as e:
+                if _namespace_gone(e):  # its object went with it: nothing to tell
+                    log.debug("event dropped, namespace gone", reason=item[2],
+                              error=str(e))
+                else:
+                    log.warning("event post failed", reason=item[2], error=str(e))
             except Exception as e:  # an event is never worth crashing a controller for
                 log.warning("event post failed", reason=item[2], error=str(e))
 
@@ -121,3 +127,12 @@ class EventRecorder:
         await self.kube.create(f"/api/v1/namespaces/{ns}/events", body)
         self.seen[key] = _Seen(name, ns, 1, now)
         metrics.events_posted.labels(type_, reason).inc()
+
+
+def _namespace_gone(e: ApiError) -> bool:
+    """The Event's namespace was deleted (404 naming it) or is being deleted (403)."""
+    body = e.body if isinstance(e.body, dict) else {}
+    details = body.get("details") or {}
+    if e.status == 404 and details.get("kind") == "namespaces":
+        return True
+    return e.status == 403 and "being terminated" in str(body.get("message") or "")

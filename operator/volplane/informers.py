@@ -27,6 +27,13 @@ Controllers read through ``Lister`` (a ``Mapping`` of key -> slim object) and
 brings them; such an entry is dropped as soon as Kopf's index has caught up (by
 resourceVersion). Kopf's indexes themselves are never written by volplane.
 
+A deletion the watch brings leaves a tombstone in the lister for TOMBSTONE_SECONDS (the
+resourceVersion of the deletion): a response that left the API server before the
+deletion but is processed after it (a GET racing a DELETE, both in flight in one event
+loop) is not put back, since no later event would ever remove it again. A newer
+incarnation of the name (a higher resourceVersion) is taken and ends the tombstone; and
+a DELETED event of an older incarnation never hides a newer one written through.
+
 Without Kopf (unit tests), ``Informers.feed``/``delete`` play the watch: the same
 slimmers and index functions fill in-memory indexes of the same shape, and the same
 listeners run.
@@ -35,6 +42,7 @@ listeners run.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +56,7 @@ log = logs.get("informers")
 Listener = Callable[[str, dict | None, dict | None], None]
 MEMO_KEY = "volplane.slim"  # where an object's last slim value sits in Kopf's memo
 OVERLAY_TTL = 120.0         # a written object the watch never confirmed is dropped then
+TOMBSTONE_SECONDS = 300.0   # far longer than any response can lag behind the watch
 
 NAMESPACES = Kind("", "v1", "namespaces", "Namespace", field_selector="metadata.name=default")
 
@@ -114,6 +123,8 @@ class Lister(Mapping[str, dict]):
         self._source: Mapping[Hashable, Iterable[dict]] = MemoryIndex()
         self._overlay: dict[str, _Entry] = {}
         self._swept = 0.0
+        # key -> (resourceVersion of its watched deletion, when), oldest first
+        self._deleted: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def bind(self, source: Mapping[Hashable, Iterable[dict]]) -> None:
         self._source = source
@@ -205,7 +216,13 @@ class Lister(Mapping[str, dict]):
         obj = self.kind.slimmer(body)
         obj.setdefault("apiVersion", self.kind.api_version)
         obj["kind"] = obj.get("kind") or self.kind.kind
-        self._overlay[key_of(obj)] = _Entry(obj, rv_int(obj), self.clock())
+        key, rv = key_of(obj), rv_int(obj)
+        tomb = self._deleted.get(key)
+        if tomb is not None:
+            if rv and rv <= tomb[0]:
+                return obj  # older than its watched deletion: a response that lagged it
+            del self._deleted[key]  # a newer incarnation
+        self._overlay[key] = _Entry(obj, rv, self.clock())
         return obj
 
     def gone(self, key: str, rv: int | None = None) -> None:
@@ -213,6 +230,20 @@ class Lister(Mapping[str, dict]):
         current = self.get(key)
         at = rv if rv is not None else rv_int(current)
         self._overlay[key] = _Entry(None, at, self.clock())
+
+    def deleted(self, key: str, rv: int) -> None:
+        """The watch brought the deletion of `key` at `rv` (Kopf's index has dropped it):
+        remember it for TOMBSTONE_SECONDS so that no older copy is put back."""
+        if not rv:
+            return
+        now = self.clock()
+        self._deleted[key] = (rv, now)
+        self._deleted.move_to_end(key)
+        while self._deleted:
+            oldest = next(iter(self._deleted.values()))
+            if now - oldest[1] <= TOMBSTONE_SECONDS:
+                break
+            self._deleted.popitem(last=False)
 
     def caught_up(self, key: str, rv: int) -> None:
         """A watch event at `rv` was indexed: drop what it supersedes. Entries the watch
@@ -327,6 +358,7 @@ class Informers:
         if type_ == "DELETED":
             new = None
             memo.pop(MEMO_KEY, None)
+            lister.deleted(key, rv_int(body))
         else:
             uid = md(body).get("uid")
             new = None
@@ -367,11 +399,14 @@ class Informers:
         memo = self._memos.setdefault((kind.plural, uid), {})
         self.on_event(kind, "MODIFIED", body, memo)
 
-    def delete(self, kind: Kind, key: str) -> None:
-        """A DELETED event of the object `key`."""
+    def delete(self, kind: Kind, key: str, rv: int | None = None) -> None:
+        """A DELETED event of the object `key` (at resourceVersion `rv`: the deletion's,
+        which the watch reports; by default the object's last)."""
         obj = self.listers[kind.plural]._indexed(key)
         if obj is None:
             return
+        if rv is not None:
+            obj = {**obj, "metadata": {**md(obj), "resourceVersion": str(rv)}}
         uid = md(obj).get("uid") or key
         self._source(kind).discard(uid)
         memo = self._memos.pop((kind.plural, uid), {})

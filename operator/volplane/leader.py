@@ -12,7 +12,18 @@ freeze everyone), so volplane uses client-go's protocol instead:
   caches as a follower; nothing is left half-done because every multi-write
   operation is idempotent and resumed by whichever replica leads next).
 
-The decision part (`decide`) is pure and takes the clock as an argument.
+Two clocks, never mixed:
+
+- durations (has the holder stopped renewing for leaseDurationSeconds? has our last
+  renewal outlived the renew deadline?) are measured on `time.monotonic()`, which
+  never jumps. client-go gets this for free (Go's time.Now() carries a monotonic
+  reading); Python's `time.time()` does not: an NTP step of +30 s on a follower made
+  it judge a live leader's unchanged Lease expired and take it while the leader kept
+  acting (issue 15). The holder's renewTime is never compared with our clock at
+  all: expiry is "we have seen the same (holder, renewTime) for a full duration";
+- the wall clock is used only to write the renewTime/acquireTime strings.
+
+The decision part (`decide`) is pure and takes the (monotonic) clock as an argument.
 """
 
 from __future__ import annotations
@@ -42,7 +53,20 @@ class LeaseConfig:
 
     def __post_init__(self):
         if not self.identity:
-            self.identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+            self.identity = default_identity()
+
+
+def default_identity(env: dict | None = None) -> str:
+    """$POD_NAME (unique per replica, stable across container restarts), else the
+    hostname plus a random suffix, as kube-controller-manager and other client-go
+    callers build theirs: two processes on one host must never share an identity, or
+    both would "renew" one Lease and act at once."""
+    env = os.environ if env is None else env
+    return env.get("POD_NAME") or f"{socket.gethostname()}_{uuid.uuid4()}"
+
+
+def _wall() -> float:
+    return time.time()  # looked up at each call (faults.py may step it in e2e tests)
 
 
 def _micro(t: float) -> str:
@@ -65,6 +89,8 @@ def decide(lease: dict | None, identity: str, now: float, observed: dict) -> str
 
     `observed` remembers (holder, renewTime) and the local time it was first seen,
     so expiry is measured on our own clock, as client-go does (clock skew safe).
+    `now` must be a monotonic reading: a wall clock that steps forward would expire a
+    live holder's lease early.
     """
     if lease is None:
         return "acquire"
@@ -84,12 +110,13 @@ def decide(lease: dict | None, identity: str, now: float, observed: dict) -> str
 
 
 class LeaderElector:
-    def __init__(self, kube: Kube, cfg: LeaseConfig, clock=time.time):
+    def __init__(self, kube: Kube, cfg: LeaseConfig, clock=time.monotonic, wall=None):
         self.cfg = cfg
-        self.clock = clock
+        self.clock = clock  # durations: lease expiry, renew deadline (monotonic)
+        self.wall = wall or _wall  # only for the renewTime / acquireTime strings
         self.leading = asyncio.Event()
         self._observed: dict = {}
-        self.last_renew = 0.0  # time.monotonic() of the last successful acquire/renew
+        self.last_renew = 0.0  # self.clock() of the last successful acquire/renew
         kube.write_guard = self.check
         # Lease requests get a rate limit of their own (client-go gives leader election
         # its own client): a renewal must never queue behind the controllers' backlog,
@@ -103,6 +130,7 @@ class LeaderElector:
 
     async def _try(self) -> bool:
         now = self.clock()
+        stamp = _micro(self.wall())
         try:
             lease = await self.kube.get(self.path)
         except ApiError as e:
@@ -115,10 +143,10 @@ class LeaderElector:
         spec = {
             "holderIdentity": self.cfg.identity,
             "leaseDurationSeconds": int(self.cfg.lease_duration),
-            "renewTime": _micro(now),
+            "renewTime": stamp,
         }
         if lease is None:
-            spec.update(acquireTime=_micro(now), leaseTransitions=0)
+            spec.update(acquireTime=stamp, leaseTransitions=0)
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.cfg.name, "namespace": self.cfg.namespace},
                     "spec": spec}
@@ -126,7 +154,7 @@ class LeaderElector:
             return True
         old = lease.get("spec") or {}
         if action == "acquire":
-            spec.update(acquireTime=_micro(now),
+            spec.update(acquireTime=stamp,
                         leaseTransitions=int(old.get("leaseTransitions") or 0) + 1)
         await self.kube.merge_patch(self.path, {
             "metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
@@ -138,7 +166,7 @@ class LeaderElector:
         while not self.leading.is_set():
             try:
                 if await self._try():
-                    self.last_renew = time.monotonic()
+                    self.last_renew = self.clock()
                     self.leading.set()
                     metrics.leader.set(1)
                     log.info("became leader", identity=self.cfg.identity,
@@ -148,24 +176,26 @@ class LeaderElector:
                 if not (e.conflict or e.already_exists):
                     log.warning("lease acquire failed", error=str(e))
             await asyncio.sleep(self.cfg.retry_period)
-        last_renew = self.clock()
         while True:
             await asyncio.sleep(self.cfg.retry_period)
             try:
                 if await asyncio.wait_for(self._try(), timeout=self.cfg.renew_deadline):
-                    last_renew = self.clock()
-                    self.last_renew = time.monotonic()
+                    self.last_renew = self.clock()
                     continue
             except (ApiError, TimeoutError, OSError) as e:
                 log.warning("lease renew failed", error=str(e))
-            if self.clock() - last_renew >= self.cfg.renew_deadline:
+            if self.renew_expired():
                 self.lost()
+
+    def renew_expired(self) -> bool:
+        """Our last successful renewal is older than the renew deadline (monotonic)."""
+        return self.clock() - self.last_renew >= self.cfg.renew_deadline
 
     def check(self) -> None:
         """Before any write: a leader whose last renewal is older than the renew
         deadline (e.g. the process was paused) may no longer hold the lease; stop now
         rather than write on stale authority. Lease writes themselves pass."""
-        if self.leading.is_set() and time.monotonic() - self.last_renew > self.cfg.renew_deadline:
+        if self.leading.is_set() and self.clock() - self.last_renew > self.cfg.renew_deadline:
             self.lost()
 
     def lost(self) -> None:

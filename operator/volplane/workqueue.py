@@ -19,8 +19,11 @@ from collections.abc import Hashable
 
 class WorkQueue:
     def __init__(self, name: str, *, base_delay: float = 0.05, max_delay: float = 30.0,
-                 clock=time.monotonic):
+                 clock=time.monotonic, resource: str | None = None):
         self.name = name
+        # The API resource (plural) its keys name, e.g. "persistentvolumeclaims": a 404
+        # about that object means it was deleted, which ends its work (see `process`).
+        self.resource = resource
         self.clock = clock
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -110,12 +113,29 @@ class WorkQueue:
                 pass
 
 
+def is_gone(error, key: Hashable, resource: str | None = None) -> bool:
+    """Whether an API error says the object being synced (`key`, "ns/name" or "name")
+    no longer exists: a 404 whose details name it (and its resource, when known).
+
+    A 404 about any other object (a PV deleted while a claim binds to it, a resource
+    type that is not installed) is not the end of the key's work."""
+    if getattr(error, "status", None) != 404 or not isinstance(error.body, dict):
+        return False
+    details = error.body.get("details") or {}
+    if not isinstance(key, str) or details.get("name") != key.rsplit("/", 1)[-1]:
+        return False
+    return resource is None or details.get("kind") in (None, resource)
+
+
 async def process(queue: WorkQueue, sync, *, controller: str, log, on_conflict=None) -> None:
     """A worker: take a key, sync it, and requeue it the way client-go controllers do.
 
     `sync(key)` returns None when done, or seconds after which to look again. An API
     conflict (409) means we decided on stale data: `on_conflict(key)` may re-read the
     object, then the key is retried with backoff; other errors back off the same way.
+    A 404 about the key's own object means it was deleted while we worked on it: that
+    is the end of its work, not a failure (debug log, no retry; the watch removes it
+    from the cache, and a re-created object of that name is a new key event).
     Nothing a single object does can kill the worker.
     """
     from .kube import ApiError  # late: kube imports the kubernetes package
@@ -129,6 +149,12 @@ async def process(queue: WorkQueue, sync, *, controller: str, log, on_conflict=N
             if retry:
                 queue.add_after(key, retry)
         except ApiError as e:
+            if is_gone(e, key, queue.resource):
+                sync_total.labels(controller, queue.name, "gone").inc()
+                log.debug("object deleted during sync; its work is done", key=key,
+                          queue=queue.name)
+                queue.forget(key)
+                continue
             sync_total.labels(controller, queue.name, "conflict" if e.conflict else "error").inc()
             if e.conflict and on_conflict is not None:
                 await on_conflict(key)

@@ -35,7 +35,15 @@ from pathlib import Path
 import pykube
 import pytest
 
-from .helpers import E2ENodes, delete_quietly, discover_nodes, remove_e2e_leftovers, wait_for
+from .helpers import (
+    E2ENodes,
+    delete_quietly,
+    discover_nodes,
+    get_or_none,
+    kpatch_response,
+    remove_e2e_leftovers,
+    wait_for,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Operator logs, pid records and the operator's kubeconfig live beside the cluster they
@@ -190,10 +198,63 @@ def namespace(api, e2e_leftovers_removed) -> str:
     yield name
     delete_quietly(ns)
     # PVs are cluster-scoped: the tests name theirs "<namespace>-…". Left behind they
-    # would go Released and keep the next test's operator busy at start-up.
+    # would go Released and keep the next test's operator busy at start-up. A Bound one
+    # keeps kubernetes.io/pv-protection until a binder releases it, and no operator runs
+    # any more: strip the finalizers after the delete, as every other e2e cleanup does
+    # (else it stays Terminating, Bound to a claim that is gone: `volplane check` after
+    # the module reports it).
     for pv in pykube.PersistentVolume.objects(api):
         if pv.name.startswith(f"{name}-"):
             delete_quietly(pv)
+            if get_or_none(api, "v1", "PersistentVolume", pv.name) is not None:
+                kpatch_response(api, "PersistentVolume", pv.name,
+                                {"metadata": {"finalizers": None}})
+
+
+# ----------------------------------------------------------------------------- invariants
+CHECK_WAIT = float(os.environ.get("VOLPLANE_E2E_CHECK_WAIT") or 60)
+
+
+def run_check(kubeconfig: str, *extra: str, wait: float = CHECK_WAIT) -> tuple[int, dict, str]:
+    """`volplane check -o json` against the cluster: (exit code, report, stderr)."""
+    out = subprocess.run([_volplane_executable(), "check", "--kubeconfig", kubeconfig,
+                          "-o", "json", "--wait", str(wait), *extra],
+                         capture_output=True, text=True, timeout=wait + 120)
+    try:
+        report = json.loads(out.stdout)
+    except ValueError:
+        report = {}
+    return out.returncode, report, out.stderr
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_invariants(request):
+    """After every e2e module: `volplane check` finds every invariant holding.
+
+    Scope (what is fair to judge once a module's tests and their cleanup are done):
+    - objects and namespaces labelled `volplane.io/check-exclude` are skipped, with what
+      is bound to them (`check/invariants.py` Scope): a test that breaks something on
+      purpose labels it so;
+    - `--wait`: a cleanup leaves work in flight (namespaces being deleted, claims going
+      away with them); the check re-runs for up to VOLPLANE_E2E_CHECK_WAIT seconds (60)
+      until every invariant holds;
+    - tests that use no cluster (or VOLPLANE_E2E_CHECK=0) skip it.
+    A violation fails the module's last test (as a teardown error) with the report."""
+    yield
+    if os.environ.get("VOLPLANE_E2E_CHECK") == "0":
+        return
+    mine = [i for i in request.session.items if i.path == request.node.path]
+    if not any("cluster" in getattr(i, "fixturenames", ()) for i in mine):
+        return
+    kubeconfig = request.getfixturevalue("kubeconfig")
+    code, report, err = run_check(kubeconfig)
+    if code == 0:
+        return
+    if code == 1:
+        lines = [f"- [{v['invariant']}] {v['message']}" for v in report.get("violations", [])]
+        pytest.fail(f"volplane check after {request.node.name}: "
+                    f"{len(lines)} violation(s)\n" + "\n".join(lines), pytrace=False)
+    pytest.fail(f"volplane check could not run (exit {code}): {err.strip()}", pytrace=False)
 
 
 # ----------------------------------------------------------------------------- operator

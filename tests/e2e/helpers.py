@@ -398,7 +398,8 @@ def discover_nodes(api: pykube.HTTPClient) -> E2ENodes:
                            f"found {zoned or 'none'}")
     a, b = zoned[zones[0]], zoned[zones[1]]
     names = tuple(x for pair in zip(a, b, strict=False) for x in pair)
-    return E2ENodes(names=names, zone_a=tuple(a), zone_b=tuple(b))
+    # zone lists sorted by name, as the operator lists a pool's nodes
+    return E2ENodes(names=names, zone_a=tuple(sorted(a)), zone_b=tuple(sorted(b)))
 
 
 def node_plugin_registered(api: pykube.HTTPClient, node: str) -> bool:

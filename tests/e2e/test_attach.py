@@ -257,6 +257,12 @@ class World:
                           {"metadata": {"finalizers": None}})
                 except requests.HTTPError:
                     pass
+        # allocation records of the pools' provisioned volumes (the StatefulSet test's):
+        # with their PVs deleted above, left behind they would be orphans of a gone pool
+        alloc_cls = cls(api, "StorageAllocation", "volplane.io/v1alpha1")
+        for rec in alloc_cls.objects(api):
+            if rec.obj.get("spec", {}).get("pool") in self.pools:
+                delete_quietly(rec)
         for name in self.pools:
             obj = get_or_none(api, "volplane.io/v1alpha1", "StoragePool", name)
             if obj is not None:
@@ -733,22 +739,66 @@ def test_slot_exhaustion_gives_a_clear_error_and_recovers(api, world, operator, 
     assert slots == ["0", "1"]
 
 
+def test_reattaching_right_after_a_detach_never_waits_on_a_stale_attachment(api, world,
+                                                                            operator,
+                                                                            cluster):
+    """A pod deleted and another started with the same claim on the same node reuse the
+    attachment's name. The attach/detach controller's DELETE response can be processed
+    after the pool attacher has detached the attachment and the watch has reported it
+    gone (CPU load makes that rare; VOLPLANE_DELAY_AT makes it certain). That stale
+    response must not put the attachment back in the cache: it used to, as "detaching",
+    for good, and the new pod waited forever (the flaky crash test, issue 15)."""
+    start(operator, env={"VOLPLANE_DELAY_AT": "detach-response=1.0"})
+    node = kwok_nodes(cluster)[0]
+    pool = world.pool(nodes=[node])
+    claim, pv, handle = world.volume(0, pool=pool)
+    for i in range(3):
+        world.pod(f"p{i}", node, claim)
+        world.wait_attached(pv, node, handle, timeout=30)
+        world.delete_pod(f"p{i}")
+        world.wait_no_va(pv, timeout=30)
+    world.pod("last", node, claim)
+    world.wait_attached(pv, node, handle, timeout=30)
+
+
 # ----------------------------------------------------------------------------- crash safety
+class OperatorDied(Exception):
+    pass
+
+
 def assert_converged(api, world, pool: str, running: dict[str, tuple[str, str, str]],
-                     timeout: float = 90) -> None:
+                     timeout: float = 90, operator=None) -> None:
     """running: pod -> (node, pv, handle). Every running pod's volume attached on its node
-    under the upstream name, nothing else attached, slots unique, node reports exact."""
+    under the upstream name, nothing else attached, slots unique, node reports exact.
+    `operator`: fail at once if it exits meanwhile. A timeout says which attachment is
+    missing, extra or unattached, and how the operator's log ends."""
     want = {volume_attachment_name(h, POOL_DRIVER, n): (pv, n) for n, pv, h in running.values()}
 
     def converged():
+        if operator is not None and not operator.running:
+            raise OperatorDied(f"operator exited ({operator.returncode}) before "
+                               f"converging; {operator.log_path}:\n{operator.tail()}")
         vas = world.my_vas()
         if set(vas) != set(want):
             return None
         if not all((v.get("status") or {}).get("attached") for v in vas.values()):
             return None
         return vas
-    vas = wait_for(converged, timeout=timeout, interval=0.5,
-                   message=f"{len(want)} attachments exactly, all attached")
+
+    try:
+        vas = wait_for(converged, timeout=timeout, interval=0.5,
+                       message=f"{len(want)} attachments exactly, all attached")
+    except TimeoutError as e:
+        vas = world.my_vas()
+        state = {n: ("missing" if n not in vas else {
+            "attached": (vas[n].get("status") or {}).get("attached"),
+            "slot": (vas[n]["metadata"].get("annotations") or {}).get(SLOT_ANNOTATION),
+            "deleting": bool(vas[n]["metadata"].get("deletionTimestamp")),
+            "attachError": ((vas[n].get("status") or {}).get("attachError") or {}).get(
+                "message")}) for n in want}
+        state.update({n: "extra" for n in set(vas) - set(want)})
+        tail = f"\n{operator.log_path}:\n{operator.tail(15)}" if operator is not None else ""
+        raise TimeoutError(f"{e}; attachments (name -> state): {state}{tail}") from None
     seen = {}
     for name, v in vas.items():
         slot = (v["spec"]["nodeName"], v["metadata"]["annotations"][SLOT_ANNOTATION])
@@ -813,7 +863,7 @@ def test_kill_9_during_a_burst_of_pod_starts_and_deletes(api, world, operator, c
             f.result()
     start(operator, *args)
     running = {p: v for p, v in placement.items() if p not in gone}
-    assert_converged(api, world, pool, running, timeout=120)
+    assert_converged(api, world, pool, running, timeout=120, operator=operator)
     # desired and actual states agree
     def agree():
         vals = metric_values(port, "attachdetach_controller_total_volumes")
@@ -844,7 +894,7 @@ def test_crash_between_writes_converges(api, world, operator, cluster, point):
         wait_for(lambda: not operator.running, timeout=30, message=f"crash at {point}")
         assert operator.returncode == 86
         start(operator)
-    assert_converged(api, world, pool, placement)
+    assert_converged(api, world, pool, placement, operator=operator)
     if not attach_phase:
         operator.stop()
         start(operator, env=crash_env)
@@ -855,10 +905,10 @@ def test_crash_between_writes_converges(api, world, operator, cluster, point):
         assert operator.returncode == 86
         start(operator)
     running = {p: v for p, v in placement.items() if p not in ("p0", "p1")}
-    assert_converged(api, world, pool, running)
+    assert_converged(api, world, pool, running, operator=operator)
     # freed slots are reusable: two more pods fit in the 4 slots per node
     for i in (0, 1):
         world.pod(f"q{i}", nodes[i % 2], vols[i][0])
     running.update({f"q{i}": placement[f"p{i}"] for i in (0, 1)})
-    assert_converged(api, world, pool, running)
+    assert_converged(api, world, pool, running, operator=operator)
 

@@ -97,3 +97,78 @@ def test_queue_idle_means_nothing_queued_and_nothing_in_flight():
         assert q.idle()
         assert await q.wait_idle(timeout=0.1)
     run(body())
+
+
+# -- a deleted object is the end of its work ------------------------------------------------
+def _not_found(name, kind):
+    from volplane.kube import ApiError
+    return ApiError(404, "Not Found", {
+        "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+        "message": f'{kind} "{name}" not found', "details": {"name": name, "kind": kind}})
+
+
+def test_is_gone_only_for_the_synced_object():
+    from volplane.kube import ApiError
+    from volplane.workqueue import is_gone
+    claims = "persistentvolumeclaims"
+    assert is_gone(_not_found("c1", claims), "ns/c1", claims)
+    assert is_gone(_not_found("pv-1", "persistentvolumes"), "pv-1", "persistentvolumes")
+    assert is_gone(_not_found("c1", claims), "ns/c1", None)
+    # another object of the sync (the PV a claim binds to), or another kind of that name
+    assert not is_gone(_not_found("pv-1", "persistentvolumes"), "ns/c1", claims)
+    assert not is_gone(_not_found("c1", "persistentvolumes"), "ns/c1", claims)
+    # a resource type that is not served (no details), other errors
+    assert not is_gone(ApiError(404, "Not Found", {"details": {}}), "ns/c1", claims)
+    assert not is_gone(ApiError(404, "Not Found", "404 page not found"), "ns/c1", claims)
+    assert not is_gone(ApiError(409, "Conflict", {"details": {"name": "c1"}}), "ns/c1", claims)
+
+
+class RecordingLog:
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, level):
+        return lambda event, **kw: self.lines.append((level, event, kw))
+
+
+def _run_one(sync, key, queue):
+    """Runs one worker until `key` was synced once, returns nothing."""
+    from volplane.workqueue import process
+
+    async def body():
+        log = RecordingLog()
+        queue.add(key)
+        task = asyncio.create_task(process(queue, sync, controller="t", log=log))
+        while queue._processing or len(queue):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        task.cancel()
+        if queue._timer:
+            queue._timer.cancel()
+        return log
+    return run(body())
+
+
+def test_a_claim_deleted_mid_sync_ends_its_work_without_a_warning():
+    async def sync(key):
+        raise _not_found("c1", "persistentvolumeclaims")
+
+    async def go():
+        q = WorkQueue("claims", resource="persistentvolumeclaims")
+        return q
+    q = run(go())
+    log = _run_one(sync, "ns/c1", q)
+    assert [line[0] for line in log.lines] == ["debug"], log.lines
+    assert q.failures("ns/c1") == 0 and not q._delayed  # done: not retried
+
+
+def test_a_404_about_another_object_is_still_a_failure_and_retried():
+    async def sync(key):
+        raise _not_found("pv-9", "persistentvolumes")
+
+    async def go():
+        return WorkQueue("claims", resource="persistentvolumeclaims")
+    q = run(go())
+    log = _run_one(sync, "ns/c1", q)
+    assert [(line[0], line[1]) for line in log.lines] == [("warning", "sync failed")]
+    assert q.failures("ns/c1") == 1 and q._delayed

@@ -439,15 +439,23 @@ class AttachDetachController:
             self.detaching.discard(op.key)
             raise
         faults.point("detach-1")
+        # Marked before the DELETE leaves: the attachment's removal (watch or attacher),
+        # which can come before this coroutine sees the response, clears the mark. Set
+        # after the response, it outlived the attachment and hid the next one of the
+        # same name from every later detach.
+        started = op.va_name not in self.detach_started
+        self.detach_started.setdefault(op.va_name, self.clock())
         try:
             gone = await self.ctx.kube.delete(f"{VA_PATH}/{op.va_name}")
+            await faults.delay("detach-response")  # e2e: the response lags the watch
             metrics.api_writes.labels(self.name, "volumeattachments", "delete").inc()
         except ApiError as e:
+            if started:
+                self.detach_started.pop(op.va_name, None)
             if not e.not_found:
                 self.detaching.discard(op.key)
                 raise
             gone = None
-        self.detach_started.setdefault(op.va_name, self.clock())
         if isinstance(gone, dict) and (gone.get("metadata") or {}).get("deletionTimestamp"):
             self.vas.put(gone)  # held by the attacher's finalizer: now DETACHING
         faults.point("detach-2")

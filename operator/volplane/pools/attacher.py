@@ -82,7 +82,7 @@ class PoolAttacher:
         self.pvs = inf.lister(PVS)
         self.vas_by_node = inf.index(ATTACHMENTS_BY_NODE)
         self.vas_by_pv = inf.index(ATTACHMENTS_BY_PV)
-        self.queue = WorkQueue("pool-attacher")
+        self.queue = WorkQueue("pool-attacher", resource="volumeattachments")
         # (node, pool) -> slot -> attachment: slots being written right now
         self.reserved: dict[tuple[str, str], dict[int, str]] = {}
         inf.listen(VOLUME_ATTACHMENTS, self._on_attachment)
@@ -306,10 +306,16 @@ class PoolAttacher:
         if S.ATTACHER_FINALIZER not in finalizers:
             return
         if (va.get("status") or {}).get("attached"):
-            va = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
-                "metadata": {"resourceVersion": md["resourceVersion"]},
-                "status": {"attached": False, "attachmentMetadata": None,
-                           "detachError": None}})
+            try:
+                va = await self.ctx.kube.merge_patch(f"{VA_PATH}/{md['name']}/status", {
+                    "metadata": {"resourceVersion": md["resourceVersion"]},
+                    "status": {"attached": False, "attachmentMetadata": None,
+                               "detachError": None}})
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+                self.vas.gone(md["name"])  # gone already: a stale copy, drop it
+                return
             metrics.api_writes.labels(self.name, "volumeattachments", "patch-status").inc()
             va = self.vas.put(va) or va
             faults.point("pool-detach-1")

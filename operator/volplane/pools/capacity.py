@@ -13,9 +13,10 @@ from volplane.objects import spec as _spec
 from volplane.quantity import format_quantity
 
 from .ledger import Ledger
-from .parameters import ParameterError, parse_class_parameters
+from .parameters import ClassParams, ParameterError, parse_class_parameters
 from .placement import (
     HOSTNAME_LABEL,
+    NODE_TOPOLOGY_KEY,
     hostnames,
     missing_nodes,
     pool_capacity,
@@ -114,16 +115,47 @@ def capacity_object_name(pool: str, storage_class: str) -> str:
     return f"sp-{digest}"
 
 
+def segment_object_name(storage_class: str, segment: str) -> str:
+    """Deterministic CSIStorageCapacity name for (class, node topology segment)."""
+    digest = hashlib.sha256(f"{storage_class}\0{NODE_TOPOLOGY_KEY}={segment}".encode()
+                            ).hexdigest()[:16]
+    return f"sn-{digest}"
+
+
+def _capacity_object(name: str, namespace: str, class_name: str, topology: dict[str, Any],
+                     capacity: int, max_size: int,
+                     annotations: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "CSIStorageCapacity",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {MANAGED_BY: "volplane", "volplane.io/driver": PROVISIONER},
+            "annotations": {**annotations, "volplane.io/storage-class": class_name},
+        },
+        "storageClassName": class_name,
+        "nodeTopology": topology,
+        "capacity": _q(capacity),
+        "maximumVolumeSize": _q(max_size),
+    }
+
+
 def capacity_objects(pools: Mapping[str, Mapping[str, Any]],
                      classes: Mapping[str, Mapping[str, Any]], ledger: Ledger,
                      nodes: Mapping[str, Mapping[str, Any]],
                      namespace: str) -> dict[str, dict[str, Any]]:
-    """The CSIStorageCapacity objects to publish: one per (pool, class using the pool).
+    """The CSIStorageCapacity objects to publish, as external-provisioner lays them out
+    for a driver with topology: one per (class, topology segment).
 
-    nodeTopology selects the pool's nodes (within the class's allowedTopologies) by
-    hostname; capacity and maximumVolumeSize are the pool's free space. Classes with
-    invalid parameters and pools without nodes or with an invalid capacity get none:
-    the scheduler then sees no capacity there, which is the truth.
+    A node where the node plugin registered carries the segment label
+    ``topology.pool.volplane.io/node=<node>``: its object for a class selects exactly that
+    label (matchLabels), with capacity = the free space of every pool the class may use
+    that reaches the node, and maximumVolumeSize = the largest one (a volume lives in one
+    pool). Nodes without the label (no node plugin there, e.g. kwok's) are published per
+    (pool, class), selected by hostname, with the pool's free space. Classes with invalid
+    parameters and pools without nodes or with an invalid capacity get none: the
+    scheduler then sees no capacity there, which is the truth.
     """
     out: dict[str, dict[str, Any]] = {}
     for class_name in sorted(classes):
@@ -134,33 +166,45 @@ def capacity_objects(pools: Mapping[str, Mapping[str, Any]],
             params = parse_class_parameters(sc.get("parameters"))
         except ParameterError:
             continue
-        for pool_name in sorted(pools):
-            pool = pools[pool_name]
-            if not params.selects(pool) or _meta(pool).get("deletionTimestamp"):
-                continue
-            capacity = pool_capacity(pool)
-            if capacity is None:
-                continue
-            usable = topology_nodes(pool_nodes(pool, nodes), nodes, sc.get("allowedTopologies"))
-            if not usable:
-                continue
-            free = _q(ledger.available(pool_name, capacity))
+        out.update(_class_objects(class_name, sc, params, pools, ledger, nodes, namespace))
+    return out
+
+
+def _class_objects(class_name: str, sc: Mapping[str, Any], params: ClassParams,
+                   pools: Mapping[str, Mapping[str, Any]], ledger: Ledger,
+                   nodes: Mapping[str, Mapping[str, Any]],
+                   namespace: str) -> dict[str, dict[str, Any]]:
+    """One class's objects: per (pool, class) for unlabelled nodes, per segment else."""
+    out: dict[str, dict[str, Any]] = {}
+    segments: dict[str, dict[str, int]] = {}  # segment -> {pool: free bytes}
+    for pool_name in sorted(pools):
+        pool = pools[pool_name]
+        if not params.selects(pool) or _meta(pool).get("deletionTimestamp"):
+            continue
+        capacity = pool_capacity(pool)
+        if capacity is None:
+            continue
+        usable = topology_nodes(pool_nodes(pool, nodes), nodes, sc.get("allowedTopologies"))
+        free = ledger.available(pool_name, capacity)
+        unsegmented = []
+        for n in usable:
+            segment = (_meta(nodes.get(n) or {}).get("labels") or {}).get(NODE_TOPOLOGY_KEY)
+            if segment:
+                segments.setdefault(segment, {})[pool_name] = free
+            else:
+                unsegmented.append(n)
+        if unsegmented:
             name = capacity_object_name(pool_name, class_name)
-            out[name] = {
-                "apiVersion": "storage.k8s.io/v1",
-                "kind": "CSIStorageCapacity",
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "labels": {MANAGED_BY: "volplane", "volplane.io/driver": PROVISIONER},
-                    "annotations": {"volplane.io/pool": pool_name,
-                                    "volplane.io/storage-class": class_name},
-                },
-                "storageClassName": class_name,
-                "nodeTopology": {"matchExpressions": [
-                    {"key": HOSTNAME_LABEL, "operator": "In",
-                     "values": hostnames(usable, nodes)}]},
-                "capacity": free,
-                "maximumVolumeSize": free,
-            }
+            out[name] = _capacity_object(
+                name, namespace, class_name,
+                {"matchExpressions": [{"key": HOSTNAME_LABEL, "operator": "In",
+                                       "values": hostnames(unsegmented, nodes)}]},
+                free, free, {"volplane.io/pool": pool_name})
+    for segment in sorted(segments):
+        frees = segments[segment]
+        name = segment_object_name(class_name, segment)
+        out[name] = _capacity_object(
+            name, namespace, class_name, {"matchLabels": {NODE_TOPOLOGY_KEY: segment}},
+            sum(frees.values()), max(frees.values()),
+            {"volplane.io/pools": ",".join(sorted(frees))})
     return out

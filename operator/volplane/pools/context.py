@@ -43,6 +43,7 @@ class PoolContext:
         self.loaded = asyncio.Event()   # the ledger was checked against a fresh LIST
         self.dirty = asyncio.Event()    # pool status / capacity objects to refresh
         self.space_freed = False        # retry the Pending claims of pool classes
+        self.provisioning: set[str] = set()  # records whose provision() is in flight
         inf.listen(ALLOCATIONS, self._on_allocation)
         metrics.register_collector("pool-provisioner", PoolCollector(self))
 

@@ -2,9 +2,12 @@
 
 Provisioning writes the StorageAllocation record before the PV. A crash between the
 two, with the claim deleted before the restart, leaves a record with no PV and no claim
-of its uid: an orphan holding pool space. This job deletes such records once they have
-looked orphaned for ORPHAN_GRACE seconds and the API server confirms it (the listers
-may lag). The DELETE carries the record's uid as a precondition.
+of its uid: an orphan holding pool space. This job deletes such records once the record
+is ORPHAN_GRACE seconds old (its own creationTimestamp, so an operator restarting more
+often than the grace still frees it; issue 15) and the API server confirms it (the
+listers may lag). Records whose provision() runs in this process right now are
+skipped. The DELETE carries the record's uid as a precondition. It runs once at start,
+then every GC_PERIOD.
 """
 
 from __future__ import annotations
@@ -16,17 +19,17 @@ from .. import logs
 from ..kube import ApiError, pv_path, pvc_path
 from ..node import backing
 from .context import PoolContext
-from .records import alloc_path
+from .records import ORPHAN_GRACE, alloc_path, orphan_due
 
 log = logs.get("pool-provisioner")
-ORPHAN_GRACE = 30.0      # seconds an allocation record must look orphaned before GC
 GC_PERIOD = 15.0
+__all__ = ["GC_PERIOD", "ORPHAN_GRACE", "GarbageCollector", "orphan_due"]
 
 
 class GarbageCollector:
     name = "pool-provisioner"
 
-    def __init__(self, pc: PoolContext, *, clock=time.monotonic):
+    def __init__(self, pc: PoolContext, *, wall=time.time):
         self.pc = pc
         self.kube = pc.kube
         self.events = pc.events
@@ -37,18 +40,19 @@ class GarbageCollector:
         self.allocations = pc.allocations
         self.nodes = pc.nodes
         self.ledger = pc.ledger
-        self.clock = clock
-        self._orphans: dict[str, float] = {}  # allocation -> first time seen orphaned
+        self.wall = wall  # record ages (creationTimestamp): the wall clock
 
     async def run(self) -> None:
+        """Once at start (an operator restarted more often than GC_PERIOD still collects),
+        then every GC_PERIOD."""
         while True:
-            await asyncio.sleep(GC_PERIOD)
             try:
                 await self.collect_orphans()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("allocation GC failed", error=str(e))
+            await asyncio.sleep(GC_PERIOD)
 
     def _orphaned(self, name: str, record: dict) -> bool:
         if name in self.pvs:
@@ -82,16 +86,20 @@ class GarbageCollector:
         return not (mine and (live.get("spec") or {}).get("volumeName") in (None, "", name))
 
     async def collect_orphans(self) -> list[str]:
-        """Delete records with no PV whose claim is gone (seen so for ORPHAN_GRACE)."""
-        now = self.clock()
+        """Delete records with no PV whose claim is gone, once ORPHAN_GRACE old.
+
+        The grace is measured from the record's own creationTimestamp, not from when
+        this process first saw it orphaned: an in-memory timer restarts with the
+        process, so an operator restarting more often than the grace never freed
+        anything (issue 15). What the grace protects is a provisioning in flight (the
+        PV is written right after the record): a record that old has none, except one
+        whose provision() runs here right now (skipped)."""
+        now = self.wall()
         freed = []
-        seen = set()
         for name, record in list(self.allocations.items()):
-            if not self._orphaned(name, record):
+            if name in self.pc.provisioning or not self._orphaned(name, record):
                 continue
-            seen.add(name)
-            first = self._orphans.setdefault(name, now)
-            if now - first < ORPHAN_GRACE:
+            if not orphan_due(record, now, ORPHAN_GRACE):
                 continue
             if not await self._confirmed(name, record):
                 continue
@@ -107,7 +115,4 @@ class GarbageCollector:
             freed.append(name)
             log.info("orphaned allocation freed", name=name, pool=record["spec"].get("pool"),
                      claim=f"{ref['namespace']}/{ref['name']}", action="gc")
-        for name in list(self._orphans):
-            if name not in seen or name in freed:
-                self._orphans.pop(name, None)
         return freed

@@ -31,6 +31,9 @@ from .ledger import Ledger
 from .parameters import SPREAD, ClassParams
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# The topology segment the CSI node plugin reports in NodeGetInfo (node/service.py's
+# TOPOLOGY_KEY); the kubelet labels a node with it when the plugin registers there.
+NODE_TOPOLOGY_KEY = "topology.pool.volplane.io/node"
 DEFAULT_ACCESS_MODES = ("ReadWriteOnce", "ReadWriteOncePod")
 
 

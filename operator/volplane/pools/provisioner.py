@@ -19,7 +19,8 @@ Provisioning a claim ``C`` (uid ``U``) is two durable writes, both named after `
 
 A crash after 1 leaves a record and no PV: the next sync of the still-Pending claim
 finds the record and creates the PV. If the claim was deleted meanwhile, the record is
-an orphan (no PV, no claim with ``U``) and the GC loop deletes it after a grace period.
+an orphan (no PV, no claim with ``U``) and the GC loop deletes it once the record is
+older than a grace period (by its own creationTimestamp, so restarts do not reset it).
 A crash after 2 is a normal provisioned PV. So no duplicate PV (one name per claim) and
 no leaked or double-counted allocation (one record per claim, freed with its PV).
 
@@ -62,10 +63,12 @@ from .records import (
     API_VERSION,
     FINALIZER,
     PROVISIONER,
+    PROVISIONING,
     PV_PROTECTION,
     alloc_path,
     build_allocation,
     build_pv,
+    data_source_verdict,
     pool_of_volume,
     volume_name,
 )
@@ -115,7 +118,7 @@ class PoolProvisioner:
     name = "pool-provisioner"
     watches = (PVS, PVCS, CLASSES, NODES, POOLS, ALLOCATIONS)
 
-    def __init__(self, ctx: Context, *, clock=time.monotonic):
+    def __init__(self, ctx: Context, *, clock=time.monotonic, wall=time.time):
         pc = self.pc = PoolContext(ctx)
         self.kube = pc.kube
         self.events = pc.events
@@ -129,8 +132,9 @@ class PoolProvisioner:
         self.clock = clock
         self.expander = Expander(pc)
         self.publisher = Publisher(pc, clock=clock)
-        self.gc = GarbageCollector(pc, clock=clock)
-        self.finishing = WorkQueue("pool-deletions")   # PVs being deleted: free + unfinalize
+        self.gc = GarbageCollector(pc, wall=wall)
+        self.finishing = WorkQueue("pool-deletions",   # PVs being deleted: free + unfinalize
+                                   resource="persistentvolumes")
         self.plugins = (PoolVolumePlugin(self),)       # given to the PV controller
         inf = ctx.informers
         inf.listen(POOLS, self._on_pool)
@@ -225,9 +229,17 @@ class PoolProvisioner:
     async def provision(self, claim: dict, storage_class: str,
                         selected_node: str | None) -> None:
         """Make (or finish making) the PV for a Pending claim of a pool class."""
+        name = volume_name(claim)
+        self.pc.provisioning.add(name)  # the GC leaves its record alone meanwhile
+        try:
+            await self._provision(claim, storage_class, selected_node, name)
+        finally:
+            self.pc.provisioning.discard(name)
+
+    async def _provision(self, claim: dict, storage_class: str, selected_node: str | None,
+                         name: str) -> None:
         t0 = time.monotonic()
         md = claim["metadata"]
-        name = volume_name(claim)
         if name in self.pvs:
             return  # already made; the PV controller binds it
         if not self.pc.loaded.is_set():
@@ -237,6 +249,8 @@ class PoolProvisioner:
         sc = self.classes.get(class_name)
         if sc is None:
             return  # the PV controller reports the missing class
+        if self._has_data_source(claim, t0):
+            return
         checked = self._check_request(claim, class_name, sc, t0)
         if checked is None:
             return
@@ -283,6 +297,20 @@ class PoolProvisioner:
         log.info("provisioned", kind="PersistentVolumeClaim", namespace=md["namespace"],
                  name=md["name"], volume=name, pool=pool_name, action="provision",
                  duration_ms=round(elapsed * 1000, 1))
+
+    def _has_data_source(self, claim: dict, t0: float) -> bool:
+        """A claim with a data source is never given an empty volume: clones and snapshot
+        restores are refused (reported), other kinds are left to their volume populator
+        (the populator's own claim is provisioned; the PV is then rebound to this one)."""
+        verdict = data_source_verdict(claim)
+        if verdict is None:
+            return False
+        action, why = verdict
+        if action == "unsupported":
+            self._failed(claim, "data-source", why, t0)
+        else:
+            self.events.emit(claim, C.NORMAL, PROVISIONING, why, component=COMPONENT)
+        return True
 
     def _check_request(self, claim: dict, class_name: str, sc: dict, t0: float
                        ) -> tuple[int, ClassParams] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from volplane.kinds import ALLOCATIONS, POOLS
+from volplane.objects import parse_rfc3339
 from volplane.pv import constants as C
 from volplane.quantity import format_quantity
 
@@ -20,6 +21,34 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 FINALIZER = "volplane.io/allocation"
 PV_PROTECTION = "kubernetes.io/pv-protection"
 ANN_POOL = "volplane.io/pool"
+ORPHAN_GRACE = 30.0  # minimum age (creationTimestamp) of an orphaned record before GC
+
+
+SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
+PROVISIONING = "Provisioning"  # external-provisioner's reason for "left to a populator"
+
+
+def data_source_verdict(claim: dict[str, Any]) -> tuple[str, str] | None:
+    """What the pool provisioner does with a claim that names a data source, as
+    external-provisioner decides it: None (no data source: provision an empty volume),
+    ("unsupported", why) for a clone or a snapshot restore (pools have neither: a
+    ProvisioningFailed event, never an empty volume in its place), or ("populator", why)
+    for any other kind (a volume populator fills the volume: leave the claim alone).
+    dataSourceRef is read first (the API server mirrors dataSource into it)."""
+    spec = claim.get("spec") or {}
+    ref = spec.get("dataSourceRef") or spec.get("dataSource")
+    if not ref:
+        return None
+    kind = ref.get("kind") or ""
+    group = ref.get("apiGroup") or ""
+    name = ref.get("name") or ""
+    if kind == "PersistentVolumeClaim" and group == "":
+        return ("unsupported", f'cannot clone PersistentVolumeClaim "{name}": '
+                f"{PROVISIONER} does not support cloning (the claim's dataSourceRef)")
+    if kind == "VolumeSnapshot" and group == SNAPSHOT_GROUP:
+        return ("unsupported", f'cannot restore VolumeSnapshot "{name}": '
+                f"{PROVISIONER} does not support snapshots (the claim's dataSourceRef)")
+    return ("populator", "Assuming an external populator will provision the volume")
 
 
 def alloc_path(name: str = "") -> str:
@@ -110,3 +139,11 @@ def build_pv(claim: dict[str, Any], storage_class: dict[str, Any], pool: str, si
         },
         "spec": spec,
     }
+
+
+def orphan_due(record: dict[str, Any], now: float, grace: float = ORPHAN_GRACE) -> bool:
+    """Whether an orphaned allocation record is old enough to collect: `now` (wall
+    clock) is at least `grace` seconds past its creationTimestamp. A record without a
+    readable timestamp is never collected on age (it is reported by `volplane check`)."""
+    created = parse_rfc3339((record.get("metadata") or {}).get("creationTimestamp"))
+    return created is not None and now - created >= grace

@@ -80,9 +80,10 @@ class PVController:
         # whose lister entry changed since the index last looked.
         self.index = VolumeIndex()
         self._stale: set[str] = set()
-        self.claims = WorkQueue("claims")
-        self.volumes = WorkQueue("volumes")
-        self.expansions = WorkQueue("expansions")  # bound claims asking for more space
+        self.claims = WorkQueue("claims", resource="persistentvolumeclaims")
+        self.volumes = WorkQueue("volumes", resource="persistentvolumes")
+        self.expansions = WorkQueue("expansions",  # bound claims asking for more space
+                                    resource="persistentvolumeclaims")
         # Volume plugins by provisioner / driver name (pv/plugins.py), given by the wiring.
         self.plugins: dict[str, VolumePlugin] = {}
         self._explained: dict[str, tuple[float, str]] = {}

@@ -9,7 +9,7 @@ from volplane.pools.capacity import (
     status_differs,
 )
 
-from .world import GI, NODES, ledger_with, pool, pools
+from .world import GI, NODES, ledger_with, node, pool, pools
 
 # --- status ------------------------------------------------------------------------------------
 
@@ -72,3 +72,49 @@ def test_capacity_objects():
     assert a["nodeTopology"]["matchExpressions"][0]["values"] == ["n0", "n2"]
     assert by[("b", "any")]["capacity"] == "0"
     assert capacity_object_name("a-b", "c") != capacity_object_name("a", "b-c")
+
+
+def test_capacity_objects_per_node_segment_where_the_node_plugin_registered():
+    """Nodes labelled with the node plugin's topology segment get external-provisioner's
+    layout: exactly one object per (class, segment), selecting that label alone, with the
+    free space of every pool of the class reaching the node (max volume: the largest)."""
+    key = "topology.pool.volplane.io/node"
+    nodes = {
+        "n0": node("n0", **{key: "n0"}),
+        "n1": node("n1", "zone-b", **{key: "n1"}),
+        "n2": node("n2"),                     # no node plugin registered (yet)
+    }
+    classes = {"any": {"provisioner": "pool.volplane.io"},
+               "b-only": {"provisioner": "pool.volplane.io", "parameters": {"pool": "b"}},
+               "zone-b": {"provisioner": "pool.volplane.io", "allowedTopologies": [
+                   {"matchLabelExpressions": [{"key": "topology.kubernetes.io/zone",
+                                               "values": ["zone-b"]}]}]}}
+    ps = pools(pool("a", capacity="20Gi", names=["n0", "n1", "n2"]),
+               pool("b", capacity="10Gi", names=["n1"]))
+    objs = capacity_objects(ps, classes, ledger_with(a=5, b=4), nodes, "volplane-system")
+    seg = {(o["storageClassName"], o["nodeTopology"]["matchLabels"][key]): o
+           for o in objs.values() if "matchLabels" in o["nodeTopology"]}
+    assert set(seg) == {("any", "n0"), ("any", "n1"), ("b-only", "n1"), ("zone-b", "n1")}
+    for o in seg.values():
+        assert o["nodeTopology"] == {"matchLabels": {key: o["nodeTopology"]["matchLabels"][key]}}
+    assert seg[("any", "n0")]["capacity"] == "15Gi"
+    assert seg[("any", "n0")]["maximumVolumeSize"] == "15Gi"
+    assert seg[("any", "n1")]["capacity"] == "21Gi"          # a (15Gi) + b (6Gi)
+    assert seg[("any", "n1")]["maximumVolumeSize"] == "15Gi"  # one volume, one pool
+    assert seg[("any", "n1")]["metadata"]["annotations"]["volplane.io/pools"] == "a,b"
+    assert seg[("b-only", "n1")]["capacity"] == "6Gi"
+    assert seg[("zone-b", "n1")]["capacity"] == "21Gi"
+    names = [o["metadata"]["name"] for o in objs.values()]
+    assert len(names) == len(set(names))
+    # the unlabelled node keeps the per-pool object, by hostname, for its pool only
+    legacy = [o for o in objs.values() if "matchExpressions" in o["nodeTopology"]]
+    assert [(o["storageClassName"], o["metadata"]["annotations"]["volplane.io/pool"],
+             o["nodeTopology"]["matchExpressions"][0]["values"]) for o in legacy] == \
+        [("any", "a", ["n2"])]
+
+
+def test_node_topology_key_is_the_node_plugins():
+    from volplane.node.service import TOPOLOGY_KEY
+    from volplane.pools.placement import NODE_TOPOLOGY_KEY
+
+    assert NODE_TOPOLOGY_KEY == TOPOLOGY_KEY
