@@ -55,6 +55,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..attach import actual as A
 from ..attach import desired as D
@@ -72,21 +73,23 @@ from ..pv.index import VolumeIndex, access_modes, claim_request, volume_capacity
 
 EXCLUDE_LABEL = "volplane.io/check-exclude"
 STUCK_AFTER = 120.0
+Obj = Mapping[str, Any]
+Body = dict[str, Any]
 
 
 # -- inputs ----------------------------------------------------------------------------------
-def key_of(obj: Mapping) -> str:
+def key_of(obj: Obj) -> str:
     md = obj.get("metadata") or {}
     ns = md.get("namespace")
     return f"{ns}/{md.get('name')}" if ns else str(md.get("name"))
 
 
-def _by_key(objs: Iterable[Mapping] | Mapping[str, Mapping] | None) -> dict[str, dict]:
+def _by_key(objs: Iterable[Obj] | Mapping[str, Obj] | None) -> dict[str, Body]:
     if objs is None:
         return {}
     if isinstance(objs, Mapping):
-        return dict(objs)
-    return {key_of(o): o for o in objs}
+        return {k: dict(v) for k, v in objs.items()}
+    return {key_of(o): dict(o) for o in objs}
 
 
 @dataclass
@@ -96,20 +99,20 @@ class Snapshot:
     CRDs exist (a cluster without them has no ledger to check)."""
 
     now: float
-    pvs: dict[str, dict] = field(default_factory=dict)
-    pvcs: dict[str, dict] = field(default_factory=dict)
-    pods: dict[str, dict] = field(default_factory=dict)
-    nodes: dict[str, dict] = field(default_factory=dict)
-    vas: dict[str, dict] = field(default_factory=dict)
-    pools: dict[str, dict] = field(default_factory=dict)
-    allocations: dict[str, dict] = field(default_factory=dict)
-    classes: dict[str, dict] = field(default_factory=dict)
-    drivers: dict[str, dict] = field(default_factory=dict)
-    namespaces: dict[str, dict] = field(default_factory=dict)
+    pvs: dict[str, Body] = field(default_factory=dict)
+    pvcs: dict[str, Body] = field(default_factory=dict)
+    pods: dict[str, Body] = field(default_factory=dict)
+    nodes: dict[str, Body] = field(default_factory=dict)
+    vas: dict[str, Body] = field(default_factory=dict)
+    pools: dict[str, Body] = field(default_factory=dict)
+    allocations: dict[str, Body] = field(default_factory=dict)
+    classes: dict[str, Body] = field(default_factory=dict)
+    drivers: dict[str, Body] = field(default_factory=dict)
+    namespaces: dict[str, Body] = field(default_factory=dict)
     pools_installed: bool = True
 
     @classmethod
-    def of(cls, now: float, **kinds) -> Snapshot:
+    def of(cls, now: float, **kinds: Any) -> Snapshot:
         """From lists (or dicts) of objects: Snapshot.of(now, pvs=[...], pvcs=[...])."""
         installed = kinds.pop("pools_installed", True)
         return cls(now=now, pools_installed=installed,
@@ -141,28 +144,28 @@ class Violation:
     refs: tuple[str, ...] = ()          # "Kind/key" of every object involved
     age: float | None = None            # seconds (stuck ones: how long it has waited)
 
-    def as_dict(self) -> dict:
-        d = {"invariant": self.invariant, "group": self.group, "message": self.message,
-             "objects": list(self.refs)}
+    def as_dict(self) -> Body:
+        d: Body = {"invariant": self.invariant, "group": self.group, "message": self.message,
+                   "objects": list(self.refs)}
         if self.age is not None:
             d["ageSeconds"] = round(self.age, 1)
         return d
 
 
 # -- small helpers -----------------------------------------------------------------------------
-def _md(o: Mapping | None) -> Mapping:
+def _md(o: Obj | None) -> Obj:
     return (o or {}).get("metadata") or {}
 
 
-def _spec(o: Mapping | None) -> Mapping:
+def _spec(o: Obj | None) -> Obj:
     return (o or {}).get("spec") or {}
 
 
-def _status(o: Mapping | None) -> Mapping:
+def _status(o: Obj | None) -> Obj:
     return (o or {}).get("status") or {}
 
 
-def _phase(o: Mapping | None) -> str:
+def _phase(o: Obj | None) -> str:
     return _status(o).get("phase") or ""
 
 
@@ -188,7 +191,7 @@ def ref(kind: str, key: str) -> str:
     return f"{kind}/{key}"
 
 
-def _claim_ref_key(pv: Mapping) -> str | None:
+def _claim_ref_key(pv: Obj) -> str | None:
     r = _spec(pv).get("claimRef") or {}
     return f"{r.get('namespace') or ''}/{r['name']}" if r.get("name") else None
 
@@ -200,17 +203,17 @@ def _q(n: int) -> str:
     return str(n)
 
 
-def is_provisioned_pool_volume(pv: Mapping) -> bool:
+def is_provisioned_pool_volume(pv: Obj) -> bool:
     """A PV the pool provisioner made (and so has an allocation record)."""
     return ((_md(pv).get("annotations") or {}).get(C.ANN_PROVISIONED_BY) == PROVISIONER
             and (_spec(pv).get("csi") or {}).get("driver") == PROVISIONER)
 
 
-def _pool_of(pv: Mapping) -> str | None:
+def _pool_of(pv: Obj) -> str | None:
     return S.pool_of_handle((_spec(pv).get("csi") or {}).get("volumeHandle"))
 
 
-def _record_size(record: Mapping) -> int:
+def _record_size(record: Obj) -> int:
     try:
         return int(_spec(record).get("sizeBytes") or 0)
     except (TypeError, ValueError):
@@ -256,14 +259,14 @@ def bind_symmetric(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
         if _phase(claim) != C.CLAIM_BOUND:
             continue
         vn = _spec(claim).get("volumeName") or ""
-        pv = snap.pvs.get(vn)
-        if pv is None:
+        bound_pv = snap.pvs.get(vn)
+        if bound_pv is None:
             continue  # bound-claim-lost
-        cref = _spec(pv).get("claimRef") or {}
-        if cref.get("uid") == _md(claim).get("uid") and _phase(pv) != C.VOLUME_BOUND:
+        cref = _spec(bound_pv).get("claimRef") or {}
+        if cref.get("uid") == _md(claim).get("uid") and _phase(bound_pv) != C.VOLUME_BOUND:
             yield Violation("bind-symmetric", "binding",
                             f"claim {ck} is Bound to PV {vn}, which is "
-                            f"{_phase(pv) or 'without a phase'}",
+                            f"{_phase(bound_pv) or 'without a phase'}",
                             (ref("PersistentVolumeClaim", ck), ref("PersistentVolume", vn)))
 
 
@@ -320,7 +323,7 @@ def bound_claim_lost(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
 def pool_ledger(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
     if not snap.pools_installed:
         return
-    records: dict[str, list[tuple[str, dict]]] = {}
+    records: dict[str, list[tuple[str, Body]]] = {}
     for name, r in snap.allocations.items():
         records.setdefault(_spec(r).get("pool") or "", []).append((name, r))
     pv_bytes: dict[str, int] = {}
@@ -328,9 +331,9 @@ def pool_ledger(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
         if is_provisioned_pool_volume(pv):
             if _md(pv).get("deletionTimestamp") and name not in snap.allocations:
                 continue  # being deleted, its record already gone: its space is free
-            pool = _pool_of(pv) or ""
+            owner = _pool_of(pv) or ""
             try:
-                pv_bytes[pool] = pv_bytes.get(pool, 0) + volume_capacity(pv)
+                pv_bytes[owner] = pv_bytes.get(owner, 0) + volume_capacity(pv)
             except ValueError:
                 pass
     for pool_name, pool in sorted(snap.pools.items()):
@@ -358,8 +361,9 @@ def allocation_pv(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
     for name, r in sorted(snap.allocations.items()):
         pool = _spec(r).get("pool") or ""
         cl = _spec(r).get("claim") or {}
-        refs = (ref("StorageAllocation", name), ref("StoragePool", pool),
-                ref("PersistentVolumeClaim", f"{cl.get('namespace')}/{cl.get('name')}"))
+        refs: tuple[str, ...] = (
+            ref("StorageAllocation", name), ref("StoragePool", pool),
+            ref("PersistentVolumeClaim", f"{cl.get('namespace')}/{cl.get('name')}"))
         if pool not in snap.pools:
             yield Violation("allocation-pv", "ledger",
                             f"allocation {name} names StoragePool {pool}, which does not exist",
@@ -502,10 +506,10 @@ def device_slots(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
             yield Violation("device-slots", "attachments",
                             f"VolumeAttachment {name} on {node} holds slot {slot[1]} of pool "
                             f"{slot[0]} but reports device {path!r}", refs)
-    for (node, pool, slot), names in sorted(holders.items()):
+    for (node, pool, number), names in sorted(holders.items()):
         if len(names) > 1:
             yield Violation("device-slots", "attachments",
-                            f"slot {slot} of pool {pool} on node {node} is held by "
+                            f"slot {number} of pool {pool} on node {node} is held by "
                             f"{len(names)} attachments: {', '.join(names)}",
                             (ref("Node", node), ref("StoragePool", pool),
                              *(ref("VolumeAttachment", n) for n in names)))
@@ -669,7 +673,8 @@ def excluded_refs(snap: Snapshot, scope: Scope) -> set[str]:
     out = _excluded_directly(snap, scope, namespaces)
     for k, r in snap.allocations.items():
         cl = _spec(r).get("claim") or {}
-        if cl.get("namespace") in namespaces or ref("StoragePool", _spec(r).get("pool")) in out:
+        in_pool = ref("StoragePool", _spec(r).get("pool") or "")
+        if cl.get("namespace") in namespaces or in_pool in out:
             out.add(ref("StorageAllocation", k))
     for _ in range(2):  # claims <-> PVs, both ways
         _exclude_bound_pairs(snap, namespaces, out)
@@ -727,7 +732,7 @@ class Report:
     def ok(self) -> bool:
         return not self.violations
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> Body:
         by_inv: dict[str, int] = {}
         for v in self.violations:
             by_inv[v.invariant] = by_inv.get(v.invariant, 0) + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .invariants import INVARIANTS, Report
+from .invariants import INVARIANTS, Report, Violation
 
 _NOUNS = (("pvs", "PVs"), ("pvcs", "claims"), ("pods", "pods"), ("nodes", "nodes"),
           ("vas", "attachments"), ("pools", "pools"), ("allocations", "allocations"))
@@ -22,7 +22,7 @@ def _age(seconds: float) -> str:
 def text(report: Report) -> str:
     objs = ", ".join(f"{report.counts.get(k, 0)} {noun}" for k, noun in _NOUNS)
     lines = [f"volplane check: {len(report.checked)} invariants over {objs}"]
-    by_inv: dict[str, list] = {}
+    by_inv: dict[str, list[Violation]] = {}
     for v in report.violations:
         by_inv.setdefault(v.invariant, []).append(v)
     for inv in report.checked:
