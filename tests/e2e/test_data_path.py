@@ -118,6 +118,14 @@ class DataPath:
                      timeout=90, message="pool PVs reclaimed")
         except TimeoutError:
             pass
+        try:  # and detaches them while it still runs: the kubelet reports the unmount
+            # (node volumesInUse) up to a node-status period after the PV is gone
+            wait_for(lambda: not [va for va in klist(self.api, "VolumeAttachment")
+                                  if (va["metadata"].get("annotations") or {})
+                                  .get("volplane.io/pool") == self.pool],
+                     timeout=120, message="pool attachments detached")
+        except TimeoutError:
+            pass
         for cls in self.classes:
             kdelete(self.api, "StorageClass", cls)
 
