@@ -84,6 +84,7 @@ class FlexAttacher:
         self.retry_at: dict[tuple[str, str], float] = {}
         self.missing_reported: set[tuple[str, str]] = set()   # (pod key, flex key)
         self.tasks: set[asyncio.Task] = set()
+        self.held: set[tuple[str, str]] = set()   # detaches waiting for a driver
 
     # -- plugins --------------------------------------------------------------------------
     def drivers(self) -> dict[str, bool]:
@@ -326,6 +327,17 @@ class FlexAttacher:
         a = self.asw.get(op.key)
         if a is None or a.state is not A.AState.ATTACHED:
             return None
+        driver = split_unique_name(op.pv_name)[0]
+        if driver not in self.registry.probed:
+            # no driver to run (yet: not copied in, or its init fails): keep it reported
+            # attached; a driver change requeues it (upstream would drop it from the
+            # report and then fail the detach, over and over)
+            if op.key not in self.held:
+                self.held.add(op.key)
+                log.warning("flex detach waits for its driver", volume=op.pv_name,
+                            node=op.node, driver=driver)
+            return None
+        self.held.discard(op.key)
         until = self.retry_at.get(op.key)
         if until is not None and now < until:
             return until - now + 0.01

@@ -221,3 +221,37 @@ def test_restart_rebuilds_from_node_status_and_verifies_with_isattached(sample):
         assert attached(api) == []
 
     asyncio.run(body())
+
+
+def test_a_detach_whose_driver_is_missing_keeps_the_volume_reported(sample, tmp_path):
+    """After a restart with the driver gone, the node report keeps the volume (no
+    flapping), and the detach runs once the driver is back."""
+    async def body():
+        api = FakeApi()
+        ctx, adc = controller(api, sample.dir)
+        world(api)
+        await adc.flex.registry.refresh()
+        api.sync(ctx.informers)
+        await run_until_quiet(api, ctx, adc)
+        await api.delete(K.PODS.path("p", namespace="ns"))
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        ctx2, adc2 = controller(api, empty)
+        await adc2.flex.registry.refresh()
+        api.sync(ctx2.informers)
+        adc2.flex.rebuild()
+        before = len(api.writes("patch", "/api/v1/nodes/n1/status"))
+        await run_until_quiet(api, ctx2, adc2)
+        assert [e["name"] for e in attached(api)] == [KEY]
+        assert len(api.writes("patch", "/api/v1/nodes/n1/status")) == before
+        assert sample.calls("detach") == []
+        import shutil
+        shutil.copytree(sample.dir / "volplane-demo~disk", empty / "volplane-demo~disk")
+        adc2.flex.registry.prober._probe_all_needed = True
+        applied = await adc2.flex.registry.refresh()
+        adc2.flex._plugins_changed(applied)
+        await run_until_quiet(api, ctx2, adc2)
+        assert len(sample.calls("detach")) == 1
+        assert attached(api) == []
+
+    asyncio.run(body())
