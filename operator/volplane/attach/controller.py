@@ -343,11 +343,8 @@ class AttachDetachController:
 
     # -- loops ----------------------------------------------------------------------------
     async def run(self) -> None:
+        # flex volumes wait for the first probe (flexvolumes.sync); CSI does not
         registry_task = asyncio.create_task(self.flex.run_registry(), name="flex-registry")
-        try:
-            await asyncio.wait_for(self.flex.registry.probed_once.wait(), 60.0)
-        except TimeoutError:
-            log.warning("FlexVolume drivers not probed yet; starting without them")
         for key, pod in list(self.pods.items()):
             self.flex.pod_changed(key, pod)
         self.flex.rebuild()   # before any node report: flex attachments are in them

@@ -112,6 +112,8 @@ class FlexAttacher:
         """Keep the index of pods per flex volume; queue the volumes a change touches."""
         ctl = self.ctl
         keys = set() if new is None else D.pod_flex_keys(new, pvcs=ctl.pvcs, pvs=ctl.pvs)
+        if new is None:
+            self.missing_reported = {r for r in self.missing_reported if r[0] != key}
         old = self.keys_by_pod.pop(key, set())
         if keys:
             self.keys_by_pod[key] = keys
@@ -179,6 +181,7 @@ class FlexAttacher:
             await asyncio.sleep(self.verify_period)
 
     async def verify(self) -> None:
+        await self.registry.probed_once.wait()
         by_driver_node: dict[tuple[str, str], list[tuple[str, D.VolumeRef]]] = {}
         for (key, node), a in list(self.asw.items()):
             if a.state is not A.AState.ATTACHED:
@@ -214,6 +217,10 @@ class FlexAttacher:
 
     # -- decide and act -------------------------------------------------------------------
     async def sync(self, key: str) -> float | None:
+        if not self.registry.probed_once.is_set():
+            # before the first probe no driver is known: every flex volume would look
+            # undesired (and rebuilt attachments would be detached)
+            return 0.2
         ctl = self.ctl
         dsw = self.desired_for(key)
         self._report_missing_driver(key)

@@ -198,7 +198,7 @@ class VolumePluginRegistry:
         self.plugins: dict[str, Any] = {}
         self.probed: dict[str, Any] = {}
         self.prober = prober
-        self.probed_once = asyncio.Event()   # set after run()'s first refresh
+        self.probed_once = asyncio.Event()   # set after the first refresh (or its failure)
         for plugin in (plugins if plugins is not None else [CSIPlugin()]):
             errs = qualified_name_errors(plugin.name)
             if errs:
@@ -231,9 +231,12 @@ class VolumePluginRegistry:
     async def refresh(self) -> list[ProbeEvent]:
         """Probe what changed since the last refresh and apply it."""
         if self.prober is None:
+            self.probed_once.set()
             return []
         events, _problems = await self.prober.probe()
-        return self.apply(events)
+        applied = self.apply(events)
+        self.probed_once.set()
+        return applied
 
     async def run(self, *, on_change: OnChange | None = None,
                   on_problem: OnProblem | None = None) -> None:

@@ -255,3 +255,22 @@ def test_a_detach_whose_driver_is_missing_keeps_the_volume_reported(sample, tmp_
         assert attached(api) == []
 
     asyncio.run(body())
+
+
+def test_nothing_flex_is_decided_before_the_first_probe(sample):
+    """Rebuilt attachments are not detached while no driver is known yet."""
+    async def body():
+        api = FakeApi()
+        api.add(node("n1", attached=[{"name": KEY, "devicePath": "/d"}]))
+        ctx, adc = controller(api, sample.dir)
+        api.sync(ctx.informers)
+        adc.flex.rebuild()
+        assert await adc._sync_volume(KEY) == 0.2
+        assert adc.flex.asw[(KEY, "n1")].state.value == "attached"
+        assert sample.calls() == []
+        await adc.flex.registry.refresh()
+        await run_until_quiet(api, ctx, adc)
+        assert [c["args"] for c in sample.calls("detach")] == [["fpv", "n1"]]
+        assert attached(api) == []
+
+    asyncio.run(body())
