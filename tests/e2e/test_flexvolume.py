@@ -188,6 +188,35 @@ def test_flex_pv_attached_by_the_driver_reported_and_detached_after_unmount(
     assert operator.running
 
 
+def test_inline_flex_volume_attached_read_only_and_detached_by_its_name(
+        api, fworld, operator, cluster, tmp_path):
+    flex = Flex(tmp_path)
+    start(operator, flex)
+    node = kwok_nodes(cluster)[0]
+    vol = f"{fworld.tag}-data"   # an inline volume's unique name has no namespace
+    create(api, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "inline", "namespace": fworld.ns},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0,
+                 "tolerations": [{"operator": "Exists"}],
+                 "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10",
+                                 "volumeMounts": [{"name": vol, "mountPath": "/d"}]}],
+                 "volumes": [{"name": vol, "flexVolume": {
+                     "driver": DRIVER, "readOnly": True, "options": {"size": "4Mi"}}}]}})
+    name = f"{DRIVER}/{vol}"
+    device = str(flex.disks / f"{vol}.img")
+    wait_for(lambda: reported(api, node).get(name) == device, timeout=30,
+             message=f"{name} in {node}'s volumesAttached")
+    (attach,) = flex.calls("attach")
+    assert json.loads(attach["args"][0]) == {
+        "kubernetes.io/fsType": "", "kubernetes.io/readwrite": "ro",
+        "kubernetes.io/pvOrVolumeName": vol, "size": "4Mi"}
+    fworld.delete_pod("inline")
+    wait_for(lambda: flex.calls("detach"), timeout=30, message="driver detach")
+    assert [c["args"] for c in flex.calls("detach")] == [[vol, node]]
+    wait_for(lambda: name not in reported(api, node), timeout=10, message="not reported")
+
+
 def test_prober_picks_up_a_driver_copied_in_and_forgets_a_removed_one(
         api, fworld, operator, cluster, tmp_path):
     flex = Flex(tmp_path, install_sample=False)

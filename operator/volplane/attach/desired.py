@@ -138,8 +138,14 @@ def flex_volume_ref(*, driver: str, name: str, pv: Mapping[str, Any] | None = No
 
 
 def flex_driver(source_holder: Mapping[str, Any] | None) -> str | None:
+    """The driver of a ``flexVolume`` source (of a PV spec or a pod volume). Only
+    ``<vendor>/<driver>`` names count: no plugin directory ``<vendor>~<driver>`` can
+    give another name, and the unique name must split back into plugin and volume."""
     src = (source_holder or {}).get("flexVolume")
-    return (src.get("driver") or None) if isinstance(src, Mapping) else None
+    driver = src.get("driver") if isinstance(src, Mapping) else None
+    if not isinstance(driver, str) or driver.count("/") != 1 or "" in driver.split("/"):
+        return None
+    return driver
 
 
 def multi_attach_allowed(pv: Mapping[str, Any]) -> bool:

@@ -151,3 +151,11 @@ def test_the_node_report_lists_flex_attachments_with_the_drivers_device():
     assert R.node_volumes_attached([a, attaching], "n1") == [
         {"name": key, "devicePath": "/disks/fpv.img"}]
     assert R.node_volumes_attached([a], "n1", detaching=[a.key]) == []
+
+
+def test_flex_driver_names_that_no_plugin_dir_can_give_are_ignored():
+    w = flex_world()
+    for bad in ("nodriver", "a/b/c", "/x", "x/", ""):
+        p = pod_with("ns", "p", "n1", inline_flex("x", driver=bad))
+        assert D.pod_flex_keys(p, pvcs=w["pvcs"], pvs=w["pvs"]) == set(), bad
+        assert dsw(world(node("n1"), p), flex={bad: True}) == {}, bad
