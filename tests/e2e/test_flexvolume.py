@@ -115,8 +115,22 @@ def fworld(api, namespace, operator, cluster):
     w = FlexWorld(api, namespace, fake_kubelets=True)
     yield w
     w.cleanup()
-    for n in kwok_nodes(cluster):   # what the tests played as the kubelet
+    nodes = kwok_nodes(cluster)
+    for n in nodes:   # what the tests played as the kubelet
         patch_status(api, f"/api/v1/nodes/{n}", {"status": {"volumesInUse": None}})
+
+    def mine(n):
+        return [k for k in reported(api, n) if w.tag in k and not k.startswith("kubernetes.io/")]
+    try:   # the pods are gone: the running operator detaches their flex volumes
+        wait_for(lambda: not any(mine(n) for n in nodes), timeout=20,
+                 message="this test's flex volumes detached")
+    except TimeoutError:
+        # the operator is dead or a driver broken: no leftovers for the next operator
+        for n in nodes:
+            if mine(n):
+                keep = [e for e in node_obj(api, n)["status"].get("volumesAttached") or ()
+                        if e["name"] not in mine(n)]
+                patch_status(api, f"/api/v1/nodes/{n}", {"status": {"volumesAttached": keep}})
 
 
 def start(operator, flex: Flex, *extra: str, env: dict | None = None):
