@@ -22,7 +22,9 @@ reconcile.reconcile); what differs is here:
 - any driver failure (Failure, non-zero exit, garbage, timeout, Not supported where
   that means failure, a driver that is gone) becomes a FailedAttachVolume /
   FailedDetachVolume Event naming the driver and the command, never an exception in
-  the controller.
+  the controller. A failed attach leaves the volume *uncertain* (upstream's
+  AttachStateUncertain: the driver may have attached it): not reported, attached again
+  (with backoff) while desired, detached when no longer desired.
 
 Crash safety: a kill after the driver attached but before the node report leaves no
 record; after the restart the volume is still desired, so it is attached again (flex
@@ -85,6 +87,7 @@ class FlexAttacher:
         self.missing_reported: set[tuple[str, str]] = set()   # (pod key, flex key)
         self.tasks: set[asyncio.Task] = set()
         self.held: set[tuple[str, str]] = set()   # detaches waiting for a driver
+        self.uncertain: set[tuple[str, str]] = set()   # attach failed: state unknown
 
     # -- plugins --------------------------------------------------------------------------
     def drivers(self) -> dict[str, bool]:
@@ -158,7 +161,17 @@ class FlexAttacher:
         return {k: a for k, a in self.asw.items() if k[0] == key}
 
     def actual_on_node(self, node: str) -> list[A.Actual]:
-        return [a for (_, n), a in self.asw.items() if n == node]
+        """What the node report and its schedule see: uncertain attachments are not
+        reported (upstream: only attachedConfirmed volumes are)."""
+        return [a for k, a in self.asw.items() if k[1] == node and k not in self.uncertain]
+
+    def _reconcile_view(self, key: str, dsw: D.DSW) -> A.ASW:
+        """The actual state the reconcile decides on: an uncertain attachment (its attach
+        failed: the driver may have attached it or not) that is still desired is left
+        out, so it is attached again (after the backoff); one no longer desired counts as
+        attached, so it is detached (upstream's AttachStateUncertain)."""
+        return {k: a for k, a in self.actual_for(key).items()
+                if not (k in self.uncertain and k in dsw)}
 
     # -- start ----------------------------------------------------------------------------
     def rebuild(self) -> None:
@@ -184,7 +197,7 @@ class FlexAttacher:
         await self.registry.probed_once.wait()
         by_driver_node: dict[tuple[str, str], list[tuple[str, D.VolumeRef]]] = {}
         for (key, node), a in list(self.asw.items()):
-            if a.state is not A.AState.ATTACHED:
+            if a.state is not A.AState.ATTACHED or (key, node) in self.uncertain:
                 continue
             d = self.desired_for(key).get((key, node))
             if d is None:
@@ -224,7 +237,7 @@ class FlexAttacher:
         ctl = self.ctl
         dsw = self.desired_for(key)
         self._report_missing_driver(key)
-        asw = self.actual_for(key)
+        asw = self._reconcile_view(key, dsw)
         now = ctl.clock()
         requested = {k: t for k, t in ctl.detach_requested.items() if k[0] == key}
         ops = RC.reconcile(dsw, asw, ctl.nodes, now, ctl.max_wait, requested)
@@ -304,7 +317,11 @@ class FlexAttacher:
             await plugin.get_volume_name(spec)   # upstream: a failure fails the attach
             device = await plugin.attach(spec, node)
         except Exception as e:
-            self.asw.pop(key, None)
+            # uncertain: not reported; attached again while desired, detached if not
+            self.asw[key] = A.Actual(pv_name=v.pv_name, node=node, va_name="",
+                                     attacher=v.driver, state=A.AState.ATTACHED,
+                                     unique_name=v.unique_name, multi_attach=v.multi_attach)
+            self.uncertain.add(key)
             delay = self._backoff(key, ctl.clock())
             msg = RC.attach_failed_message(v.display_name, str(e))
             log.warning("flex attach failed", volume=v.unique_name, node=node,
@@ -315,6 +332,7 @@ class FlexAttacher:
             ctl.volumes.add_after(v.pv_name, delay)
             return
         faults.point("flex-attach-1")   # attached by the driver, not yet in node status
+        self.uncertain.discard(key)
         self.failures.pop(key, None)
         self.retry_at.pop(key, None)
         self.asw[key] = A.Actual(pv_name=v.pv_name, node=node, va_name="", attacher=v.driver,
@@ -388,6 +406,7 @@ class FlexAttacher:
             ctl.volumes.add_after(op.pv_name, delay)
             return
         self.asw.pop(op.key, None)
+        self.uncertain.discard(op.key)
         ctl.detaching.discard(op.key)
         self.failures.pop(op.key, None)
         self.retry_at.pop(op.key, None)

@@ -104,7 +104,10 @@ def test_a_volume_in_use_is_not_detached_until_the_node_stops_using_it(sample):
     asyncio.run(body())
 
 
-def test_garbage_from_attach_is_an_event_naming_driver_and_command(tmp_path):
+def test_garbage_from_attach_is_an_event_naming_driver_and_command(tmp_path, monkeypatch):
+    from volplane.attach import flexvolumes
+    monkeypatch.setattr(flexvolumes, "BACKOFF_BASE", 1000.0)   # retries only by hand
+
     async def body():
         plugins = tmp_path / "plugins"
         fake_driver(plugins, """
@@ -127,8 +130,59 @@ def test_garbage_from_attach_is_an_event_naming_driver_and_command(tmp_path):
         assert msg.startswith('AttachVolume.Attach failed for volume "fpv" : ')
         assert "acme/garbage" in msg and "attach" in msg and "this is not JSON" in msg
         assert attached(api) == []
-        assert adc.flex.asw == {}
+        key = ("acme/garbage/fpv", "n1")
+        assert key in adc.flex.uncertain      # the driver may have attached it: unknown
         assert adc.flex.retry_at   # backed off, not hammering the driver
+
+        # no longer desired: an uncertain attachment is detached (upstream's uncertain)
+        await api.delete(K.PODS.path("p", namespace="ns"))
+        adc.flex.retry_at.clear()
+        await run_until_quiet(api, ctx, adc)
+        detach_failed = [m for o, r, m in ctx.events.posted if r == "FailedDetachVolume"]
+        assert detach_failed and detach_failed[0].startswith(
+            'DetachVolume.Detach failed for volume "fpv" : '), ctx.events.posted
+        assert "acme/garbage" in detach_failed[0] and "detach" in detach_failed[0]
+        assert attached(api) == []            # never reported meanwhile
+
+    asyncio.run(body())
+
+
+def test_a_failed_attach_is_detached_when_no_longer_desired(tmp_path, monkeypatch):
+    """A driver that fails attach (it may have attached anyway): once the pod is gone,
+    the controller runs detach; while the pod exists it retries attach."""
+    from volplane.attach import flexvolumes
+    monkeypatch.setattr(flexvolumes, "BACKOFF_BASE", 1000.0)   # retries only by hand
+
+    async def body():
+        plugins = tmp_path / "plugins"
+        log = tmp_path / "calls"
+        fake_driver(plugins, f"""
+            echo "$1" >> {log}
+            case "$1" in
+              init) echo '{{"status": "Success", "capabilities": {{"attach": true}}}}';;
+              attach) echo '{{"status": "Failure", "message": "backend busy"}}';;
+              *) echo '{{"status": "Success"}}';;
+            esac
+        """, name="acme~flaky")
+        api = FakeApi()
+        ctx, adc = controller(api, plugins)
+        world(api, driver="acme/flaky")
+        await adc.flex.registry.refresh()
+        api.sync(ctx.informers)
+        await run_until_quiet(api, ctx, adc)
+        assert "backend busy" in [m for _, r, m in ctx.events.posted
+                                  if r == "FailedAttachVolume"][0]
+        adc.flex.retry_at.clear()
+        adc.volumes.add("acme/flaky/fpv")
+        await run_until_quiet(api, ctx, adc)
+        assert log.read_text().split().count("attach") == 2      # retried while desired
+        assert attached(api) == []
+        adc.flex.retry_at.clear()
+        await api.delete(K.PODS.path("p", namespace="ns"))
+        await run_until_quiet(api, ctx, adc)
+        assert log.read_text().split().count("detach") == 1
+        assert adc.flex.asw == {} and adc.flex.uncertain == set()
+        assert attached(api) == []
 
     asyncio.run(body())
 
