@@ -46,7 +46,10 @@ def _run(args: argparse.Namespace) -> int:
     ctx = Context(kube=kube, informers=Informers(),
                   events=EventRecorder(kube, "persistentvolume-controller"),
                   options=Options(resync_period=args.resync_period, workers=args.workers,
-                                  unmount_max_wait=args.unmount_max_wait))
+                                  unmount_max_wait=args.unmount_max_wait,
+                                  flex_volume_plugin_dir=args.flex_volume_plugin_dir or None,
+                                  flex_call_timeout=args.flex_volume_call_timeout,
+                                  flex_verify_period=args.flex_volume_verify_period))
     health = WatchHealth(budget=args.watch_reconnect_budget, quiet=reconnect_quiet())
     health.attach()
     elector = None
@@ -147,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                    default=float(os.environ.get("VOLPLANE_UNMOUNT_MAX_WAIT") or 360.0),
                    help="seconds a NotReady node may keep a volume in use before a forced "
                         "detach (upstream's maxWaitForUnmountDuration, default 6 min)")
+    r.add_argument("--flex-volume-plugin-dir",
+                   default="/usr/libexec/kubernetes/kubelet-plugins/volume/exec/",
+                   help="FlexVolume drivers (<vendor>~<driver>/<driver>) the attach/detach "
+                        "controller runs; '' disables FlexVolume")
+    r.add_argument("--flex-volume-call-timeout", type=float, default=120.0,
+                   help="seconds a FlexVolume driver call may run before it is killed")
+    r.add_argument("--flex-volume-verify-period", type=float, default=60.0,
+                   help="seconds between isattached checks of attached FlexVolumes")
     r.add_argument("--api-workers", type=int, default=16,
                    help="connections for API requests (watches have their own)")
     r.add_argument("--watch-initial", choices=["auto", "stream", "list"], default="auto",

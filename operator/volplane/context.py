@@ -15,6 +15,9 @@ class Options:
     resync_period: float = 15.0
     workers: int = 16
     unmount_max_wait: float = 360.0
+    flex_volume_plugin_dir: str | None = None   # None: no FlexVolume prober (unit tests)
+    flex_call_timeout: float = 120.0
+    flex_verify_period: float = 60.0
 
 
 @dataclass

@@ -63,9 +63,12 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     vols = []
     for v in sp.get("volumes") or ():
         if v.get("persistentVolumeClaim"):
-            vols.append({"name": v.get("name"),
-                         "persistentVolumeClaim": {
-                             "claimName": v["persistentVolumeClaim"].get("claimName")}})
+            claim = {"claimName": v["persistentVolumeClaim"].get("claimName")}
+            if v["persistentVolumeClaim"].get("readOnly"):
+                claim["readOnly"] = True  # a flex driver's kubernetes.io/readwrite
+            vols.append({"name": v.get("name"), "persistentVolumeClaim": claim})
+        elif v.get("flexVolume"):
+            vols.append({"name": v.get("name"), "flexVolume": v["flexVolume"]})
         elif v.get("ephemeral"):
             vols.append({"name": v.get("name"), "ephemeral": {}})
     meta = {k: meta_in[k] for k in ("name", "namespace", "uid", "resourceVersion",

@@ -11,6 +11,13 @@ deleted). ``node.status.volumesAttached`` is the controller's report derived
 from the ASW (ATTACHED entries the controller has not started to detach);
 its entries (and ``volumesInUse``) also let the ASW name a volume whose PV is
 already gone, by hashing them to VolumeAttachment names.
+
+FlexVolume attachments have no API object. The controller keeps them in memory
+(``Actual`` entries keyed by (unique name, node), ``va_name`` empty), and the one
+durable record is its own report, ``node.status.volumesAttached``: after a restart
+``flex_actual_from_nodes`` rebuilds them from every entry that is not a CSI volume
+(upstream populateActualStateOfWorld), and the controller verifies them with the
+driver's ``isattached`` (upstream's VolumesAreAttached sync).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from volplane.objects import md as _md
 from volplane.objects import spec as _spec
 from volplane.objects import status as _status
 
-from .desired import volume_ref
+from .desired import flex_driver, multi_attach_allowed, volume_ref
 from .names import parse_unique_volume_name, volume_attachment_name
 
 
@@ -121,4 +128,35 @@ def build_asw(vas: Iterable[Mapping[str, Any]], *, pvs: Mapping[str, Mapping[str
             if v is None or prev.va_name == v.attachment_name(a.node):
                 continue
         out[a.key] = a
+    return out
+
+
+def flex_actual_from_nodes(nodes: Mapping[str, Mapping[str, Any]],
+                           pvs: Mapping[str, Mapping[str, Any]],
+                           ignore: Iterable[str] = ()) -> ASW:
+    """The flex entries of the actual state, rebuilt from every node's
+    ``status.volumesAttached``: each entry whose name is not a CSI unique name and splits
+    as ``<vendor>/<driver>/<volume>`` is ATTACHED with its devicePath. Entries of plugins
+    in `ignore` (names of other non-flex plugins) are left out. An entry whose driver is
+    not installed (now) is kept too: it stays reported until a detach succeeds. A
+    volume named like a PV of that driver forbids multi-attach as that PV does."""
+    skip = set(ignore)
+    out: ASW = {}
+    for node_name, node in nodes.items():
+        for e in _status(node).get("volumesAttached") or ():
+            name = str(e.get("name") or "")
+            if parse_unique_volume_name(name) is not None:
+                continue
+            parts = name.split("/", 2)
+            if len(parts) != 3 or not all(parts) or f"{parts[0]}/{parts[1]}" in skip:
+                continue
+            driver = f"{parts[0]}/{parts[1]}"
+            pv = pvs.get(parts[2])
+            multi = True
+            if pv is not None and flex_driver(_spec(pv)) == driver:
+                multi = multi_attach_allowed(pv)
+            out[(name, node_name)] = Actual(
+                pv_name=name, node=node_name, va_name="", attacher=driver,
+                state=AState.ATTACHED, unique_name=name, multi_attach=multi,
+                device_path=str(e.get("devicePath") or ""))
     return out

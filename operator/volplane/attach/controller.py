@@ -60,6 +60,7 @@ from . import desired as D
 from . import names as N
 from . import reconcile as RC
 from . import reports as R
+from .flexvolumes import FlexAttacher
 
 log = logs.get("attachdetach")
 COMPONENT = "attachdetach-controller"
@@ -140,6 +141,7 @@ class AttachDetachController:
                                                  NODE_STATUS_MIN_INTERVAL)
 
         self.volumes = WorkQueue("attachdetach-volumes")
+        self.flex = FlexAttacher(self)   # FlexVolume drivers (flexvolumes.py)
         self.node_queue = WorkQueue("attachdetach-nodes")
         self.running = False
 
@@ -168,6 +170,7 @@ class AttachDetachController:
     def _on_pod(self, key: str, old: dict | None, new: dict | None) -> None:
         if _pod_view(old) == _pod_view(new):
             return
+        self.flex.pod_changed(key, new)
         for obj in (old, new):
             if obj is not None:
                 self._queue_claims(pod_claim_keys(obj))
@@ -175,6 +178,7 @@ class AttachDetachController:
     def _on_claim(self, key: str, old: dict | None, new: dict | None) -> None:
         if key not in self.pods_by_claim or _claim_view(old) == _claim_view(new):
             return  # no pod uses it, or nothing the desired state reads changed
+        self.flex.claim_changed(key)
         for obj in (old, new):
             vol = ((obj or {}).get("spec") or {}).get("volumeName")
             if vol:
@@ -184,6 +188,10 @@ class AttachDetachController:
 
     def _on_volume(self, name: str, old: dict | None, new: dict | None) -> None:
         self.volumes.add(name)
+        for obj in (old, new):
+            driver = D.flex_driver((obj or {}).get("spec"))
+            if driver:
+                self.volumes.add(D.flex_unique_name(driver, name))
         for va in self.vas_by_pv.get(name):
             node = ((self.vas.get(va) or {}).get("spec") or {}).get("nodeName")
             if node:
@@ -196,7 +204,10 @@ class AttachDetachController:
                 pod = self.pods.get(pod_key)
                 if pod is not None:
                     self._queue_claims(pod_claim_keys(pod))
+                    self.flex.pod_changed(pod_key, pod)
         if before != after:
+            for a in self.flex.actual_on_node(name):
+                self.volumes.add(a.pv_name)
             for va in self.vas_by_node.get(name):
                 pv = (((self.vas.get(va) or {}).get("spec") or {}).get("source") or {}).get(
                     "persistentVolumeName")
@@ -260,7 +271,7 @@ class AttachDetachController:
 
     def _pod_volumes(self, pod: dict) -> tuple[str | None, list[D.VolumeRef]]:
         return D.pod_volumes(pod, pvcs=self.pvcs, pvs=self.pvs, drivers=self.drivers,
-                             nodes=self.nodes)
+                             nodes=self.nodes, flex_drivers=self.flex.drivers())
 
     def _node_busy(self, node: str) -> bool:
         desired = []
@@ -297,7 +308,7 @@ class AttachDetachController:
                     continue
                 node, vols = self._pod_volumes(pod)
                 for v in vols:
-                    if v.pv_name == pv and node:
+                    if v.pv_name == pv and node and not v.flex:
                         acc.setdefault((pv, node), (v, []))[1].append(D.PodRef.of(pod))
         return {k: D.Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
 
@@ -312,7 +323,7 @@ class AttachDetachController:
             a = A.actual_of(va, pvs=self.pvs, nodes=self.nodes) if va else None
             if a is not None:
                 out.append(a)
-        return out
+        return out + self.flex.actual_on_node(node)
 
     def _volumes_with_pods(self) -> set[str]:
         return {pv for ck in self.pods_by_claim.keys() for pv in self._claim_volumes(ck)}
@@ -321,13 +332,22 @@ class AttachDetachController:
         out: D.DSW = {}
         for pv in self._volumes_with_pods():
             out.update(self._desired_for(pv))
+        for key in list(self.flex.pods_by_key):
+            out.update(self.flex.desired_for(key))
         return out
 
     def actual_state(self) -> A.ASW:
-        return A.build_asw(list(self.vas.values()), pvs=self.pvs, nodes=self.nodes)
+        asw = A.build_asw(list(self.vas.values()), pvs=self.pvs, nodes=self.nodes)
+        asw.update(self.flex.asw)
+        return asw
 
     # -- loops ----------------------------------------------------------------------------
     async def run(self) -> None:
+        # flex volumes wait for the first probe (flexvolumes.sync); CSI does not
+        registry_task = asyncio.create_task(self.flex.run_registry(), name="flex-registry")
+        for key, pod in list(self.pods.items()):
+            self.flex.pod_changed(key, pod)
+        self.flex.rebuild()   # before any node report: flex attachments are in them
         self.running = True
         with_pods = self._volumes_with_pods()
         for pv in with_pods | set(self.vas_by_pv.keys()):
@@ -345,6 +365,7 @@ class AttachDetachController:
                                               controller=self.name, log=log))
                   for _ in range(max(2, n // 4))]
         tasks.append(asyncio.create_task(self._resync()))
+        tasks += [registry_task, asyncio.create_task(self.flex.verify_loop())]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -356,12 +377,15 @@ class AttachDetachController:
         period = max(60.0, self.ctx.options.resync_period * 4)
         while True:
             await asyncio.sleep(period)
-            for pv in self._volumes_with_pods() | set(self.vas_by_pv.keys()):
+            for pv in (self._volumes_with_pods() | set(self.vas_by_pv.keys())
+                       | self.flex.all_keys()):
                 self.volumes.add(pv)
             metrics.queue_depth.labels("attachdetach-volumes").set(len(self.volumes))
 
     # -- act: one volume ------------------------------------------------------------------
     async def _sync_volume(self, pv: str) -> float | None:
+        if D.is_flex_key(pv):
+            return await self.flex.sync(pv)
         dsw = self._desired_for(pv)
         asw = self._actual_for(pv)
         for key in [k for k in self.detaching if k[0] == pv and k not in asw]:
@@ -410,9 +434,10 @@ class AttachDetachController:
                                      component=COMPONENT)
         return None
 
-    def _post(self, events: Iterable[tuple[D.PodRef, str]], reason: str) -> None:
+    def _post(self, events: Iterable[tuple[D.PodRef, str]], reason: str,
+              type_: str = "Warning") -> None:
         for pod, message in events:
-            self.ctx.events.emit(pod.as_object(), "Warning", reason, message,
+            self.ctx.events.emit(pod.as_object(), type_, reason, message,
                                  component=COMPONENT)
 
     async def _attach(self, op: RC.Op) -> None:
@@ -552,7 +577,7 @@ class _Collector:
         actual: dict[str, int] = {}
         for a in ctl.actual_state().values():
             if a.state is A.AState.ATTACHED:
-                p = N.plugin_name(a.attacher)
+                p = a.attacher if D.is_flex_key(a.pv_name) else N.plugin_name(a.attacher)
                 actual[p] = actual.get(p, 0) + 1
         for p, n in desired.items():
             total.add_metric([p, "desired_state_of_world"], n)

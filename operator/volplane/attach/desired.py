@@ -15,6 +15,13 @@ claim is Bound to a PV whose claimRef carries the claim's uid, the PV has a
 ``spec.csi`` source, and the driver needs attaching (its CSIDriver object says
 ``attachRequired`` true or unset; no CSIDriver object at all means attach is
 required). The DSW maps (PV name, node) to the volume and the pods needing it.
+
+FlexVolume (docs/flexvolume.md): a PV with ``spec.flexVolume`` or an inline pod
+``flexVolume`` volume counts when its driver is installed and its ``init`` said
+``attach: true`` (the caller passes ``flex_drivers``: driver name -> attachable, from
+the volume-plugin registry). Its key is its unique volume name
+``<driver>/<PV or pod volume name>`` (upstream's: getvolumename's answer is ignored),
+which contains a '/' and so never collides with a PV name.
 """
 
 from __future__ import annotations
@@ -75,22 +82,70 @@ class PodRef:
 # -- volumes -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VolumeRef:
-    """A CSI PersistentVolume as the AD controller sees it."""
+    """A CSI PersistentVolume, or a FlexVolume (PV or inline), as the AD controller sees it.
+
+    For flex (``flex`` true): ``pv_name`` is the key (the unique volume name), ``driver``
+    the flex driver, ``handle`` the PV or pod volume name (what upstream names the
+    volume in events and passes to ``detach``), ``pv``/``volume`` and ``read_only`` what
+    the driver's options are built from (upstream's volume.Spec)."""
     pv_name: str
     driver: str
     handle: str
     multi_attach: bool = False
+    flex: bool = False
+    pv: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+    volume: Mapping[str, Any] | None = field(default=None, compare=False, hash=False,
+                                             repr=False)
+    read_only: bool = False
 
     @property
     def unique_name(self) -> str:
+        if self.flex:
+            return flex_unique_name(self.driver, self.handle)
         return unique_volume_name(self.driver, self.handle)
 
     @property
     def plugin(self) -> str:
-        return plugin_name(self.driver)
+        return self.driver if self.flex else plugin_name(self.driver)
+
+    @property
+    def display_name(self) -> str:
+        """upstream volume.Spec.Name(): what events call the volume."""
+        return self.handle if self.flex else self.pv_name
 
     def attachment_name(self, node: str) -> str:
+        if self.flex:
+            return ""  # no API object records a flex attachment
         return volume_attachment_name(self.handle, self.driver, node)
+
+
+def flex_unique_name(driver: str, volume_name: str) -> str:
+    """upstream GetUniqueVolumeName for a flex volume: ``<driver>/<volume name>``."""
+    return f"{driver}/{volume_name}"
+
+
+def is_flex_key(key: str) -> bool:
+    """A flex volume's key (its unique name) has a '/'; a PV name never does."""
+    return "/" in key
+
+
+def flex_volume_ref(*, driver: str, name: str, pv: Mapping[str, Any] | None = None,
+                    volume: Mapping[str, Any] | None = None, read_only: bool = False
+                    ) -> VolumeRef:
+    multi = True if pv is None else multi_attach_allowed(pv)  # inline: allowed (upstream)
+    return VolumeRef(flex_unique_name(driver, name), driver, name, multi, flex=True, pv=pv,
+                     volume=volume, read_only=read_only)
+
+
+def flex_driver(source_holder: Mapping[str, Any] | None) -> str | None:
+    """The driver of a ``flexVolume`` source (of a PV spec or a pod volume). Only
+    ``<vendor>/<driver>`` names count: no plugin directory ``<vendor>~<driver>`` can
+    give another name, and the unique name must split back into plugin and volume."""
+    src = (source_holder or {}).get("flexVolume")
+    driver = src.get("driver") if isinstance(src, Mapping) else None
+    if not isinstance(driver, str) or driver.count("/") != 1 or "" in driver.split("/"):
+        return None
+    return driver
 
 
 def multi_attach_allowed(pv: Mapping[str, Any]) -> bool:
@@ -128,44 +183,89 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
                for r in _md(obj).get("ownerReferences") or ())
 
 
+def _bound_pv(pod: Mapping[str, Any], vol: Mapping[str, Any],
+              pvcs: Mapping[str, Mapping[str, Any]], pvs: Mapping[str, Mapping[str, Any]]
+              ) -> Mapping[str, Any] | None:
+    """The PV a pod's claim volume is bound to (None: not a claim, or not bound yet)."""
+    claim_name, ephemeral = pod_claim_name(pod, vol)
+    if not claim_name:
+        return None
+    pvc = pvcs.get(f"{_md(pod).get('namespace') or ''}/{claim_name}")
+    if pvc is None:
+        return None
+    if ephemeral and not _owned_by(pvc, _md(pod).get("uid") or ""):
+        return None  # "PVC was not created for pod (pod is not owner)"
+    if _status(pvc).get("phase") != "Bound":
+        return None
+    pv_name = _spec(pvc).get("volumeName")
+    pv = pvs.get(pv_name) if pv_name else None
+    if pv is None:
+        return None
+    ref = _spec(pv).get("claimRef") or {}
+    if not ref or ref.get("uid") != _md(pvc).get("uid"):
+        return None  # the PV is not (yet) bound to this claim
+    return pv
+
+
+def _attachable(vol: Mapping[str, Any], pv: Mapping[str, Any] | None,
+                drivers: Mapping[str, Mapping[str, Any]], flex_drivers: Mapping[str, bool]
+                ) -> VolumeRef | None:
+    """upstream FindAttachablePluginBySpec + GetUniqueVolumeNameFromSpec, by source."""
+    if pv is not None:
+        fd = flex_driver(_spec(pv))
+        if fd is not None:
+            if not flex_drivers.get(fd):
+                return None  # not installed, or its init said attach: false
+            ro = bool((vol.get("persistentVolumeClaim") or {}).get("readOnly"))
+            return flex_volume_ref(driver=fd, name=str(_md(pv).get("name") or ""), pv=pv,
+                                   read_only=ro)
+        v = volume_ref(pv)
+        return v if v is not None and attach_required(v.driver, drivers) else None
+    fd = flex_driver(vol)
+    if fd is not None and flex_drivers.get(fd) and vol.get("name"):
+        return flex_volume_ref(driver=fd, name=str(vol["name"]), volume=vol,
+                               read_only=bool((vol.get("flexVolume") or {}).get("readOnly")))
+    return None
+
+
 def pod_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
                 pvs: Mapping[str, Mapping[str, Any]],
-                drivers: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]]
+                drivers: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]],
+                flex_drivers: Mapping[str, bool] | None = None
                 ) -> tuple[str | None, list[VolumeRef]]:
-    """(node, attachable CSI volumes) one pod needs attached; (None, []) when it needs none.
+    """(node, attachable volumes) one pod needs attached; (None, []) when it needs none.
 
-    upstream DetermineVolumeAction + ProcessPodVolumes + CreateVolumeSpec, for CSI PVs."""
+    upstream DetermineVolumeAction + ProcessPodVolumes + CreateVolumeSpec: CSI PVs, and
+    FlexVolume PVs and inline volumes whose driver is in `flex_drivers` as attachable."""
     node = _spec(pod).get("nodeName")
     if not node or not node_managed(nodes.get(node)) or pod_terminated(pod):
         return None, []
-    ns = _md(pod).get("namespace") or ""
     out: list[VolumeRef] = []
     seen: set[str] = set()
     for vol in _spec(pod).get("volumes") or ():
-        claim_name, ephemeral = pod_claim_name(pod, vol)
-        if not claim_name:
-            continue
-        pvc = pvcs.get(f"{ns}/{claim_name}")
-        if pvc is None:
-            continue
-        if ephemeral and not _owned_by(pvc, _md(pod).get("uid") or ""):
-            continue  # "PVC was not created for pod (pod is not owner)"
-        if _status(pvc).get("phase") != "Bound":
-            continue
-        pv_name = _spec(pvc).get("volumeName")
-        pv = pvs.get(pv_name) if pv_name else None
-        if pv is None:
-            continue
-        ref = _spec(pv).get("claimRef") or {}
-        if not ref or ref.get("uid") != _md(pvc).get("uid"):
-            continue  # the PV is not (yet) bound to this claim
-        v = volume_ref(pv)
-        if v is None or not attach_required(v.driver, drivers):
-            continue
-        if v.pv_name not in seen:
+        pv = _bound_pv(pod, vol, pvcs, pvs)
+        v = _attachable(vol, pv, drivers, flex_drivers or {})
+        if v is not None and v.pv_name not in seen:
             seen.add(v.pv_name)
             out.append(v)
     return (node, out) if out else (None, [])
+
+
+def pod_flex_keys(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
+                  pvs: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """The keys (unique names) of every flex volume a pod names, attachable or not,
+    wherever it runs: what to requeue when the pod changes."""
+    out = set()
+    for vol in _spec(pod).get("volumes") or ():
+        fd = flex_driver(vol)
+        if fd is not None and vol.get("name"):
+            out.add(flex_unique_name(fd, str(vol["name"])))
+            continue
+        pv = _bound_pv(pod, vol, pvcs, pvs)
+        fd = flex_driver(_spec(pv)) if pv is not None else None
+        if fd is not None and pv is not None:
+            out.add(flex_unique_name(fd, str(_md(pv).get("name") or "")))
+    return out
 
 
 @dataclass(frozen=True)
@@ -185,12 +285,14 @@ DSW = dict[tuple[str, str], Desired]
 
 def build_dsw(pods: Iterable[Mapping[str, Any]], *, pvcs: Mapping[str, Mapping[str, Any]],
               pvs: Mapping[str, Mapping[str, Any]], drivers: Mapping[str, Mapping[str, Any]],
-              nodes: Mapping[str, Mapping[str, Any]]) -> DSW:
+              nodes: Mapping[str, Mapping[str, Any]],
+              flex_drivers: Mapping[str, bool] | None = None) -> DSW:
     """The whole desired state of world (the controller keeps it incrementally per pod;
     this is the reference and what unit tests drive)."""
     acc: dict[tuple[str, str], tuple[VolumeRef, list[PodRef]]] = {}
     for pod in pods:
-        node, vols = pod_volumes(pod, pvcs=pvcs, pvs=pvs, drivers=drivers, nodes=nodes)
+        node, vols = pod_volumes(pod, pvcs=pvcs, pvs=pvs, drivers=drivers, nodes=nodes,
+                                 flex_drivers=flex_drivers)
         for v in vols:
             acc.setdefault((v.pv_name, node or ""), (v, []))[1].append(PodRef.of(pod))
     return {k: Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}

@@ -14,7 +14,8 @@ before it is attached to the new one. Detach rules (safe detach):
 
 A ReadWriteOnce/ReadWriteOncePod volume (no RWX/ROX mode; a PV without access
 modes allows multi-attach, as upstream) is never attached to a second node:
-the pods that want it elsewhere get upstream's ``Multi-Attach error`` once.
+the pods that want it elsewhere get upstream's (1.36) FailedAttachVolume
+``Waiting for detach`` event once.
 """
 
 from __future__ import annotations
@@ -90,11 +91,14 @@ def detach_failed_message(pv_name: str, error: str) -> str:
 
 
 def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) -> str:
-    """upstream reconciler.reportMultiAttachError: name only pods of the pod's namespace."""
+    """upstream (1.36.5) reconciler.reportMultiAttachError, via VolumeToAttach.GenerateMsg
+    ("Waiting for detach"): name only pods of the pod's namespace. `pv_name` is the
+    volume's spec name (the PV's, or an inline volume's)."""
     others = list(others)
     if not others:
-        return (f'Multi-Attach error for volume "{pv_name}" Volume is already exclusively '
-                "attached to one node and can't be attached to another")
+        return (f'Waiting for detach for volume "{pv_name}" Volume is already exclusively '
+                "attached to one node, waiting on detach before it can be attached to "
+                "another node")
     local = [p.name for p in others if p.namespace == pod.namespace]
     foreign = len(others) - len(local)
     if local:
@@ -103,7 +107,7 @@ def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) ->
             msg = f"{msg} and {foreign} pod(s) in different namespaces"
     else:
         msg = f"Volume is already used by {foreign} pod(s) in different namespaces"
-    return f'Multi-Attach error for volume "{pv_name}" {msg}'
+    return f'Waiting for detach for volume "{pv_name}" {msg}'
 
 
 def _detach_decision(a: Actual, nodes: Mapping[str, Mapping[str, Any]], now: float,
@@ -197,7 +201,8 @@ def _attach_op(d: Desired, dsw: Mapping[tuple[str, str], Desired],
             users = sorted({p for n in others
                             if (there := dsw.get((pv_name, n))) is not None
                             for p in there.pods})
-            ev = tuple((p, multi_attach_message(pv_name, p, users)) for p in d.pods)
+            ev = tuple((p, multi_attach_message(d.volume.display_name, p, users))
+                       for p in d.pods)
             return replace(base, kind=OpKind.MULTI_ATTACH, reason="multi-attach", events=ev)
         if others or any(k[0] == pv_name for k in detaching_now):
             return replace(base, reason="detaching-elsewhere")

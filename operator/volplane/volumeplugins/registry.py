@@ -198,6 +198,7 @@ class VolumePluginRegistry:
         self.plugins: dict[str, Any] = {}
         self.probed: dict[str, Any] = {}
         self.prober = prober
+        self.probed_once = asyncio.Event()   # set after the first refresh (or its failure)
         for plugin in (plugins if plugins is not None else [CSIPlugin()]):
             errs = qualified_name_errors(plugin.name)
             if errs:
@@ -230,9 +231,12 @@ class VolumePluginRegistry:
     async def refresh(self) -> list[ProbeEvent]:
         """Probe what changed since the last refresh and apply it."""
         if self.prober is None:
+            self.probed_once.set()
             return []
         events, _problems = await self.prober.probe()
-        return self.apply(events)
+        applied = self.apply(events)
+        self.probed_once.set()
+        return applied
 
     async def run(self, *, on_change: OnChange | None = None,
                   on_problem: OnProblem | None = None) -> None:
@@ -242,6 +246,7 @@ class VolumePluginRegistry:
         ``on_problem`` gets each new prober problem (for an Event). Never raises but
         CancelledError."""
         if self.prober is None:
+            self.probed_once.set()
             return
         if on_problem is not None:
             self.prober.on_problem = on_problem
@@ -264,6 +269,7 @@ class VolumePluginRegistry:
                             await res
                 except Exception as e:  # a refresh must never end the loop
                     log.exception("volume plugin refresh failed", error=str(e))
+                self.probed_once.set()
                 wait = self.prober.retry_interval if self.prober.has_pending() else None
                 try:
                     await asyncio.wait_for(self.prober.changed.wait(), wait)

@@ -92,21 +92,21 @@ def test_multi_attach_error_names_pods_in_the_same_namespace_only(modes):
     assert kinds(ops) == [("multi-attach", "pv1", "n2")]
     (target, message), = ops[0].events
     assert target.name == "late"
-    assert message == 'Multi-Attach error for volume "pv1" Volume is already used by pod(s) a, b'
+    assert message == 'Waiting for detach for volume "pv1" Volume is already used by pod(s) a, b'
 
 
 def test_multi_attach_message_variants():
     me = D.PodRef("ns", "me")
     assert RC.multi_attach_message("v", me, [D.PodRef("ns", "a"), D.PodRef("x", "b"),
                                             D.PodRef("y", "c")]) == (
-        'Multi-Attach error for volume "v" Volume is already used by pod(s) a and 2 pod(s) '
+        'Waiting for detach for volume "v" Volume is already used by pod(s) a and 2 pod(s) '
         "in different namespaces")
     assert RC.multi_attach_message("v", me, [D.PodRef("x", "b")]) == (
-        'Multi-Attach error for volume "v" Volume is already used by 1 pod(s) in different '
+        'Waiting for detach for volume "v" Volume is already used by 1 pod(s) in different '
         "namespaces")
     assert RC.multi_attach_message("v", me, []) == (
-        'Multi-Attach error for volume "v" Volume is already exclusively attached to one '
-        "node and can't be attached to another")
+        'Waiting for detach for volume "v" Volume is already exclusively attached to one '
+        "node, waiting on detach before it can be attached to another node")
 
 
 def test_two_nodes_want_an_unattached_rwo_volume_the_oldest_pod_wins():
