@@ -52,6 +52,7 @@ from volplane.pv.index import (
     claim_ref_key,
     claim_request,
     is_volume_bound_to_claim,
+    volume_attributes_class,
     volume_capacity,
     volume_class,
     volume_mode_mismatch,
@@ -300,18 +301,24 @@ def claim_status_patch(
 
     With a volume: copy its accessModes, and its capacity when the claim is *becoming*
     ``phase`` (an existing difference may be a deliberate filesystem/block size gap),
-    preferring the PV's pre-resize-capacity annotation. Without one (Pending, Lost):
-    clear accessModes and capacity.
+    preferring the PV's pre-resize-capacity annotation; a Pending claim becoming Bound
+    takes the PV's volumeAttributesClassName as currentVolumeAttributesClassName (only
+    then: afterwards the external-resizer owns the field). Without one (Pending, Lost):
+    clear accessModes, capacity and currentVolumeAttributesClassName.
     """
     status = _status(claim)
     new: dict[str, Any] = {}
     if _phase(claim) != phase:
         new["phase"] = phase
     if volume is None:
-        for key in ("accessModes", "capacity"):
+        for key in ("accessModes", "capacity", _CURRENT_VAC):
             if status.get(key):
                 new[key] = None
         return {"status": new} if new else None
+    current = _spec(volume).get("volumeAttributesClassName")
+    if (_phase(claim) == c.CLAIM_PENDING and phase == c.CLAIM_BOUND
+            and status.get(_CURRENT_VAC) != current):
+        new[_CURRENT_VAC] = current
     modes = list(_spec(volume).get("accessModes") or [])
     if list(status.get("accessModes") or []) != modes:
         new["accessModes"] = modes
@@ -320,6 +327,9 @@ def claim_status_patch(
         if capacity is not None:
             new["capacity"] = capacity
     return {"status": new} if new else None
+
+
+_CURRENT_VAC = "currentVolumeAttributesClassName"
 
 
 def _status_capacity(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -458,6 +468,8 @@ def volume_satisfies_claim(volume: Mapping[str, Any], claim: Mapping[str, Any]) 
         return "requested PV is too small"
     if volume_class(volume) != claim_class(claim):
         return "storageClassName does not match"
+    if volume_attributes_class(volume) != volume_attributes_class(claim):
+        return "volumeAttributesClassName does not match"
     if volume_mode_mismatch(claim, volume):
         return "incompatible volumeMode"
     if not access_modes(claim) <= access_modes(volume):

@@ -10,17 +10,19 @@ rejected by the first rule it breaks, in this order:
    (upstream gets this from its access-mode index)                -> ``access_modes``
 3. ``spec.capacity.storage`` < the claim's storage request        -> ``too_small``
 4. ``volumeMode`` differs (unset means Filesystem on both sides)  -> ``volume_mode``
-5. the volume has a ``deletionTimestamp``                         -> ``deleting``
-6. a volume whose claimRef names *this* claim (pre-bound by a user, by the scheduler,
+5. ``volumeAttributesClassName`` differs (unset matches only unset; upstream's
+   VolumeAttributesClass gate, on since 1.34)                     -> ``attributes_class``
+6. the volume has a ``deletionTimestamp``                         -> ``deleting``
+7. a volume whose claimRef names *this* claim (pre-bound by a user, by the scheduler,
    or provisioned for it) wins at once: it is the answer if its node affinity fits the
    node (when a node is given), and there is no answer otherwise. Class, selector and
-   phase are *not* checked for it.
-7. WaitForFirstConsumer without a node: the scheduler binds unbound volumes, so the
+   phase are *not* checked for it (its attributes class is, as upstream).
+8. WaitForFirstConsumer without a node: the scheduler binds unbound volumes, so the
    controller considers nothing else                              -> ``delay_binding``
-8. ``status.phase`` is not Available                              -> ``not_available``
-9. the claim's ``spec.selector`` does not match the volume labels -> ``selector``
-10. storage class differs                                         -> ``storage_class``
-11. node given and the volume's node affinity does not fit it     -> ``node_affinity``
+9. ``status.phase`` is not Available                              -> ``not_available``
+10. the claim's ``spec.selector`` does not match the volume labels -> ``selector``
+11. storage class differs                                         -> ``storage_class``
+12. node given and the volume's node affinity does not fit it     -> ``node_affinity``
 
 Among the survivors upstream walks access-mode sets from the fewest modes to the most
 and returns the smallest volume of the first set that has one: a claim for RWO gets an
@@ -35,7 +37,7 @@ pre-bound to one claim, the first in (capacity, name) order that passes rules 2-
 taken (upstream takes whichever its cache lists first).
 
 ``VolumeIndex.find_best_match`` answers in O(buckets * log n) plus the candidates it has
-to look at and reject for a rule the index cannot see (5, 8, 9, 11). ``brute_force_match``
+to look at and reject for a rule the index cannot see (6, 9, 10, 12). ``brute_force_match``
 is the plain-loop reference; ``VolumeIndex.explain`` uses it to write a detailed reason.
 """
 
@@ -72,6 +74,7 @@ __all__ = [
     "is_volume_bound_to_claim",
     "volume_capacity",
     "volume_class",
+    "volume_attributes_class",
     "volume_mode",
     "volume_mode_mismatch",
 ]
@@ -81,6 +84,7 @@ BOUND_ELSEWHERE = "bound_elsewhere"
 ACCESS_MODES = "access_modes"
 TOO_SMALL = "too_small"
 VOLUME_MODE = "volume_mode"
+ATTRIBUTES_CLASS = "attributes_class"
 DELETING = "deleting"
 DELAY_BINDING = "delay_binding"
 NOT_AVAILABLE = "not_available"
@@ -92,6 +96,7 @@ CRITERIA = (
     ACCESS_MODES,
     TOO_SMALL,
     VOLUME_MODE,
+    ATTRIBUTES_CLASS,
     DELETING,
     DELAY_BINDING,
     NOT_AVAILABLE,
@@ -159,6 +164,11 @@ def volume_mode_mismatch(claim: Mapping[str, Any], volume: Mapping[str, Any]) ->
     return claim_volume_mode(claim) != volume_mode(volume)
 
 
+def volume_attributes_class(obj: Mapping[str, Any]) -> str:
+    """spec.volumeAttributesClassName of a PV or a claim; unset (or null) is ""."""
+    return _spec(obj).get("volumeAttributesClassName") or ""
+
+
 def access_modes(obj: Mapping[str, Any]) -> frozenset[str]:
     """spec.accessModes of a PV or a claim as a set."""
     return frozenset(_spec(obj).get("accessModes") or ())
@@ -206,6 +216,7 @@ class ClaimQuery:
     modes: frozenset[str]
     mode: str
     storage_class: str
+    attributes_class: str
     selector: Mapping[str, Any] | None
     delay_binding: bool
     node: Mapping[str, Any] | None
@@ -224,6 +235,7 @@ class ClaimQuery:
             modes=access_modes(claim),
             mode=claim_volume_mode(claim),
             storage_class=claim_class(claim),
+            attributes_class=volume_attributes_class(claim),
             selector=_spec(claim).get("selector"),
             delay_binding=delay_binding,
             node=node,
@@ -248,22 +260,37 @@ class MatchResult:
 def _classify(volume: Mapping[str, Any], q: ClaimQuery, capacity: int | None = None) -> str | None:
     """Return the first criterion ``volume`` fails, ``_PREBOUND``, or None (a candidate).
 
-    For ``_PREBOUND`` the caller still has to check node affinity (rule 6).
+    For ``_PREBOUND`` the caller still has to check node affinity (rule 7).
     """
     ref = _spec(volume).get("claimRef")
     bound_to_claim = bool(ref) and is_volume_bound_to_claim(volume, q.claim)
     if ref and not bound_to_claim:
         return BOUND_ELSEWHERE
+    verdict = _shape_misfit(volume, q, capacity)
+    if verdict is not None:
+        return verdict
+    if bound_to_claim:
+        return _PREBOUND
+    return _free_misfit(volume, q)
+
+
+def _shape_misfit(volume: Mapping[str, Any], q: ClaimQuery, capacity: int | None) -> str | None:
+    """Rules 2-6: what even a volume pre-bound to the claim must satisfy."""
     if not q.modes <= access_modes(volume):
         return ACCESS_MODES
     if (volume_capacity(volume) if capacity is None else capacity) < q.request:
         return TOO_SMALL
     if volume_mode(volume) != q.mode:
         return VOLUME_MODE
+    if volume_attributes_class(volume) != q.attributes_class:
+        return ATTRIBUTES_CLASS
     if _meta(volume).get("deletionTimestamp"):
         return DELETING
-    if bound_to_claim:
-        return _PREBOUND
+    return None
+
+
+def _free_misfit(volume: Mapping[str, Any], q: ClaimQuery) -> str | None:
+    """Rules 8-12: what a volume nobody reserved must satisfy besides its shape."""
     if q.delay_binding and q.node is None:
         return DELAY_BINDING
     if _phase(volume) != c.VOLUME_AVAILABLE:
@@ -377,6 +404,8 @@ class _Detail:
             return f"{n} lacking access modes {','.join(sorted(q.modes))}"
         if criterion == VOLUME_MODE:
             return f'{n} volumeMode ≠ "{q.mode}"'
+        if criterion == ATTRIBUTES_CLASS:
+            return f'{n} volumeAttributesClassName ≠ "{q.attributes_class}"'
         if criterion == NODE_AFFINITY:
             return f'{n} not reachable from node "{_name(q.node or {})}"'
         return f"{n} {_SIMPLE_LABELS[criterion]}"
@@ -398,12 +427,13 @@ class _Slot:
     """Where a volume is filed: in a free bucket, or under the claim its claimRef names."""
 
     capacity: int
-    bucket: tuple[str, str, frozenset[str]] | None = None  # (class, volumeMode, modes)
+    bucket: tuple[str, str, str, frozenset[str]] | None = None  # (class, mode, VAC, modes)
     claim: str | None = None
 
 
 class VolumeIndex:
-    """PVs by (storage class, volumeMode, access-mode set), capacities kept sorted.
+    """PVs by (storage class, volumeMode, attributes class, access-mode set), capacities
+    kept sorted.
 
     Volumes without a claimRef go to a bucket list of ``(capacity, name)`` kept sorted
     with :mod:`bisect`. Volumes with a claimRef can only ever match the claim it names,
@@ -414,8 +444,9 @@ class VolumeIndex:
     def __init__(self, volumes: Iterable[Mapping[str, Any]] = ()) -> None:
         self._volumes: dict[str, Mapping[str, Any]] = {}
         self._slots: dict[str, _Slot] = {}
-        # (class, volumeMode) -> access-mode set -> sorted [(capacity, name)]
-        self._buckets: dict[tuple[str, str], dict[frozenset[str], list[tuple[int, str]]]] = {}
+        # (class, volumeMode, attributes class) -> access-mode set -> [(capacity, name)]
+        self._buckets: dict[tuple[str, str, str],
+                            dict[frozenset[str], list[tuple[int, str]]]] = {}
         self._claimed: dict[str, set[str]] = {}
         for volume in volumes:
             self.upsert(volume)
@@ -432,10 +463,11 @@ class VolumeIndex:
             slot = _Slot(slot.capacity, claim=ref_key)
             self._claimed.setdefault(ref_key, set()).add(name)
         else:
-            key = (volume_class(volume), volume_mode(volume), access_modes(volume))
+            key = (volume_class(volume), volume_mode(volume), volume_attributes_class(volume),
+                   access_modes(volume))
             slot = _Slot(slot.capacity, bucket=key)
-            lists = self._buckets.setdefault(key[:2], {})
-            bisect.insort(lists.setdefault(key[2], []), (slot.capacity, name))
+            lists = self._buckets.setdefault(key[:3], {})
+            bisect.insort(lists.setdefault(key[3], []), (slot.capacity, name))
         self._volumes[name] = volume  # shared with the lister, never modified in place
         self._slots[name] = slot
 
@@ -452,13 +484,13 @@ class VolumeIndex:
                 del self._claimed[slot.claim]
             return
         assert slot.bucket is not None
-        lists = self._buckets[slot.bucket[:2]]
-        entries = lists[slot.bucket[2]]
+        lists = self._buckets[slot.bucket[:3]]
+        entries = lists[slot.bucket[3]]
         del entries[bisect.bisect_left(entries, (slot.capacity, name))]
         if not entries:
-            del lists[slot.bucket[2]]
+            del lists[slot.bucket[3]]
             if not lists:
-                del self._buckets[slot.bucket[:2]]
+                del self._buckets[slot.bucket[:3]]
 
     def get(self, name: str) -> Any:
         """The PV called ``name`` (deleting PVs included), or None."""
@@ -529,7 +561,8 @@ class VolumeIndex:
         return sorted((self._slots[n].capacity, n) for n in names)
 
     def _candidate_lists(self, q: ClaimQuery) -> list[list[tuple[int, str]]]:
-        """Bucket lists of the claim's class and volumeMode whose modes cover the claim's."""
-        lists = self._buckets.get((q.storage_class, q.mode), {})
+        """Bucket lists of the claim's class, volumeMode and attributes class whose access
+        modes cover the claim's."""
+        lists = self._buckets.get((q.storage_class, q.mode, q.attributes_class), {})
         usable = [modes for modes in lists if q.modes <= modes]
         return [lists[modes] for modes in sorted(usable, key=_bucket_order)]

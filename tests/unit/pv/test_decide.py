@@ -52,8 +52,11 @@ def pv(
     policy: str | None = "Retain",
     csi_driver: str | None = None,
     deleting: bool = False,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"capacity": {"storage": size}, "accessModes": list(modes)}
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls:
         spec["storageClassName"] = cls
     if mode:
@@ -92,12 +95,15 @@ def pvc(
     phase: str | None = "Pending",
     annotations: Mapping[str, str] | None = None,
     status: Mapping[str, Any] | None = None,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     ns, name = key.split("/")
     spec: dict[str, Any] = {
         "accessModes": list(modes),
         "resources": {"requests": {"storage": size}},
     }
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls is not None:
         spec["storageClassName"] = cls
     if mode:
@@ -175,6 +181,45 @@ class ClaimCase:
 
 
 CLAIM_CASES = [
+    # ---- VolumeAttributesClass (upstream: GA in 1.34, on in 1.36) ---------------------------
+    ClaimCase(
+        "attributes class: binds only a PV of the claim's attributes class",
+        pvc("5Gi", vac="fast"),
+        [pv("plain", "8Gi"), pv("fast", "20Gi", vac="fast")],
+        ClaimAction.BIND,
+        {"volume_name": "fast", "steps": ALL_STEPS},
+    ),
+    ClaimCase(
+        "attributes class: a claim without one never binds a PV that has one",
+        pvc("5Gi"),
+        [pv("fast", "20Gi", vac="fast")],
+        ClaimAction.WAIT,
+        {"volume_name": None, "event": FAILED_BINDING_NO_CLASS},
+        classes={},
+    ),
+    ClaimCase(
+        "attributes class: requested PV of another class -> VolumeMismatch, Pending, PV untouched",
+        pvc("5Gi", vac="fast", volume="slow-pv"),
+        [pv("slow-pv", "20Gi", vac="slow")],
+        ClaimAction.WAIT,
+        {
+            "event": Event(
+                c.WARNING,
+                c.VOLUME_MISMATCH,
+                'Cannot bind to requested volume "slow-pv": '
+                "volumeAttributesClassName does not match",
+            ),
+            "phase": c.CLAIM_PENDING,
+            "writes": (),
+        },
+    ),
+    ClaimCase(
+        "attributes class: a PV pre-bound to the claim with another class is not bound",
+        pvc("5Gi", vac="fast", cls="ext"),
+        [pv("mine", "20Gi", vac="slow", claim="ns/claim", cls="ext")],
+        ClaimAction.ANNOTATE_PROVISIONER,
+        {"volume_name": None},
+    ),
     # ---- unbound, no volumeName: match, or default class, or provision --------------------
     ClaimCase(
         "match binds the smallest fitting volume, all four writes",
@@ -1010,6 +1055,33 @@ def test_claim_status_patch() -> None:
         "status": {"phase": "Lost", "accessModes": None, "capacity": None}
     }
     assert claim_status_patch(pvc(), c.CLAIM_PENDING, None) is None
+
+
+@pytest.mark.parametrize(
+    ("claim", "phase", "volume", "expect"),
+    [
+        pytest.param(pvc(), c.CLAIM_BOUND, pv(vac="fast"), "fast",
+                     id="a Pending claim becoming Bound takes the PV's attributes class"),
+        pytest.param(pvc(status={"currentVolumeAttributesClassName": "old"}), c.CLAIM_BOUND,
+                     pv(), None, id="a PV without attributes class clears a stale current one"),
+        pytest.param(pvc(phase="Bound", status={"accessModes": [RWO]}), c.CLAIM_BOUND,
+                     pv(vac="fast"), "absent",
+                     id="an already Bound claim's current class is left to the resizer"),
+        pytest.param(pvc(phase="Bound", status={"currentVolumeAttributesClassName": "fast"}),
+                     c.CLAIM_LOST, None, None, id="Lost clears the current attributes class"),
+        pytest.param(pvc(), c.CLAIM_BOUND, pv(), "absent",
+                     id="neither side has an attributes class: nothing written"),
+    ],
+)
+def test_claim_status_patch_current_attributes_class(
+    claim: dict, phase: str, volume: dict | None, expect: str | None
+) -> None:
+    patch = claim_status_patch(claim, phase, volume) or {"status": {}}
+    key = "currentVolumeAttributesClassName"
+    if expect == "absent":
+        assert key not in patch["status"]
+    else:
+        assert patch["status"][key] == expect
 
 
 def test_volume_phase_patch() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from volplane.pv import constants as c
 from volplane.pv.index import (
     ACCESS_MODES,
+    ATTRIBUTES_CLASS,
     BOUND_ELSEWHERE,
     DELAY_BINDING,
     DELETING,
@@ -43,9 +44,12 @@ def pv(
     annotations: dict | None = None,
     deleting: bool = False,
     affinity: dict | None = None,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     """A PersistentVolume dict; ``claim`` is "namespace/name" for spec.claimRef."""
     spec: dict[str, Any] = {"capacity": {"storage": size}, "accessModes": list(modes)}
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls:
         spec["storageClassName"] = cls
     if mode:
@@ -80,6 +84,7 @@ def pvc(
     mode: str | None = None,
     selector: dict | None = None,
     annotations: dict | None = None,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     """A PersistentVolumeClaim dict (storageClassName omitted when cls is None)."""
     ns, name = key.split("/")
@@ -87,6 +92,8 @@ def pvc(
         "accessModes": list(modes),
         "resources": {"requests": {"storage": size}},
     }
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls is not None:
         spec["storageClassName"] = cls
     if mode:
@@ -176,6 +183,10 @@ def test_ties_are_broken_by_name() -> None:
         (pv("v", phase="Pending"), pvc(), NOT_AVAILABLE),
         (pv("v", phase=None), pvc(), NOT_AVAILABLE),
         (pv("v", deleting=True), pvc(), DELETING),
+        # VolumeAttributesClass: unset matches only unset
+        (pv("v", vac="fast"), pvc(vac="slow"), ATTRIBUTES_CLASS),
+        (pv("v", vac="fast"), pvc(), ATTRIBUTES_CLASS),
+        (pv("v"), pvc(vac="fast"), ATTRIBUTES_CLASS),
     ],
 )
 def test_each_criterion_rejects_alone(volume: dict, claim: dict, criterion: str) -> None:
@@ -206,6 +217,7 @@ def test_each_criterion_rejects_alone(volume: dict, claim: dict, criterion: str)
         (pv("v"), pvc(selector={})),
         (pv("v", "1000Mi"), pvc("1000Mi")),
         (pv("v", "2G"), pvc("1.5Gi")),
+        (pv("v", vac="fast"), pvc(vac="fast")),
     ],
 )
 def test_matches(volume: dict, claim: dict) -> None:
@@ -213,6 +225,15 @@ def test_matches(volume: dict, claim: dict) -> None:
 
 
 # --- access-mode preference ----------------------------------------------------------------
+
+
+def test_attributes_class_picks_the_volume_of_the_claims_class() -> None:
+    volumes = [pv("plain", "1Gi"), pv("fast", "2Gi", vac="fast"), pv("gold", "1Gi", vac="gold")]
+    assert _name(both(volumes, pvc("1Gi", vac="fast")).volume) == "fast"
+    assert _name(both(volumes, pvc("1Gi")).volume) == "plain"
+    assert both(volumes, pvc("1Gi", vac="silver")).volume is None
+    why = brute_force_match(pvc("1Gi", vac="silver"), volumes).reason
+    assert '3 volumeAttributesClassName ≠ "silver"' in why
 
 
 def test_fewest_access_modes_first_then_smallest() -> None:
@@ -251,6 +272,8 @@ def test_prebound_ignores_class_selector_and_phase() -> None:
         (pv("reserved", "5Gi", claim="ns/claim", mode="Block"), VOLUME_MODE),
         (pv("reserved", "5Gi", claim="ns/claim", modes=(ROX,)), ACCESS_MODES),
         (pv("reserved", "5Gi", claim="ns/claim", deleting=True), DELETING),
+        # upstream checks the attributes class before the pre-bound shortcut
+        (pv("reserved", "5Gi", claim="ns/claim", vac="fast"), ATTRIBUTES_CLASS),
     ],
 )
 def test_prebound_must_still_fit(reserved: dict, criterion: str) -> None:
@@ -443,6 +466,7 @@ VOLUME_FIELDS = st.tuples(
     st.sampled_from([0, 0, 1, 2]),  # index into LABEL_SETS
     st.integers(0, 5),  # 0: deleting
     st.sampled_from([0, 0, 1, 2]),  # index into AFFINITIES
+    st.sampled_from([None, None, "fast"]),  # volumeAttributesClassName
 )
 SELECTORS = [
     None,
@@ -457,11 +481,12 @@ CLAIM_FIELDS = st.tuples(
     st.sampled_from([0, 0, 1, 2]),  # index into SELECTORS
     st.sampled_from([False, False, True]),  # delay_binding
     st.booleans(),  # with node
+    st.sampled_from([None, None, "fast"]),  # volumeAttributesClassName
 )
 
 
 def make_volume(name: str, fields: tuple) -> dict:
-    size, cls, modes, mode, phase, claim_ref, uid, labels, deleting, aff = fields
+    size, cls, modes, mode, phase, claim_ref, uid, labels, deleting, aff, vac = fields
     return pv(
         name,
         size,
@@ -474,12 +499,13 @@ def make_volume(name: str, fields: tuple) -> dict:
         labels=LABEL_SETS[labels],
         deleting=deleting == 0,
         affinity=AFFINITIES[aff],
+        vac=vac,
     )
 
 
 def make_claim(fields: tuple) -> tuple[dict, dict]:
-    size, cls, modes, mode, selector, delay, with_node = fields
-    claim = pvc(size, cls=cls, modes=modes, mode=mode, selector=SELECTORS[selector])
+    size, cls, modes, mode, selector, delay, with_node, vac = fields
+    claim = pvc(size, cls=cls, modes=modes, mode=mode, selector=SELECTORS[selector], vac=vac)
     return claim, {"delay_binding": delay, "node": NODE_A if with_node else None}
 
 
