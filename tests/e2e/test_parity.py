@@ -10,10 +10,11 @@ Run on an own cluster instance, e.g.
 
 from __future__ import annotations
 
-from .helpers import kcreate, kdelete, kget, wait_for
+from .helpers import events_for, holds_for, kcreate, kdelete, kget, kpatch, phase, wait_for
 from .test_pools import NODES, _nodes, claim_phase, crds, pool_env  # noqa: F401  (fixtures)
 from .test_pv_controller import (  # noqa: F401  (pvs is a fixture)
     LABEL,
+    annotations,
     assert_stays_pending,
     assert_symmetric,
     assert_unclaimed,
@@ -27,6 +28,21 @@ from .test_pv_controller import (  # noqa: F401  (pvs is a fixture)
 )
 
 DRIVER = "e2e.parity.volplane.io"
+PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
+
+
+def pod_manifest(name: str, ns: str, claim: str, node_selector: dict) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "nodeSelector": dict(node_selector),
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "main", "image": PAUSE_IMAGE,
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+        },
+    }
 
 
 def csi_pv(pvs, suffix: str, size: str, *, vac: str | None = None, **kw) -> dict:  # noqa: F811
@@ -119,3 +135,97 @@ def test_provisioning_passes_the_attributes_class_through(api, pool_env):  # noq
         assert claim["status"].get("currentVolumeAttributesClassName") == name, claim["status"]
     finally:
         kdelete(api, "VolumeAttributesClass", name)
+
+
+# ============================================================================ reclaim, events
+
+
+def test_recycle_waits_for_the_running_pod_to_go(api, cluster, namespace, pvs, operator):  # noqa: F811
+    """upstream recycleVolumeOperation: a Released volume whose (deleted) claim a pod
+    still uses is not recycled: Normal VolumeFailedRecycle "Volume is used by pods: ns/p",
+    PV stays Released, retried on later syncs (here: no recycler in pv-binder alone, so
+    once the pod is gone the volume goes Failed "No recycler plugin found")."""
+    start(operator, "--resync-period", "3")
+    pvs.pv("recy", "1Gi", policy="Recycle")
+    wait_volume_phase(api, pvs.name("recy"), "Available")
+    pvs.pvc("data", "1Gi")
+    wait_bound(api, namespace, "data")
+    kcreate(api, pod_manifest("user", namespace, "data", cluster.nodes.selector))
+    wait_for(lambda: phase(kget(api, "Pod", "user", namespace)) == "Running", timeout=90,
+             message="pod user Running")
+    # pvc-protection keeps a used claim; a user who forces it away leaves the pod running.
+    kdelete(api, "PersistentVolumeClaim", "data", namespace)
+    kpatch(api, "PersistentVolumeClaim", "data", {"metadata": {"finalizers": None}},
+           namespace)
+    wait_for(lambda: kget(api, "PersistentVolumeClaim", "data", namespace) is None,
+             timeout=30, message="claim gone")
+    name = pvs.name("recy")
+    wait_volume_phase(api, name, "Released")
+    text = f"Volume is used by pods: {namespace}/user"
+    events = wait_for(lambda: [e for e in events_for(api, None, name, kind="PersistentVolume")
+                               if e["reason"] == "VolumeFailedRecycle"
+                               and e["message"] == text],
+                      timeout=30, message="VolumeFailedRecycle event")
+    assert events[0]["type"] == "Normal"
+    holds_for(lambda: phase(kget(api, "PersistentVolume", name)) == "Released", 7,
+              message="PV stays Released while the pod runs")
+    # retried: the same event, counted (one Event object)
+    again = wait_for(lambda: [e for e in events_for(api, None, name, kind="PersistentVolume")
+                              if e["message"] == text and (e.get("count") or 1) >= 2],
+                     timeout=30, message="the refusal repeated on a later sync")
+    assert len(again) == 1
+
+    kdelete(api, "Pod", "user", namespace)
+    v = wait_volume_phase(api, name, "Failed", timeout=60)
+    assert v["status"].get("message") == "No recycler plugin found for the volume!"
+
+
+def test_wait_for_pod_scheduled_names_the_pod(api, namespace, pvs, operator):  # noqa: F811
+    """upstream emitEventForUnboundDelayBindingClaim: a WaitForFirstConsumer claim used
+    by a pod that is not scheduled gets WaitForPodScheduled "waiting for pod X to be
+    scheduled"; before any pod, the plain WaitForFirstConsumer event."""
+    start(operator)
+    sc = pvs.storage_class("wffc", provisioner="kubernetes.io/no-provisioner",
+                           volumeBindingMode="WaitForFirstConsumer")
+    pvs.pvc("data", "1Gi", storage_class=sc)
+    wait_for(lambda: claim_events(api, namespace, "data", "WaitForFirstConsumer"),
+             timeout=30, message="WaitForFirstConsumer event")
+    # a pod no node can take: it stays unscheduled
+    kcreate(api, pod_manifest("stuck", namespace, "data", {"volplane-e2e/nowhere": "x"}))
+    events = wait_for(lambda: claim_events(api, namespace, "data", "WaitForPodScheduled"),
+                      timeout=30, message="WaitForPodScheduled event")
+    assert events[0]["message"] == "waiting for pod stuck to be scheduled", events[0]
+    assert events[0]["type"] == "Normal"
+    assert_stays_pending(api, namespace, "data", seconds=2)
+
+
+def test_external_provisioning_event_repeats_on_each_sync(api, namespace, pvs, operator):  # noqa: F811
+    """upstream provisionClaimOperationExternal posts ExternalProvisioning on every sync of
+    a claim waiting for an external provisioner; deduplicated into one Event, counted."""
+    start(operator, "--resync-period", "2")
+    sc = pvs.storage_class("ext", provisioner="ext.e2e.volplane.io")
+    pvs.pvc("data", "1Gi", storage_class=sc)
+    c = wait_for(lambda: (o := kget(api, "PersistentVolumeClaim", "data", namespace))
+                 and annotations(o).get("volume.kubernetes.io/storage-provisioner") and o,
+                 timeout=30, message="storage-provisioner annotation")
+    assert annotations(c)["volume.kubernetes.io/storage-provisioner"] == "ext.e2e.volplane.io"
+    events = wait_for(lambda: [e for e in claim_events(api, namespace, "data",
+                                                       "ExternalProvisioning")
+                               if (e.get("count") or 1) >= 3],
+                      timeout=30, message="ExternalProvisioning repeated 3 times")
+    assert len(claim_events(api, namespace, "data", "ExternalProvisioning")) == 1
+    assert "external provisioner 'ext.e2e.volplane.io'" in events[0]["message"]
+
+
+def test_empty_claim_ref_is_not_unclaimed(api, namespace, pvs, operator):  # noqa: F811
+    """upstream: a non-nil claimRef is a claim, even an empty one; such a PV is never
+    matched to a claim (and is not reported as unused)."""
+    start(operator)
+    manifest = pv_manifest(pvs.name("empty-ref"), "5Gi", pvs.ns, ns=pvs.ns)
+    manifest["spec"]["claimRef"] = {}
+    kcreate(api, manifest)
+    wait_volume_phase(api, pvs.name("empty-ref"), "Available")
+    pvs.pvc("data", "1Gi")
+    assert_stays_pending(api, namespace, "data", seconds=5)
+    v = kget(api, "PersistentVolume", pvs.name("empty-ref"))
+    assert v["spec"].get("claimRef") is not None, v["spec"]

@@ -550,7 +550,7 @@ def test_delete_policy_without_deleter_fails(api, namespace, pvs, operator):
     kdelete(api, "PersistentVolumeClaim", "data", namespace)
 
     v = wait_volume_phase(api, pvs.name("doomed"), "Failed", timeout=60)
-    assert "no deletable volume plugin" in (v["status"].get("message") or ""), v["status"]
+    assert "no volume plugin matched" in (v["status"].get("message") or ""), v["status"]
     events = wait_for(lambda: volume_events(api, pvs.name("doomed"), "VolumeFailedDelete"),
                       timeout=30, message="VolumeFailedDelete event")
     assert events[0]["type"] == "Warning"

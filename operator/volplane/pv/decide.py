@@ -29,7 +29,7 @@ and any inconsistency means data loss (``_sync_bound_claim`` marks the claim Los
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -520,17 +520,44 @@ def sync_claim(
     index: VolumeIndex,
     classes: Mapping[str, Mapping[str, Any]],
     provisioners: AbstractSet[str],
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> ClaimDecision:
     """Decide the next step for a claim (upstream syncClaim), with the writes it takes.
 
     ``index`` holds every PV (deleting ones too), ``classes`` StorageClasses by name,
-    ``provisioners`` the names of the volume plugins this volplane runs (pv/plugins.py).
+    ``provisioners`` the names of the volume plugins this volplane runs (pv/plugins.py),
+    ``pods`` the (slim) pods that use the claim (upstream's pod index by claim).
     """
     if c.ANN_BIND_COMPLETED in _annotations(claim):
         decision = _sync_bound_claim(claim, index)
     else:
         decision = _sync_unbound_claim(claim, index, classes, provisioners)
+        if decision.event == _WAIT_FOR_CONSUMER:
+            decision = replace(decision, event=_wait_for_consumer_event(pods))
     return _with_claim_writes(decision, claim, index)
+
+
+def is_pod_terminated(pod: Mapping[str, Any]) -> bool:
+    """Upstream util.IsPodTerminated over a slim pod (kinds.slim_pod): finished, or
+    deleted with no container running (``status.containersRunning``)."""
+    if _phase(pod) in ("Succeeded", "Failed"):
+        return True
+    return bool(_meta(pod).get("deletionTimestamp")) and not _status(pod).get(
+        "containersRunning")
+
+
+def _wait_for_consumer_event(pods: Sequence[Mapping[str, Any]]) -> Event:
+    """Upstream emitEventForUnboundDelayBindingClaim: name the active pods not yet
+    scheduled (by name, as upstream), else the plain WaitForFirstConsumer event."""
+    waiting = [_name(p) for p in pods
+               if not is_pod_terminated(p) and not _spec(p).get("nodeName")]
+    if not waiting:
+        return _WAIT_FOR_CONSUMER
+    if len(waiting) == 1:
+        return Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                     f"waiting for pod {waiting[0]} to be scheduled")
+    return Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                 f"waiting for pods {','.join(waiting)} to be scheduled")
 
 
 def _sync_unbound_claim(
@@ -552,7 +579,7 @@ def _sync_unbound_claim(
     if volume is None:
         # The requested PV does not exist (yet): stay Pending and retry later.
         return _pending(claim, f'requested volume "{volume_name}" not found, will retry')
-    if not _spec(volume).get("claimRef"):
+    if _spec(volume).get("claimRef") is None:
         # The requested PV is free. Bind it if it can serve the claim.
         problem = volume_satisfies_claim(volume, claim)
         if problem is None:
@@ -641,8 +668,7 @@ def _delay_binding(storage_class: Mapping[str, Any] | None) -> bool:
     return storage_class.get("volumeBindingMode") == c.WAIT_FOR_FIRST_CONSUMER
 
 
-# Upstream words this event "waiting for pod X to be scheduled" when it finds such pods;
-# the PV controller does not watch pods here (--controllers pv-binder lists no pods).
+# The plain event; sync_claim turns it into WaitForPodScheduled when pods wait (above).
 _WAIT_FOR_CONSUMER = Event(
     c.NORMAL, c.WAIT_FOR_FIRST_CONSUMER_REASON,
     "waiting for first consumer to be created before binding",
@@ -700,8 +726,10 @@ def _provision(
         "that the provisioner is running and correctly registered."
     )
     if _annotations(claim).get(c.ANN_STORAGE_PROVISIONER) == provisioner:
-        # Already handed over; the external provisioner owns the next step.
-        return ClaimDecision(ClaimAction.WAIT, message, provisioner=provisioner)
+        # Already handed over; the external provisioner owns the next step. Upstream
+        # posts the event on every sync all the same (deduplicated into one, counted).
+        return ClaimDecision(ClaimAction.WAIT, message, provisioner=provisioner,
+                             event=Event(c.NORMAL, c.EXTERNAL_PROVISIONING, message))
     return ClaimDecision(
         ClaimAction.ANNOTATE_PROVISIONER,
         message,
@@ -735,7 +763,7 @@ def _sync_bound_claim(claim: Mapping[str, Any], index: VolumeIndex) -> ClaimDeci
             "Bound claim has lost its PersistentVolume. Data on the volume is lost!",
         )
     ref = _spec(volume).get("claimRef")
-    if not ref or ref.get("uid") == _meta(claim).get("uid"):
+    if ref is None or ref.get("uid") == _meta(claim).get("uid"):
         return _bind(volume, claim)
     return _lost(
         claim,
@@ -824,9 +852,15 @@ def sync_volume(
     claims: Mapping[str, Mapping[str, Any]],
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> VolumeDecision:
-    """Decide the next step for a PV (upstream syncVolume), with the writes it takes."""
-    decision = _sync_volume(volume, claims, deleters, recyclers)
+    """Decide the next step for a PV (upstream syncVolume), with the writes it takes.
+
+    ``pods``: the (slim) pods that use the claim named by the PV's claimRef; while an
+    active one remains and that claim is gone, a Recycle volume is not recycled."""
+    in_use = tuple(sorted(f"{_meta(p).get('namespace')}/{_name(p)}" for p in pods
+                          if not is_pod_terminated(p)))
+    decision = _sync_volume(volume, claims, deleters, recyclers, in_use)
     return _with_volume_writes(decision, volume)
 
 
@@ -835,6 +869,7 @@ def _sync_volume(
     claims: Mapping[str, Mapping[str, Any]],
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
+    in_use: tuple[str, ...] = (),
 ) -> VolumeDecision:
     """The volume state machine (upstream syncVolume).
 
@@ -854,7 +889,7 @@ def _sync_volume(
       otherwise the binding is rolled back (UNBIND).
     """
     ref = _spec(volume).get("claimRef")
-    if not ref:
+    if ref is None:  # upstream: a non-nil claimRef, even {}, is claimed
         return _volume_phase(volume, c.VOLUME_AVAILABLE, "volume is unused")
     key = claim_ref_key(volume) or ""
     if not ref.get("uid"):
@@ -865,7 +900,8 @@ def _sync_volume(
         # Upstream re-checks the live API before believing the claim is gone, unless the
         # PV is already Released/Failed.
         verify = _phase(volume) not in (c.VOLUME_RELEASED, c.VOLUME_FAILED)
-        return _release(volume, deleters, recyclers, f"claim {key} not found", verify)
+        return _release(volume, deleters, recyclers, f"claim {key} not found", verify,
+                        in_use)
     if _meta(claim).get("uid") != ref.get("uid"):
         message = f"claim {key} was re-created with a new UID"
         return _release(volume, deleters, recyclers, message, True)
@@ -955,6 +991,7 @@ def _release(
     recyclers: AbstractSet[str],
     message: str,
     verify: bool,
+    in_use: tuple[str, ...] = (),
 ) -> VolumeDecision:
     """The PV's claim is gone: mark it Released, and once it is, apply the reclaim policy.
 
@@ -969,7 +1006,7 @@ def _release(
             phase=c.VOLUME_RELEASED,
             verify_claim=verify,
         )
-    decision = _reclaim(volume, deleters, recyclers)
+    decision = _reclaim(volume, deleters, recyclers, in_use)
     if verify and decision.action is not VolumeAction.NOOP:
         return _with_verify(decision)
     return decision
@@ -994,14 +1031,23 @@ def _reclaim(
     volume: Mapping[str, Any],
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
+    in_use: tuple[str, ...] = (),
 ) -> VolumeDecision:
-    """Upstream reclaimVolume: act on spec.persistentVolumeReclaimPolicy."""
+    """Upstream reclaimVolume: act on spec.persistentVolumeReclaimPolicy.
+
+    ``in_use``: active pods ("ns/name") of the claim, which is gone from the cache
+    (upstream recycleVolumeOperation: such a volume is not recycled, whichever recycler,
+    and none is looked for; the next sync tries again)."""
     if _annotations(volume).get(c.ANN_MIGRATED_TO):
         return VolumeDecision(VolumeAction.NOOP, "CSI-migrated volume: its CSI driver reclaims it")
     policy = _spec(volume).get("persistentVolumeReclaimPolicy") or c.RECLAIM_RETAIN
     if policy == c.RECLAIM_RETAIN:
         return VolumeDecision(VolumeAction.NOOP, "reclaim policy is Retain, nothing to do")
     if policy == c.RECLAIM_RECYCLE:
+        if in_use:
+            text = f"Volume is used by pods: {','.join(in_use)}"
+            return VolumeDecision(VolumeAction.NOOP, text,
+                                  event=Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, text))
         recycler = _plugin_for(volume, recyclers)
         if recycler is not None:
             return VolumeDecision(
@@ -1044,7 +1090,7 @@ def _delete(volume: Mapping[str, Any], deleters: AbstractSet[str]) -> VolumeDeci
         volume,
         c.VOLUME_FAILED_DELETE,
         f'error getting deleter volume plugin for volume "{_name(volume)}": '
-        "no deletable volume plugin matched",
+        "no volume plugin matched",
     )
 
 

@@ -118,9 +118,11 @@ def claim_key(claim: Mapping[str, Any]) -> str:
 
 
 def claim_ref_key(volume: Mapping[str, Any]) -> str | None:
-    """``namespace/name`` of the claim a PV's claimRef names, or None when unclaimed."""
+    """``namespace/name`` of the claim a PV's claimRef names, or None when unclaimed.
+
+    An empty ``claimRef: {}`` is a claim (upstream: any non-nil claimRef), named "/"."""
     ref = _spec(volume).get("claimRef")
-    if not ref:
+    if ref is None:
         return None
     return f"{ref.get('namespace', '')}/{ref.get('name', '')}"
 
@@ -264,7 +266,7 @@ def _classify(volume: Mapping[str, Any], q: ClaimQuery, capacity: int | None = N
     """
     ref = _spec(volume).get("claimRef")
     bound_to_claim = bool(ref) and is_volume_bound_to_claim(volume, q.claim)
-    if ref and not bound_to_claim:
+    if ref is not None and not bound_to_claim:  # an empty claimRef {} claims it too
         return BOUND_ELSEWHERE
     verdict = _shape_misfit(volume, q, capacity)
     if verdict is not None:

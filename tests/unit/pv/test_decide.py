@@ -166,6 +166,20 @@ EXTERNAL_MESSAGE = (
 )
 
 
+def pod(name: str = "web-0", *, ns: str = "ns", node: str | None = None,
+        phase: str = "Pending", deleting: bool = False, running: bool = False) -> dict:
+    """A slim pod (kinds.slim_pod) using claim ns/claim."""
+    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    if deleting:
+        meta["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    return {"metadata": meta,
+            "spec": {"nodeName": node, "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": "claim"}}]},
+            "status": {"phase": phase, "containersRunning": running}}
+
+
+BY_US = {c.ANN_BOUND_BY_CONTROLLER: "yes"}
+BY_POOL = {c.ANN_PROVISIONED_BY: POOL, c.ANN_BOUND_BY_CONTROLLER: "yes"}
 # --- the claim state machine -------------------------------------------------------------------
 
 
@@ -178,9 +192,30 @@ class ClaimCase:
     expect: dict[str, Any] = field(default_factory=dict)  # ClaimDecision fields to check
     classes: dict = field(default_factory=lambda: CLASSES)
     provisioners: frozenset[str] = frozenset({POOL})
+    pods: list[dict] = field(default_factory=list)
 
 
 CLAIM_CASES = [
+    # ---- WaitForPodScheduled (upstream emitEventForUnboundDelayBindingClaim) ----------------
+    ClaimCase(
+        "WaitForPodScheduled names the one pod using the claim that is not scheduled",
+        pvc(cls="pool-wffc"), [], ClaimAction.WAIT,
+        {"event": Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                        "waiting for pod web-0 to be scheduled"), "writes": ()},
+        pods=[pod("web-0")],
+    ),
+    ClaimCase(
+        "WaitForPodScheduled lists every unscheduled pod, by name, comma-joined",
+        pvc(cls="pool-wffc"), [], ClaimAction.WAIT,
+        {"event": Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                        "waiting for pods a,b to be scheduled")},
+        pods=[pod("a"), pod("b"), pod("c", node="n1")],
+    ),
+    ClaimCase(
+        "scheduled or terminated pods leave the plain WaitForFirstConsumer event",
+        pvc(cls="pool-wffc"), [], ClaimAction.WAIT, {"event": WFFC_EVENT},
+        pods=[pod("c", node="n1"), pod("done", phase="Failed"), pod("gone", deleting=True)],
+    ),
     # ---- VolumeAttributesClass (upstream: GA in 1.34, on in 1.36) ---------------------------
     ClaimCase(
         "attributes class: binds only a PV of the claim's attributes class",
@@ -393,11 +428,13 @@ CLAIM_CASES = [
         },
     ),
     ClaimCase(
-        "external provisioner already annotated -> wait silently",
-        pvc(cls="ext", annotations={c.ANN_STORAGE_PROVISIONER: EXT}),
+        "external provisioner already annotated -> ExternalProvisioning re-emitted, no write",
+        pvc(cls="ext", annotations={c.ANN_STORAGE_PROVISIONER: EXT,
+                                    c.ANN_BETA_STORAGE_PROVISIONER: EXT}),
         [],
         ClaimAction.WAIT,
-        {"provisioner": EXT, "event": None},
+        {"provisioner": EXT, "writes": (),
+         "event": Event(c.NORMAL, c.EXTERNAL_PROVISIONING, EXTERNAL_MESSAGE)},
     ),
     ClaimCase(
         "annotated for another provisioner (class changed) -> annotate again",
@@ -642,6 +679,7 @@ def test_sync_claim(case: ClaimCase) -> None:
         index=VolumeIndex(case.volumes),
         classes=case.classes,
         provisioners=case.provisioners,
+        pods=case.pods,
     )
     assert isinstance(decision, ClaimDecision)
     assert decision.action is case.action, decision
@@ -679,15 +717,60 @@ class VolumeCase:
     expect: dict[str, Any] = field(default_factory=dict)  # VolumeDecision fields to check
     deleters: frozenset[str] = frozenset({POOL})
     recyclers: frozenset[str] = frozenset()
+    pods: list[dict] = field(default_factory=list)
 
 
-BY_US = {c.ANN_BOUND_BY_CONTROLLER: "yes"}
-BY_POOL = {c.ANN_PROVISIONED_BY: POOL, c.ANN_BOUND_BY_CONTROLLER: "yes"}
+RELEASED_RECYCLE = pv(claim="ns/claim", uid="uid-1", phase="Released", policy="Recycle",
+                      annotations=BY_POOL)
+IN_USE = Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, "Volume is used by pods: ns/a,ns/web-0")
+
+
 NO_DELETER = (
-    'error getting deleter volume plugin for volume "pv-1": no deletable volume plugin matched'
+    'error getting deleter volume plugin for volume "pv-1": no volume plugin matched'
 )
 
 VOLUME_CASES = [
+    # ---- recycling waits for the pods of the released claim (upstream isVolumeUsed) -------
+    VolumeCase(
+        "recycle refused while pods use the released claim: Normal VolumeFailedRecycle",
+        RELEASED_RECYCLE, [], VolumeAction.NOOP,
+        {"event": IN_USE, "writes": (), "phase": None},
+        recyclers=frozenset({POOL}),
+        pods=[pod("web-0", node="n1", phase="Running", running=True), pod("a")],
+    ),
+    VolumeCase(
+        "recycle refused while a pod uses the claim even with no recycler (no Failed)",
+        pv(claim="ns/claim", uid="uid-1", phase="Released", policy="Recycle"), [],
+        VolumeAction.NOOP,
+        {"event": Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, "Volume is used by pods: ns/a")},
+        pods=[pod("a")],
+    ),
+    VolumeCase(
+        "recycle goes ahead once the pods of the claim are terminated",
+        RELEASED_RECYCLE, [], VolumeAction.RECLAIM_RECYCLE, {"provisioner": POOL},
+        recyclers=frozenset({POOL}),
+        pods=[pod("done", phase="Succeeded"), pod("gone", deleting=True)],
+    ),
+    VolumeCase(
+        "recycle goes ahead when a new claim of that name is what the pods use",
+        RELEASED_RECYCLE, [pvc(uid="uid-2", volume="other")], VolumeAction.RECLAIM_RECYCLE,
+        {"provisioner": POOL, "verify_claim": True},
+        recyclers=frozenset({POOL}),
+        pods=[pod("web-0", node="n1", phase="Running", running=True)],
+    ),
+    VolumeCase(
+        "a deleting pod with a container still running still blocks recycling",
+        RELEASED_RECYCLE, [], VolumeAction.NOOP,
+        {"event": Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, "Volume is used by pods: ns/x")},
+        recyclers=frozenset({POOL}),
+        pods=[pod("x", deleting=True, running=True, phase="Running")],
+    ),
+    # ---- an empty claimRef {} is a claimRef (upstream: non-nil means claimed) -------------
+    VolumeCase(
+        "empty claimRef counts as claimed: pre-bound, not unused",
+        {**pv(), "spec": {**pv()["spec"], "claimRef": {}}}, [], VolumeAction.NOOP,
+        {"phase": "Available", "message": "volume is pre-bound to claim /"},
+    ),
     # ---- unbound and pre-bound --------------------------------------------------------------
     VolumeCase("unused and Available -> NOOP", pv(), [], VolumeAction.NOOP, {"phase": "Available"}),
     VolumeCase(
@@ -974,6 +1057,7 @@ def test_sync_volume(case: VolumeCase) -> None:
         claims=claims,
         deleters=case.deleters,
         recyclers=case.recyclers,
+        pods=case.pods,
     )
     assert isinstance(decision, VolumeDecision)
     assert decision.action is case.action, decision

@@ -179,6 +179,8 @@ def test_ties_are_broken_by_name() -> None:
         (pv("v"), pvc(selector={"matchLabels": {"tier": "gold"}}), SELECTOR),
         (pv("v", claim="ns/other", uid="u9"), pvc(), BOUND_ELSEWHERE),
         (pv("v", claim="other-ns/claim"), pvc(), BOUND_ELSEWHERE),
+        # an empty claimRef {} is a claimRef (upstream: non-nil), never a free volume
+        ({**pv("v"), "spec": {**pv("v")["spec"], "claimRef": {}}}, pvc(), BOUND_ELSEWHERE),
         (pv("v", phase="Released"), pvc(), NOT_AVAILABLE),
         (pv("v", phase="Pending"), pvc(), NOT_AVAILABLE),
         (pv("v", phase=None), pvc(), NOT_AVAILABLE),
