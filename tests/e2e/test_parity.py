@@ -10,10 +10,15 @@ Run on an own cluster instance, e.g.
 
 from __future__ import annotations
 
+import re
+import subprocess
+
+from .conftest import _volplane_executable
 from .helpers import events_for, holds_for, kcreate, kdelete, kget, kpatch, phase, wait_for
 from .test_pools import NODES, _nodes, claim_phase, crds, pool_env  # noqa: F401  (fixtures)
 from .test_pv_controller import (  # noqa: F401  (pvs is a fixture)
     LABEL,
+    REPO_ROOT,
     annotations,
     assert_stays_pending,
     assert_symmetric,
@@ -229,3 +234,42 @@ def test_empty_claim_ref_is_not_unclaimed(api, namespace, pvs, operator):  # noq
     assert_stays_pending(api, namespace, "data", seconds=5)
     v = kget(api, "PersistentVolume", pvs.name("empty-ref"))
     assert v["spec"].get("claimRef") is not None, v["spec"]
+
+
+# ============================================================================ why Pending
+
+
+def test_why_pending_message_and_explain(api, kubeconfig, namespace, pvs, operator):  # noqa: F811
+    """Issue 14's example: "of 6 gold PVs: 3 too small (largest 10Gi < 100Gi), 3 bound
+    to other claims", PVs of other classes as one line, the same in `volplane explain`."""
+    gold, silver = pvs.name("gold"), pvs.name("silver")
+    for size in ("1Gi", "5Gi", "10Gi"):
+        pvs.pv(f"small-{size.lower()}", size, storage_class=gold)
+    for i in range(3):
+        pvs.pv(f"taken-{i}", "200Gi", storage_class=gold,
+               claim_ref={"namespace": namespace, "name": f"other-{i}", "uid": f"u-{i}"})
+    for i in range(4):
+        pvs.pv(f"silver-{i}", "500Gi", storage_class=silver)
+    start(operator)
+    wait_volume_phase(api, pvs.name("small-10gi"), "Available")
+    pvs.pvc("data", "100Gi", storage_class=gold)
+    want = re.escape(f"of 6 {gold} PVs: 3 too small (largest 10Gi < 100Gi), "
+                     "3 bound to other claims; ") + r"(\d+) of other classes"
+    try:
+        events = wait_for(lambda: [e for e in claim_events(api, namespace, "data")
+                                   if re.search(want, e["message"])],
+                          timeout=30, message="the why-Pending event")
+    except TimeoutError:
+        seen = [e["message"] for e in claim_events(api, namespace, "data")]
+        raise AssertionError(f"no event matches {want!r}: {seen}") from None
+    others = int(re.search(want, events[0]["message"]).group(1))
+    assert others >= 4, events[0]["message"]
+
+    out = subprocess.run([_volplane_executable(), "explain", "pvc", f"{namespace}/data",
+                          "--kubeconfig", kubeconfig],
+                         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"matching: no persistent volumes matched: " + want, out.stdout), out.stdout
+    rows = re.findall(r"^\s+(\d+)\s+(\w+)$", out.stdout, re.M)
+    names = [k for _, k in rows]
+    assert names == ["storage_class", "too_small", "bound_elsewhere"], out.stdout

@@ -60,6 +60,7 @@ from volplane.selectors import match_label_selector, match_node_affinity
 
 __all__ = [
     "CRITERIA",
+    "HUMAN_ORDER",
     "ClaimQuery",
     "MatchResult",
     "VolumeIndex",
@@ -77,6 +78,7 @@ __all__ = [
     "volume_attributes_class",
     "volume_mode",
     "volume_mode_mismatch",
+    "why_pending",
 ]
 
 # Rejection criteria, in the order they are checked.
@@ -341,12 +343,12 @@ def brute_force_match(
 ) -> MatchResult:
     """Match ``claim`` against every volume with a plain loop (the semantic reference).
 
-    Its ``reason`` on failure is the detailed, per-criterion explanation.
+    On failure its ``reason`` and ``counts`` are the explanation for people
+    (``why_pending``), not the order the matching rules run in.
     """
     q = ClaimQuery.of(claim, delay_binding=delay_binding, node=node)
     ordered = sorted(((volume_capacity(v), _name(v), v) for v in volumes), key=lambda t: t[:2])
-    counts: Counter[str] = Counter()
-    detail = _Detail()
+    counts: Counter[str] = Counter()  # rejections in matching order (see MatchResult)
     best: tuple[Any, ...] | None = None
     for capacity, _, volume in ordered:
         verdict = _classify(volume, q, capacity)
@@ -356,14 +358,90 @@ def brute_force_match(
             return _prebound_misfit(volume, q, len(ordered), counts)
         if verdict is not None:
             counts[verdict] += 1
-            detail.note(verdict, volume, capacity)
             continue
         key = (_bucket_order(access_modes(volume)), capacity, _name(volume))
         if best is None or key < best[0]:
             best = (key, capacity, volume)
     if best is not None:
         return _matched(best[2], best[1], False, len(ordered), counts)
-    return MatchResult(None, detail.explain(q, counts, len(ordered)), dict(counts), len(ordered))
+    return why_pending(q, ordered)
+
+
+# --- why Pending, for people -------------------------------------------------------------
+
+# The order a person checks a PV against a claim (the seed's "why Pending"): its class
+# first (PVs of other classes are one line), then volume mode, attributes class,
+# selector, access modes, size, and last whether it is free to take (bound elsewhere,
+# phase, deletion, WaitForFirstConsumer, node affinity).
+HUMAN_ORDER = (
+    STORAGE_CLASS,
+    VOLUME_MODE,
+    ATTRIBUTES_CLASS,
+    SELECTOR,
+    ACCESS_MODES,
+    TOO_SMALL,
+    BOUND_ELSEWHERE,
+    NOT_AVAILABLE,
+    DELETING,
+    DELAY_BINDING,
+    NODE_AFFINITY,
+)
+
+
+def _human_classify(volume: Mapping[str, Any], q: ClaimQuery, capacity: int) -> str | None:
+    """The first criterion of HUMAN_ORDER ``volume`` fails (None: it would match).
+
+    A volume reserved for this claim is judged as matching does: class and selector do
+    not apply to it."""
+    reserved = is_volume_bound_to_claim(volume, q.claim) and bool(_spec(volume).get("claimRef"))
+    if not reserved and volume_class(volume) != q.storage_class:
+        return STORAGE_CLASS
+    if volume_mode(volume) != q.mode:
+        return VOLUME_MODE
+    if volume_attributes_class(volume) != q.attributes_class:
+        return ATTRIBUTES_CLASS
+    if (not reserved and q.selector is not None
+            and not match_label_selector(q.selector, _meta(volume).get("labels"))):
+        return SELECTOR
+    if not q.modes <= access_modes(volume):
+        return ACCESS_MODES
+    if capacity < q.request:
+        return TOO_SMALL
+    if _spec(volume).get("claimRef") is not None and not reserved:
+        return BOUND_ELSEWHERE
+    return _human_availability(volume, q, reserved)
+
+
+def _human_availability(volume: Mapping[str, Any], q: ClaimQuery, reserved: bool) -> str | None:
+    if _meta(volume).get("deletionTimestamp"):
+        return DELETING
+    if reserved:
+        return NODE_AFFINITY if q.node is not None and not _fits_node(volume, q.node) else None
+    if q.delay_binding and q.node is None:
+        return DELAY_BINDING
+    if _phase(volume) != c.VOLUME_AVAILABLE:
+        return NOT_AVAILABLE
+    if q.node is not None and not _fits_node(volume, q.node):
+        return NODE_AFFINITY
+    return None
+
+
+def why_pending(q: ClaimQuery, ordered: Iterable[tuple[int, str, Mapping[str, Any]]]
+                ) -> MatchResult:
+    """No volume matched: count each PV under the first criterion a person checks
+    (HUMAN_ORDER) and say so in one line, e.g. ``no persistent volumes matched: of 6
+    gold PVs: 3 too small (largest 10Gi < 100Gi), 3 bound to other claims; 24 of other
+    classes``. ``ordered``: (capacity, name, volume) triples."""
+    counts: Counter[str] = Counter()
+    detail = _Detail()
+    considered = 0
+    for capacity, _, volume in ordered:
+        considered += 1
+        verdict = _human_classify(volume, q, capacity)
+        if verdict is not None:
+            counts[verdict] += 1
+            detail.note(verdict, volume, capacity)
+    return MatchResult(None, detail.explain(q, counts, considered), dict(counts), considered)
 
 
 class _Detail:
@@ -371,34 +449,33 @@ class _Detail:
 
     def __init__(self) -> None:
         self.largest_too_small = 0
-        self.classes: Counter[str] = Counter()
         self.phases: Counter[str] = Counter()
 
     def note(self, verdict: str, volume: Mapping[str, Any], capacity: int) -> None:
         if verdict == TOO_SMALL:
             self.largest_too_small = max(self.largest_too_small, capacity)
-        elif verdict == STORAGE_CLASS:
-            self.classes[volume_class(volume)] += 1
         elif verdict == NOT_AVAILABLE:
             self.phases[_phase(volume) or "<none>"] += 1
 
     def explain(self, q: ClaimQuery, counts: Mapping[str, int], considered: int) -> str:
-        head = f"no persistent volumes matched: {considered} considered"
-        order = {name: i for i, name in enumerate(CRITERIA)}
-        ranked = sorted((k for k in counts if counts[k]), key=lambda k: (-counts[k], order[k]))
-        parts = [self._part(k, counts[k], q) for k in ranked]
-        return head + (" — " + ", ".join(parts) if parts else "")
+        head = "no persistent volumes matched: "
+        if not considered:
+            return head + "0 considered"
+        label = f"{q.storage_class} PVs" if q.storage_class else "PVs without a class"
+        others = counts.get(STORAGE_CLASS, 0)
+        mine = considered - others
+        parts = [self._part(k, counts[k], q) for k in HUMAN_ORDER[1:] if counts.get(k)]
+        body = f"of {mine} {label}: " + ", ".join(parts) if mine else f"no {label}"
+        if mine and not parts:  # cannot happen on failure; keep the line honest anyway
+            body = f"of {mine} {label}: none rejected"
+        if others:
+            body += f"; {others} of other classes"
+        return head + body
 
     def _part(self, criterion: str, n: int, q: ClaimQuery) -> str:
         if criterion == TOO_SMALL:
             largest, want = format_quantity(self.largest_too_small), format_quantity(q.request)
             return f"{n} too small (largest {largest} < {want})"
-        if criterion == STORAGE_CLASS:
-            if len(self.classes) == 1:
-                (only,) = self.classes
-                return f'{n} storageClassName "{only}" ≠ "{q.storage_class}"'
-            spread = ", ".join(f'"{k}": {v}' for k, v in self.classes.most_common())
-            return f'{n} storageClassName ≠ "{q.storage_class}" ({spread})'
         if criterion == NOT_AVAILABLE:
             spread = ", ".join(f"{k}: {v}" for k, v in self.phases.most_common())
             return f"{n} not Available ({spread})"

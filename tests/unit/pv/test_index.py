@@ -338,44 +338,82 @@ def test_prebound_not_fitting_node_means_no_match() -> None:
 # --- explanations --------------------------------------------------------------------------
 
 
-def test_explanation_counts_each_criterion() -> None:
-    volumes = [pv(f"small-{n}", f"{n}Gi", cls="slow") for n in (1, 2, 3, 4, 7, 8)]
-    volumes += [pv(f"fast-{n}", "20Gi", cls="fast") for n in range(5)]
-    volumes += [pv(f"taken-{n}", "20Gi", cls="slow", claim=f"ns/other-{n}") for n in range(3)]
+def test_explanation_reads_like_the_seed_example() -> None:
+    """Issue 14: "of 6 gold PVs: 3 too small (largest 10Gi < 100Gi), 3 bound to other
+    claims" and the PVs of every other class as one line."""
+    volumes = [pv(f"small-{n}", f"{n}Gi", cls="gold") for n in (1, 5, 10)]
+    volumes += [pv(f"taken-{n}", "200Gi", cls="gold", claim=f"ns/other-{n}") for n in range(3)]
+    volumes += [pv(f"silver-{n}", "500Gi", cls="silver") for n in range(20)]
+    volumes += [pv(f"plain-{n}", "500Gi") for n in range(4)]
+    claim = pvc("100Gi", cls="gold")
     index = VolumeIndex(volumes)
-    claim = pvc("10Gi", cls="slow")
     assert index.find_best_match(claim).volume is None
     result = index.explain(claim)
     assert result.volume is None
-    assert result.considered == 14
-    assert result.counts == {TOO_SMALL: 6, STORAGE_CLASS: 5, BOUND_ELSEWHERE: 3}
+    assert result.considered == 30
+    assert result.counts == {TOO_SMALL: 3, BOUND_ELSEWHERE: 3, STORAGE_CLASS: 24}
     assert result.reason == (
-        "no persistent volumes matched: 14 considered — 6 too small (largest 8Gi < 10Gi), "
-        '5 storageClassName "fast" ≠ "slow", 3 bound to other claims'
+        "no persistent volumes matched: of 6 gold PVs: 3 too small (largest 10Gi < 100Gi), "
+        "3 bound to other claims; 24 of other classes"
     )
 
 
-def test_explanation_details() -> None:
+WHY = [
+    # (id, volume, claim, the one part of the line)
+    ("other class is one line, never 'too small'",
+     pv("v", "1Gi", cls="silver"), pvc("5Gi", cls="gold"), "no gold PVs; 1 of other classes"),
+    ("volume mode before size",
+     pv("v", "1Gi", cls="g", mode="Block"), pvc("5Gi", cls="g"), '1 volumeMode ≠ "Filesystem"'),
+    ("attributes class before selector",
+     pv("v", cls="g", vac="fast"), pvc(cls="g", selector={"matchLabels": {"x": "y"}}),
+     '1 volumeAttributesClassName ≠ ""'),
+    ("selector before access modes",
+     pv("v", cls="g", modes=(ROX,)), pvc(cls="g", selector={"matchLabels": {"x": "y"}}),
+     "1 not matching the claim's selector"),
+    ("access modes before size",
+     pv("v", "1Gi", cls="g", modes=(ROX,)), pvc("5Gi", cls="g"),
+     "1 lacking access modes ReadWriteOnce"),
+    ("size before availability",
+     pv("v", "1Gi", cls="g", claim="ns/else", uid="u9"), pvc("5Gi", cls="g"),
+     "1 too small (largest 1Gi < 5Gi)"),
+    ("availability: bound to other claims",
+     pv("v", cls="g", claim="ns/else", uid="u9"), pvc(cls="g"), "1 bound to other claims"),
+    ("availability: not Available, by phase",
+     pv("v", cls="g", phase="Released"), pvc(cls="g"), "1 not Available (Released: 1)"),
+    ("availability: being deleted",
+     pv("v", cls="g", deleting=True), pvc(cls="g"), "1 being deleted"),
+    ("a claim without class counts PVs without a class",
+     pv("v", "1Gi"), pvc("5Gi"), "of 1 PVs without a class: 1 too small"),
+]
+
+
+@pytest.mark.parametrize(("volume", "claim", "part"), [w[1:] for w in WHY],
+                         ids=[w[0] for w in WHY])
+def test_why_pending_classifies_by_the_first_criterion_a_person_checks(
+        volume: dict, claim: dict, part: str) -> None:
+    result = VolumeIndex([volume]).explain(claim)
+    assert result.volume is None
+    assert part in result.reason, result.reason
+    assert sum(result.counts.values()) == 1
+
+
+def test_why_pending_lists_criteria_in_the_seed_order() -> None:
     volumes = [
         pv("gold", "20Gi", cls="gold", labels={"tier": "a"}),
-        pv("silver", "20Gi", cls="silver", labels={"tier": "a"}),
-        pv("silver-2", "20Gi", cls="silver", labels={"tier": "a"}),
-        pv("released", "20Gi", cls="want", phase="Released"),
+        pv("released", "20Gi", cls="want", phase="Released", labels={"tier": "a"}),
         pv("block", "20Gi", cls="want", mode="Block"),
-        pv("rox", "20Gi", cls="want", modes=(ROX,)),
-        pv("gone", "20Gi", cls="want", deleting=True),
+        pv("rox", "20Gi", cls="want", modes=(ROX,), labels={"tier": "a"}),
+        pv("gone", "20Gi", cls="want", deleting=True, labels={"tier": "a"}),
         pv("label", "20Gi", cls="want", labels={"tier": "b"}),
+        pv("tiny", "1Gi", cls="want", labels={"tier": "a"}),
     ]
     claim = pvc("10Gi", cls="want", selector={"matchLabels": {"tier": "a"}})
-    reason = VolumeIndex(volumes).explain(claim).reason
-    assert reason.startswith("no persistent volumes matched: 8 considered — ")
-    assert '3 storageClassName ≠ "want" ("silver": 2, "gold": 1)' in reason
-    assert "1 not Available (Released: 1)" in reason
-    assert '1 volumeMode ≠ "Filesystem"' in reason
-    assert "1 lacking access modes ReadWriteOnce" in reason
-    assert "1 being deleted" in reason
-    # the first failing rule counts: the selector is checked before the class
-    assert "1 not matching the claim's selector" in reason
+    assert VolumeIndex(volumes).explain(claim).reason == (
+        "no persistent volumes matched: of 6 want PVs: "
+        '1 volumeMode ≠ "Filesystem", 1 not matching the claim\'s selector, '
+        "1 lacking access modes ReadWriteOnce, 1 too small (largest 1Gi < 10Gi), "
+        "1 not Available (Released: 1), 1 being deleted; 1 of other classes"
+    )
 
 
 def test_explanation_wffc_and_node() -> None:
