@@ -273,3 +273,77 @@ def test_why_pending_message_and_explain(api, kubeconfig, namespace, pvs, operat
     rows = re.findall(r"^\s+(\d+)\s+(\w+)$", out.stdout, re.M)
     names = [k for _, k in rows]
     assert names == ["storage_class", "too_small", "bound_elsewhere"], out.stdout
+
+
+# ============================================================================ CSI migration
+
+EBS_DRIVER = "ebs.csi.aws.com"
+IN_TREE_EBS = "kubernetes.io/aws-ebs"
+ANN_PROVISIONER = "volume.kubernetes.io/storage-provisioner"
+ANN_BETA_PROVISIONER = "volume.beta.kubernetes.io/storage-provisioner"
+ANN_MIGRATED_TO = "pv.kubernetes.io/migrated-to"
+ANN_PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+IN_TREE_FINALIZER = "kubernetes.io/pv-controller"
+
+
+def test_migrated_in_tree_class_is_handed_to_its_csi_driver(api, namespace, pvs, operator):  # noqa: F811
+    """upstream provisionClaimOperationExternal: a class of a migrated in-tree provisioner
+    is handed to the CSI driver (storage-provisioner = ebs.csi.aws.com, ExternalProvisioning
+    naming it); with the real plugin manager the new claim carries no migrated-to (its
+    storage-provisioner is not an in-tree name), a claim annotated in-tree by kcm does."""
+    start(operator)
+    sc = pvs.storage_class("ebs", provisioner=IN_TREE_EBS)
+    pvs.pvc("fresh", "1Gi", storage_class=sc)
+    c = wait_for(lambda: (o := kget(api, "PersistentVolumeClaim", "fresh", namespace))
+                 and annotations(o).get(ANN_PROVISIONER) and o,
+                 timeout=30, message="storage-provisioner annotation")
+    assert annotations(c)[ANN_PROVISIONER] == EBS_DRIVER, annotations(c)
+    assert annotations(c)[ANN_BETA_PROVISIONER] == EBS_DRIVER, annotations(c)
+    assert ANN_MIGRATED_TO not in annotations(c), annotations(c)
+    events = wait_for(lambda: claim_events(api, namespace, "fresh", "ExternalProvisioning"),
+                      timeout=30, message="ExternalProvisioning event")
+    assert f"external provisioner '{EBS_DRIVER}'" in events[0]["message"], events[0]
+    assert not claim_events(api, namespace, "fresh", "ProvisioningFailed")
+
+    # a bound claim from kcm's days: storage-provisioner is the in-tree name
+    manifest = pvc_manifest("legacy", namespace, "1Gi", sc)
+    manifest["metadata"]["annotations"] = {ANN_PROVISIONER: IN_TREE_EBS}
+    kcreate(api, manifest)
+    legacy = wait_for(lambda: (o := kget(api, "PersistentVolumeClaim", "legacy", namespace))
+                      and annotations(o).get(ANN_MIGRATED_TO) and o,
+                      timeout=30, message="migrated-to on the legacy claim")
+    assert annotations(legacy)[ANN_MIGRATED_TO] == EBS_DRIVER
+
+
+def test_in_tree_pv_from_kcm_is_migrated_and_deletes_cleanly(api, namespace, pvs, operator):  # noqa: F811
+    """upstream updateVolumeMigrationAnnotationsAndFinalizers: a PV kcm provisioned in-tree
+    (provisioned-by kubernetes.io/aws-ebs, finalizer kubernetes.io/pv-controller) gets
+    migrated-to = ebs.csi.aws.com and loses the in-tree finalizer; Released, it is left to
+    the CSI driver (not Failed), and deleting it does not hang in Terminating."""
+    sc = pvs.storage_class("ebs", provisioner=IN_TREE_EBS)
+    manifest = pv_manifest(pvs.name("kcm"), "1Gi", sc, ns=namespace, policy="Delete")
+    spec = manifest["spec"]
+    del spec["hostPath"]
+    spec["awsElasticBlockStore"] = {"volumeID": "vol-0123456789abcdef0", "fsType": "ext4"}
+    manifest["metadata"]["annotations"] = {ANN_PROVISIONED_BY: IN_TREE_EBS}
+    manifest["metadata"]["finalizers"] = [IN_TREE_FINALIZER]
+    kcreate(api, manifest)
+    name = pvs.name("kcm")
+    start(operator)
+    v = wait_for(lambda: (o := kget(api, "PersistentVolume", name))
+                 and annotations(o).get(ANN_MIGRATED_TO) and o,
+                 timeout=30, message="migrated-to on the PV")
+    assert annotations(v)[ANN_MIGRATED_TO] == EBS_DRIVER
+    v = wait_for(lambda: (o := kget(api, "PersistentVolume", name))
+                 and IN_TREE_FINALIZER not in (o["metadata"].get("finalizers") or []) and o,
+                 timeout=30, message="pv-controller finalizer removed")
+
+    pvs.pvc("data", "1Gi", storage_class=sc, volume_name=name)
+    wait_bound(api, namespace, "data")
+    kdelete(api, "PersistentVolumeClaim", "data", namespace)
+    wait_volume_phase(api, name, "Released", timeout=30)
+    holds_for(lambda: phase(kget(api, "PersistentVolume", name)) == "Released", 5,
+              message="Released, left to the CSI driver (not Failed)")
+    kdelete(api, "PersistentVolume", name)
+    wait_for(lambda: kget(api, "PersistentVolume", name) is None, timeout=30,
+             message="the PV is gone, not stuck Terminating")

@@ -72,6 +72,7 @@ __all__ = [
     "VolumeDecision",
     "Write",
     "claim_bind_patch",
+    "claim_migration_patch",
     "claim_status_patch",
     "default_class",
     "is_volume_released",
@@ -80,6 +81,7 @@ __all__ = [
     "sync_expansion",
     "sync_volume",
     "volume_bind_patch",
+    "volume_migration_patch",
     "volume_phase_patch",
     "volume_satisfies_claim",
     "volume_unbind_patch",
@@ -101,6 +103,7 @@ class ClaimAction(Enum):
     ANNOTATE_PROVISIONER = "annotate_provisioner"  # set both storage-provisioner annotations
     PROVISION = "provision"  # hand to the pool provisioner (storage_class, selected_node)
     WAIT = "wait"  # nothing to write now; emit decision.event if any
+    ANNEAL_MIGRATION = "anneal_migration"  # pv.kubernetes.io/migrated-to set or removed
 
 
 class VolumeAction(Enum):
@@ -111,6 +114,7 @@ class VolumeAction(Enum):
     UNBIND = "unbind"  # roll back our binding: see volume_unbind_patch, then phase Available
     RECLAIM_DELETE = "reclaim_delete"  # Delete policy: hand to the deleter `provisioner`
     RECLAIM_RECYCLE = "reclaim_recycle"  # Recycle policy: hand to the recycler `provisioner`
+    ANNEAL_MIGRATION = "anneal_migration"  # migrated-to annotation / deletion finalizers
 
 
 class BindStep(Enum):
@@ -385,13 +389,17 @@ def _claim_patch(claim: Mapping[str, Any], patch: Mapping[str, Any] | None, *,
 
 
 def _provisioner_patch(claim: Mapping[str, Any], provisioner: str) -> dict[str, Any] | None:
-    """Both storage-provisioner annotations (upstream setClaimProvisioner)."""
+    """Both storage-provisioner annotations (upstream setClaimProvisioner), with the
+    migrated-to annotation they imply in the same write."""
     annotations = _annotations(claim)
     if (annotations.get(c.ANN_STORAGE_PROVISIONER) == provisioner
             and annotations.get(c.ANN_BETA_STORAGE_PROVISIONER) == provisioner):
         return None
-    return {"metadata": {"annotations": {c.ANN_STORAGE_PROVISIONER: provisioner,
-                                         c.ANN_BETA_STORAGE_PROVISIONER: provisioner}}}
+    new = {c.ANN_STORAGE_PROVISIONER: provisioner, c.ANN_BETA_STORAGE_PROVISIONER: provisioner}
+    migrated = _migrated_to_patch({**annotations, **new}, provisioner)
+    if migrated is not None:
+        new.update(migrated["metadata"]["annotations"])
+    return {"metadata": {"annotations": new}}
 
 
 def _bind_writes(volume: Mapping[str, Any], claim: Mapping[str, Any],
@@ -452,6 +460,72 @@ def _with_volume_writes(d: VolumeDecision, volume: Mapping[str, Any]) -> VolumeD
     elif d.action in (VolumeAction.RECLAIM_DELETE, VolumeAction.RECLAIM_RECYCLE):
         writes = (Reclaim(d.provisioner or "", d.action is VolumeAction.RECLAIM_RECYCLE),)
     return replace(d, writes=writes)
+
+
+# --- CSI migration and deletion finalizers (upstream pv_controller_base.go) -------------
+
+
+def _migrated_to_patch(annotations: Mapping[str, str], plugin: str) -> dict[str, Any] | None:
+    """upstream updateMigrationAnnotations: migrated-to = the CSI driver of a migrated
+    in-tree plugin; removed when the plugin is not (or no longer) migrated."""
+    driver = c.MIGRATED_PLUGINS.get(plugin)
+    current = annotations.get(c.ANN_MIGRATED_TO) or ""
+    if driver is not None:
+        if current == driver:
+            return None
+        return {"metadata": {"annotations": {c.ANN_MIGRATED_TO: driver}}}
+    if current:
+        return {"metadata": {"annotations": {c.ANN_MIGRATED_TO: None}}}
+    return None
+
+
+def claim_migration_patch(claim: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The claim's migrated-to annotation, following its storage-provisioner annotation
+    (GA name, else beta); None: nothing to change."""
+    annotations = _annotations(claim)
+    plugin = annotations.get(c.ANN_STORAGE_PROVISIONER,
+                             annotations.get(c.ANN_BETA_STORAGE_PROVISIONER))
+    if plugin is None:
+        return None
+    return _migrated_to_patch(annotations, plugin)
+
+
+def _deletion_finalizers(volume: Mapping[str, Any], plugin: str) -> list[str] | None:
+    """upstream modifyDeletionFinalizers for a dynamically provisioned PV: the new
+    finalizer list, or None when unchanged.
+
+    Migrated in-tree plugin: drop kubernetes.io/pv-controller (its CSI driver's
+    provisioner owns deletion). Other in-tree plugins: the finalizer is present exactly
+    with policy Delete, and external-provisioner's finalizer is dropped. PVs of any other
+    provisioner are left alone."""
+    before = list(_meta(volume).get("finalizers") or [])
+    after = list(before)
+    if plugin in c.MIGRATED_PLUGINS:
+        after = [f for f in after if f != c.FINALIZER_IN_TREE_DELETION]
+    elif plugin.startswith(c.IN_TREE_PREFIX):
+        policy = _spec(volume).get("persistentVolumeReclaimPolicy")
+        if policy == c.RECLAIM_DELETE and c.FINALIZER_IN_TREE_DELETION not in after:
+            after.append(c.FINALIZER_IN_TREE_DELETION)
+        elif policy in (c.RECLAIM_RETAIN, c.RECLAIM_RECYCLE):
+            after = [f for f in after if f != c.FINALIZER_IN_TREE_DELETION]
+        after = [f for f in after if f != c.FINALIZER_EXTERNAL_DELETION]
+    return None if after == before else after
+
+
+def volume_migration_patch(volume: Mapping[str, Any]) -> dict[str, Any] | None:
+    """upstream updateVolumeMigrationAnnotationsAndFinalizers: migrated-to and the
+    deletion finalizers of a dynamically provisioned PV (provisioned-by); None: nothing
+    to change. Statically provisioned PVs are never touched. The finalizer list is
+    written whole (a merge patch replaces lists) under the PV's resourceVersion."""
+    annotations = _annotations(volume)
+    if c.ANN_PROVISIONED_BY not in annotations:
+        return None
+    plugin = annotations[c.ANN_PROVISIONED_BY]
+    patch = _migrated_to_patch(annotations, plugin) or {}
+    finalizers = _deletion_finalizers(volume, plugin)
+    if finalizers is not None:
+        patch.setdefault("metadata", {})["finalizers"] = finalizers
+    return patch or None
 
 
 # --- checks ------------------------------------------------------------------------------
@@ -528,6 +602,11 @@ def sync_claim(
     ``provisioners`` the names of the volume plugins this volplane runs (pv/plugins.py),
     ``pods`` the (slim) pods that use the claim (upstream's pod index by claim).
     """
+    migration = claim_migration_patch(claim)
+    if migration is not None:
+        # upstream updateClaimMigrationAnnotations, first thing in syncClaim
+        return ClaimDecision(ClaimAction.ANNEAL_MIGRATION, "CSI migration annotation",
+                             writes=_claim_patch(claim, migration))
     if c.ANN_BIND_COMPLETED in _annotations(claim):
         decision = _sync_bound_claim(claim, index)
     else:
@@ -695,6 +774,9 @@ def _provision(
             explain=True,
         )
     provisioner = storage_class.get("provisioner") or ""
+    # CSI migration (upstream provisionClaimOperationExternal): a migrated in-tree
+    # provisioner is handed to its CSI driver's external-provisioner.
+    provisioner = c.MIGRATED_PLUGINS.get(provisioner, provisioner)
     if provisioner == c.POOL_PROVISIONER and provisioner not in provisioners:
         text = f'provisioner "{provisioner}" is not enabled in this volplane'
         return ClaimDecision(
@@ -858,6 +940,12 @@ def sync_volume(
 
     ``pods``: the (slim) pods that use the claim named by the PV's claimRef; while an
     active one remains and that claim is gone, a Recycle volume is not recycled."""
+    migration = volume_migration_patch(volume)
+    if migration is not None:
+        # upstream updateVolumeMigrationAnnotationsAndFinalizers, first thing in syncVolume
+        return VolumeDecision(VolumeAction.ANNEAL_MIGRATION,
+                              "CSI migration annotation / deletion finalizers",
+                              writes=(PatchVolume(_name(volume), migration),))
     in_use = tuple(sorted(f"{_meta(p).get('namespace')}/{_name(p)}" for p in pods
                           if not is_pod_terminated(p)))
     decision = _sync_volume(volume, claims, deleters, recyclers, in_use)

@@ -17,6 +17,7 @@ from volplane.pv.decide import (
     VolumeAction,
     VolumeDecision,
     claim_bind_patch,
+    claim_migration_patch,
     claim_status_patch,
     default_class,
     is_volume_released,
@@ -24,6 +25,7 @@ from volplane.pv.decide import (
     sync_claim,
     sync_volume,
     volume_bind_patch,
+    volume_migration_patch,
     volume_phase_patch,
     volume_unbind_patch,
 )
@@ -81,6 +83,11 @@ def pv(
     if phase:
         out["status"] = {"phase": phase}
     return out
+
+
+def finalized(obj: dict[str, Any], *finalizers: str) -> dict[str, Any]:
+    obj["metadata"]["finalizers"] = list(finalizers)
+    return obj
 
 
 def pvc(
@@ -144,7 +151,8 @@ CLASSES = {
     "ext": sc("ext", EXT),
     "local": sc("local", c.NO_PROVISIONER, wffc=True),
     "local-now": sc("local-now", c.NO_PROVISIONER),
-    "intree": sc("intree", "kubernetes.io/aws-ebs"),
+    "intree": sc("intree", "kubernetes.io/host-path"),
+    "ebs": sc("ebs", "kubernetes.io/aws-ebs"),
 }
 
 BOUND_CLAIM = {c.ANN_BIND_COMPLETED: "yes", c.ANN_BOUND_BY_CONTROLLER: "yes"}
@@ -195,7 +203,38 @@ class ClaimCase:
     pods: list[dict] = field(default_factory=list)
 
 
+EBS = "ebs.csi.aws.com"
+EBS_MESSAGE = EXTERNAL_MESSAGE.replace(EXT, EBS)
+IN_TREE_EBS = "kubernetes.io/aws-ebs"
+
 CLAIM_CASES = [
+    # ---- CSI migration (upstream provisionClaimOperationExternal, updateMigrationAnnotations)
+    ClaimCase(
+        "migrated in-tree class is handed to its CSI driver with ExternalProvisioning",
+        pvc(cls="ebs"), [], ClaimAction.ANNOTATE_PROVISIONER,
+        {"provisioner": EBS, "event": Event(c.NORMAL, c.EXTERNAL_PROVISIONING, EBS_MESSAGE)},
+    ),
+    ClaimCase(
+        "a claim annotated with the in-tree provisioner (from kcm) gets migrated-to first",
+        pvc(cls="ebs", annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS}), [],
+        ClaimAction.ANNEAL_MIGRATION, {"event": None},
+    ),
+    ClaimCase(
+        "a beta-annotated in-tree claim gets migrated-to too",
+        pvc(annotations={c.ANN_BETA_STORAGE_PROVISIONER: "kubernetes.io/gce-pd"}), [],
+        ClaimAction.ANNEAL_MIGRATION, {},
+    ),
+    ClaimCase(
+        "a claim of a driver that is not migrated loses a stale migrated-to (rollback)",
+        pvc(cls="ext", annotations={c.ANN_STORAGE_PROVISIONER: EXT, c.ANN_MIGRATED_TO: EXT}),
+        [], ClaimAction.ANNEAL_MIGRATION, {},
+    ),
+    ClaimCase(
+        "migrated-to already right: the claim syncs on",
+        pvc(cls="ebs", annotations={c.ANN_STORAGE_PROVISIONER: EBS,
+                                    c.ANN_BETA_STORAGE_PROVISIONER: EBS}),
+        [], ClaimAction.WAIT, {"provisioner": EBS},
+    ),
     # ---- WaitForPodScheduled (upstream emitEventForUnboundDelayBindingClaim) ----------------
     ClaimCase(
         "WaitForPodScheduled names the one pod using the claim that is not scheduled",
@@ -347,7 +386,7 @@ CLAIM_CASES = [
             "event": Event(
                 c.WARNING,
                 c.PROVISIONING_FAILED,
-                "no volume plugin matched name: kubernetes.io/aws-ebs",
+                "no volume plugin matched name: kubernetes.io/host-path",
             )
         },
     ),
@@ -872,13 +911,13 @@ VOLUME_CASES = [
     ),
     VolumeCase(
         "Released, Delete, in-tree provisioner -> Failed",
-        pv(
+        finalized(pv(
             claim="ns/claim",
             uid="uid-1",
             phase="Released",
             policy="Delete",
-            annotations={c.ANN_PROVISIONED_BY: "kubernetes.io/aws-ebs"},
-        ),
+            annotations={c.ANN_PROVISIONED_BY: "kubernetes.io/host-path"},
+        ), c.FINALIZER_IN_TREE_DELETION),
         [],
         VolumeAction.SET_PHASE,
         {
@@ -886,7 +925,7 @@ VOLUME_CASES = [
             "event": Event(
                 c.WARNING,
                 c.VOLUME_FAILED_DELETE,
-                "no volume plugin matched name: kubernetes.io/aws-ebs",
+                "no volume plugin matched name: kubernetes.io/host-path",
             ),
         },
     ),
@@ -1096,6 +1135,92 @@ def test_volume_bind_patch_takes_over_from_an_old_claim_uid() -> None:
     patch = volume_bind_patch(pv(claim="ns/claim", uid="old"), pvc())
     assert patch is not None
     assert patch["metadata"] == {"annotations": {c.ANN_BOUND_BY_CONTROLLER: "yes"}}
+
+
+@pytest.mark.parametrize(
+    ("claim", "expect"),
+    [
+        pytest.param(pvc(annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS}),
+                     {c.ANN_MIGRATED_TO: EBS}, id="in-tree provisioner -> migrated-to driver"),
+        pytest.param(pvc(annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS,
+                                      c.ANN_MIGRATED_TO: EBS}), None, id="already set"),
+        pytest.param(pvc(annotations={c.ANN_STORAGE_PROVISIONER: "kubernetes.io/host-path",
+                                      c.ANN_MIGRATED_TO: "x"}),
+                     {c.ANN_MIGRATED_TO: None}, id="not migrated -> removed"),
+        pytest.param(pvc(), None, id="no provisioner annotation -> nothing"),
+    ],
+)
+def test_claim_migration_patch(claim: dict, expect: dict | None) -> None:
+    patch = claim_migration_patch(claim)
+    assert (patch and patch["metadata"]["annotations"]) == expect
+
+
+def test_handing_a_legacy_claim_to_the_driver_drops_migrated_to_in_the_same_write() -> None:
+    """upstream setClaimProvisioner: storage-provisioner becomes the CSI driver, which is
+    not an in-tree name, so migrated-to goes (as kcm 1.36 with the real plugin manager)."""
+    claim = pvc(cls="ebs", annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS,
+                                        c.ANN_MIGRATED_TO: EBS})
+    d = sync_claim(claim, index=VolumeIndex(), classes=CLASSES, provisioners={POOL})
+    assert d.action is ClaimAction.ANNOTATE_PROVISIONER
+    assert d.writes[0].patch == {"metadata": {"annotations": {  # type: ignore[union-attr]
+        c.ANN_STORAGE_PROVISIONER: EBS, c.ANN_BETA_STORAGE_PROVISIONER: EBS,
+        c.ANN_MIGRATED_TO: None}}}
+
+
+FIN_IN_TREE, FIN_EXT = c.FINALIZER_IN_TREE_DELETION, c.FINALIZER_EXTERNAL_DELETION
+
+
+@pytest.mark.parametrize(
+    ("provisioned_by", "policy", "finalizers", "annotations", "finalizers_after"),
+    [
+        pytest.param(IN_TREE_EBS, "Delete", [FIN_IN_TREE, "kubernetes.io/pv-protection"],
+                     {c.ANN_MIGRATED_TO: EBS}, ["kubernetes.io/pv-protection"],
+                     id="migrated in-tree PV: migrated-to set, pv-controller finalizer dropped"),
+        pytest.param("kubernetes.io/host-path", "Delete", [], None, [FIN_IN_TREE],
+                     id="in-tree Delete PV gets the pv-controller finalizer"),
+        pytest.param("kubernetes.io/host-path", "Retain", [FIN_IN_TREE], None, [],
+                     id="in-tree PV switched to Retain loses it"),
+        pytest.param("kubernetes.io/host-path", "Recycle", [FIN_IN_TREE, FIN_EXT], None, [],
+                     id="in-tree Recycle PV loses both finalizers"),
+        pytest.param("kubernetes.io/host-path", "Delete", [FIN_IN_TREE, FIN_EXT], None,
+                     [FIN_IN_TREE], id="external-provisioner finalizer dropped (rollback)"),
+        pytest.param(EXT, "Delete", [FIN_EXT], None, "unchanged",
+                     id="a CSI driver's PV is its provisioner's business"),
+        pytest.param(None, "Delete", [FIN_IN_TREE], None, "unchanged",
+                     id="statically provisioned PVs are never touched"),
+        pytest.param(IN_TREE_EBS, "Delete", [], {c.ANN_MIGRATED_TO: EBS}, "unchanged",
+                     id="migrated PV already annealed"),
+    ],
+)
+def test_volume_migration_patch(provisioned_by: str | None, policy: str, finalizers: list,
+                                annotations: dict | None, finalizers_after: Any) -> None:
+    ann = {c.ANN_PROVISIONED_BY: provisioned_by} if provisioned_by else {}
+    if finalizers_after == "unchanged" and annotations:
+        ann.update(annotations)
+        annotations = None
+    volume = finalized(pv(policy=policy, annotations=ann), *finalizers)
+    patch = volume_migration_patch(volume)
+    if finalizers_after == "unchanged" and annotations is None:
+        assert patch is None
+        return
+    assert patch is not None
+    assert patch["metadata"].get("annotations") == annotations
+    assert patch["metadata"].get("finalizers") == finalizers_after
+
+
+def test_released_in_tree_pv_gets_migrated_to_then_reclaim_stands_down() -> None:
+    """A Released PV provisioned in-tree is not marked Failed: it is annealed first, and
+    with migrated-to the CSI driver's external-provisioner deletes it."""
+    volume = finalized(pv(claim="ns/claim", uid="uid-1", phase="Released", policy="Delete",
+                          annotations={c.ANN_PROVISIONED_BY: IN_TREE_EBS}), FIN_IN_TREE)
+    first = sync_volume(volume, claims={}, deleters={POOL}, recyclers=set())
+    assert first.action is VolumeAction.ANNEAL_MIGRATION
+    assert first.event is None
+    volume["metadata"]["annotations"][c.ANN_MIGRATED_TO] = EBS
+    volume["metadata"]["finalizers"] = []
+    second = sync_volume(volume, claims={}, deleters={POOL}, recyclers=set())
+    assert second.action is VolumeAction.NOOP and second.event is None
+    assert second.phase is None
 
 
 def test_claim_bind_patch() -> None:
