@@ -305,14 +305,23 @@ def test_migrated_in_tree_class_is_handed_to_its_csi_driver(api, namespace, pvs,
     assert f"external provisioner '{EBS_DRIVER}'" in events[0]["message"], events[0]
     assert not claim_events(api, namespace, "fresh", "ProvisioningFailed")
 
-    # a bound claim from kcm's days: storage-provisioner is the in-tree name
-    manifest = pvc_manifest("legacy", namespace, "1Gi", sc)
+    # a claim from kcm's days, bound to its volume, annotated with the in-tree name: it
+    # keeps that annotation and gets migrated-to (an unbound one is re-annotated with
+    # the driver and loses migrated-to again, as setClaimProvisioner does)
+    pvs.pv("legacy", "1Gi", storage_class=sc,  # reserved: "fresh" would take it otherwise
+           claim_ref={"namespace": namespace, "name": "legacy"})
+    manifest = pvc_manifest("legacy", namespace, "1Gi", sc, volume_name=pvs.name("legacy"))
     manifest["metadata"]["annotations"] = {ANN_PROVISIONER: IN_TREE_EBS}
     kcreate(api, manifest)
-    legacy = wait_for(lambda: (o := kget(api, "PersistentVolumeClaim", "legacy", namespace))
-                      and annotations(o).get(ANN_MIGRATED_TO) and o,
-                      timeout=30, message="migrated-to on the legacy claim")
-    assert annotations(legacy)[ANN_MIGRATED_TO] == EBS_DRIVER
+    wait_bound(api, namespace, "legacy")
+
+    def annealed():
+        o = kget(api, "PersistentVolumeClaim", "legacy", namespace)
+        return (annotations(o).get(ANN_MIGRATED_TO) == EBS_DRIVER
+                and annotations(o).get(ANN_PROVISIONER) == IN_TREE_EBS and o)
+
+    wait_for(annealed, timeout=30, message="migrated-to on the bound legacy claim")
+    holds_for(annealed, 3, message="the bound legacy claim keeps migrated-to")
 
 
 def test_in_tree_pv_from_kcm_is_migrated_and_deletes_cleanly(api, namespace, pvs, operator):  # noqa: F811
