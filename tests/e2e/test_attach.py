@@ -544,7 +544,7 @@ def test_two_pods_on_two_nodes_with_one_rwo_claim(api, world, operator, cluster)
         return evs or None
     evs = wait_for(multi_attach_event, timeout=20, message="Multi-Attach event on second")
     assert evs[0]["message"] == (
-        f'Multi-Attach error for volume "{pv}" Volume is already used by pod(s) first')
+        f'Waiting for detach for volume "{pv}" Volume is already used by pod(s) first')
     assert evs[0]["source"]["component"] == "attachdetach-controller"
     holds_for(lambda: len(world.my_vas()) == 1, duration=3, message="one attachment only")
     assert world.va_for(pv, n1, handle) is None

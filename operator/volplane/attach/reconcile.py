@@ -90,11 +90,14 @@ def detach_failed_message(pv_name: str, error: str) -> str:
 
 
 def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) -> str:
-    """upstream reconciler.reportMultiAttachError: name only pods of the pod's namespace."""
+    """v1.36.5 reconciler.reportMultiAttachError through VolumeToAttach.GenerateMsg
+    ("Waiting for detach for volume %q %s"): pods of the pod's own namespace are named,
+    pods of other namespaces only counted; without any pod, the exclusive-attach text."""
     others = list(others)
+    head = f'Waiting for detach for volume "{pv_name}"'
     if not others:
-        return (f'Multi-Attach error for volume "{pv_name}" Volume is already exclusively '
-                "attached to one node and can't be attached to another")
+        return (f"{head} Volume is already exclusively attached to one node, waiting on "
+                "detach before it can be attached to another node")
     local = [p.name for p in others if p.namespace == pod.namespace]
     foreign = len(others) - len(local)
     if local:
@@ -103,7 +106,7 @@ def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) ->
             msg = f"{msg} and {foreign} pod(s) in different namespaces"
     else:
         msg = f"Volume is already used by {foreign} pod(s) in different namespaces"
-    return f'Multi-Attach error for volume "{pv_name}" {msg}'
+    return f"{head} {msg}"
 
 
 def _detach_decision(a: Actual, nodes: Mapping[str, Mapping[str, Any]], now: float,
@@ -190,18 +193,41 @@ def _attach_op(d: Desired, dsw: Mapping[tuple[str, str], Desired],
             return replace(base, va_name=a.va_name, reason=a.state.value)
         return None
     if not d.volume.multi_attach:
-        others = on_nodes.get(pv_name, set()) - {d.node}
-        # the same volume being detached (this pass or earlier) elsewhere: just wait
-        elsewhere = [asw.get((pv_name, n)) for n in others]
-        if [x for x in elsewhere if x is None or x.state is not AState.DETACHING]:
-            users = sorted({p for n in others
-                            if (there := dsw.get((pv_name, n))) is not None
-                            for p in there.pods})
-            ev = tuple((p, multi_attach_message(pv_name, p, users)) for p in d.pods)
-            return replace(base, kind=OpKind.MULTI_ATTACH, reason="multi-attach", events=ev)
-        if others or any(k[0] == pv_name for k in detaching_now):
-            return replace(base, reason="detaching-elsewhere")
+        blocked = _exclusive_elsewhere(d, dsw, asw, on_nodes, detaching_now)
+        if blocked is not None:
+            return blocked
     return replace(base, kind=OpKind.ATTACH, va_name=d.volume.attachment_name(d.node))
+
+
+def _exclusive_elsewhere(d: Desired, dsw: Mapping[tuple[str, str], Desired],
+                         asw: Mapping[tuple[str, str], Actual],
+                         on_nodes: Mapping[str, set[str]],
+                         detaching_now: set[tuple[str, str]]) -> Op | None:
+    """A ReadWriteOnce volume wanted on d.node while it is elsewhere: the op that holds
+    it back, or None (free to attach).
+
+    Attached there (or being attached there in this pass): the multi-attach report.
+    An attach there still in flight, its outcome unknown (uncertain): wait quietly, as
+    upstream's IsOperationPending for the volume. An attach there that failed (the
+    attacher reports attachError) does not hold the volume. Being detached there: wait.
+    """
+    pv_name = d.volume.pv_name
+    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume)
+    others = on_nodes.get(pv_name, set()) - {d.node}
+    elsewhere = {n: asw.get((pv_name, n)) for n in others}
+    holding = [n for n, x in elsewhere.items() if x is None or x.state is AState.ATTACHED]
+    if holding:
+        users = sorted({p for n in holding
+                        if (there := dsw.get((pv_name, n))) is not None for p in there.pods})
+        ev = tuple((p, multi_attach_message(pv_name, p, users)) for p in d.pods)
+        return replace(base, kind=OpKind.MULTI_ATTACH, reason="multi-attach", events=ev)
+    if any(x is not None and x.state is AState.ATTACHING and not x.attach_error
+           for x in elsewhere.values()):
+        return replace(base, reason="attaching-elsewhere")
+    if (any(x is not None and x.state is AState.DETACHING for x in elsewhere.values())
+            or any(k[0] == pv_name for k in detaching_now)):
+        return replace(base, reason="detaching-elsewhere")
+    return None
 
 
 def volume_attachment_body(volume: VolumeRef, node: str) -> dict[str, Any]:

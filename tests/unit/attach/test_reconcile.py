@@ -92,21 +92,21 @@ def test_multi_attach_error_names_pods_in_the_same_namespace_only(modes):
     assert kinds(ops) == [("multi-attach", "pv1", "n2")]
     (target, message), = ops[0].events
     assert target.name == "late"
-    assert message == 'Multi-Attach error for volume "pv1" Volume is already used by pod(s) a, b'
+    assert message == 'Waiting for detach for volume "pv1" Volume is already used by pod(s) a, b'
 
 
 def test_multi_attach_message_variants():
     me = D.PodRef("ns", "me")
     assert RC.multi_attach_message("v", me, [D.PodRef("ns", "a"), D.PodRef("x", "b"),
                                             D.PodRef("y", "c")]) == (
-        'Multi-Attach error for volume "v" Volume is already used by pod(s) a and 2 pod(s) '
+        'Waiting for detach for volume "v" Volume is already used by pod(s) a and 2 pod(s) '
         "in different namespaces")
     assert RC.multi_attach_message("v", me, [D.PodRef("x", "b")]) == (
-        'Multi-Attach error for volume "v" Volume is already used by 1 pod(s) in different '
+        'Waiting for detach for volume "v" Volume is already used by 1 pod(s) in different '
         "namespaces")
     assert RC.multi_attach_message("v", me, []) == (
-        'Multi-Attach error for volume "v" Volume is already exclusively attached to one '
-        "node and can't be attached to another")
+        'Waiting for detach for volume "v" Volume is already exclusively attached to one '
+        "node, waiting on detach before it can be attached to another node")
 
 
 def test_two_nodes_want_an_unattached_rwo_volume_the_oldest_pod_wins():
@@ -209,3 +209,28 @@ def test_reconcile_is_idempotent_once_converged():
     assert [a for a in attached if a[0] == "pv2"] in ([("pv2", "n1")], [("pv2", "n2")])
     assert ("pv3", "n3") in attached            # still mounted there
     assert ("pv4", "n2") in attached and ("pv4", "n1") not in attached
+
+
+# RWO volume wanted on n2 while n1 (whose pod still wants it too) has a VolumeAttachment
+# in this state: only confirmed (or just decided) and uncertain attachments hold it.
+@pytest.mark.parametrize(
+    ("elsewhere", "expect"),
+    [
+        pytest.param(dict(attached=True), ("multi-attach", "multi-attach"),
+                     id="attached elsewhere: the multi-attach report"),
+        pytest.param(dict(attached=False), ("wait", "attaching-elsewhere"),
+                     id="uncertain attach elsewhere (in flight, no error) blocks quietly"),
+        pytest.param(dict(attached=False, attach_error="rpc error: code = Internal"),
+                     ("attach", ""), id="a finally failed attach elsewhere does not block"),
+        pytest.param(dict(attached=True, deleting=True), ("wait", "detaching-elsewhere"),
+                     id="being detached elsewhere: wait for it"),
+    ],
+)
+def test_rwo_volume_is_held_only_by_confirmed_or_uncertain_attachments(elsewhere, expect):
+    w = base_world(pod("ns", "first", "n1", "c1", created="2024-01-01T00:00:00Z"),
+                   pod("ns", "second", "n2", "c1", created="2024-01-02T00:00:00Z"))
+    ops = [o for o in plan(w, [va("pv1", "n1", **elsewhere)]) if o.node == "n2"]
+    assert [(o.kind.value, o.reason) for o in ops] == [expect]
+    if expect[0] == "multi-attach":
+        assert ops[0].events[0][1] == (
+            'Waiting for detach for volume "pv1" Volume is already used by pod(s) first')

@@ -66,7 +66,7 @@ def test_controller_and_pool_attacher_attach_report_and_detach():
         events = ctx.events.posted
         assert any(r == "FailedAttachVolume" and "no free device slot" in m
                    for _, r, m in events)
-        assert any(p == "elsewhere" and m.startswith('Multi-Attach error for volume "pv0"')
+        assert any(p == "elsewhere" and m.startswith('Waiting for detach for volume "pv0"')
                    for p, _, m in events)
 
         # delete an attached pod: its volume detaches, its slot goes to the waiting one
