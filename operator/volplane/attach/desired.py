@@ -14,7 +14,9 @@ until its containers stop). Each ``persistentVolumeClaim`` (or generic
 claim is Bound to a PV whose claimRef carries the claim's uid, the PV has a
 ``spec.csi`` source, and the driver needs attaching (its CSIDriver object says
 ``attachRequired`` true or unset; no CSIDriver object at all means attach is
-required). The DSW maps (PV name, node) to the volume and the pods needing it.
+required). The DSW maps (unique volume name, node) to the volume and the pods
+needing it: upstream's identity, ``kubernetes.io/csi/<driver>^<volumeHandle>``, so two PVs
+on one volume handle are one volume (one attachment per node, RWO across both).
 """
 
 from __future__ import annotations
@@ -128,19 +130,12 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
                for r in _md(obj).get("ownerReferences") or ())
 
 
-def pod_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
-                pvs: Mapping[str, Mapping[str, Any]],
-                drivers: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]]
-                ) -> tuple[str | None, list[VolumeRef]]:
-    """(node, attachable CSI volumes) one pod needs attached; (None, []) when it needs none.
-
-    upstream DetermineVolumeAction + ProcessPodVolumes + CreateVolumeSpec, for CSI PVs."""
-    node = _spec(pod).get("nodeName")
-    if not node or not node_managed(nodes.get(node)) or pod_terminated(pod):
-        return None, []
+def pod_csi_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
+                    pvs: Mapping[str, Mapping[str, Any]]) -> list[VolumeRef]:
+    """The CSI PVs of a pod's claims (upstream CreateVolumeSpec: the claim Bound, its PV
+    bound back to it by UID, an ephemeral claim owned by the pod), one per pod volume."""
     ns = _md(pod).get("namespace") or ""
     out: list[VolumeRef] = []
-    seen: set[str] = set()
     for vol in _spec(pod).get("volumes") or ():
         claim_name, ephemeral = pod_claim_name(pod, vol)
         if not claim_name:
@@ -160,12 +155,44 @@ def pod_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]]
         if not ref or ref.get("uid") != _md(pvc).get("uid"):
             continue  # the PV is not (yet) bound to this claim
         v = volume_ref(pv)
-        if v is None or not attach_required(v.driver, drivers):
-            continue
-        if v.pv_name not in seen:
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def pod_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
+                pvs: Mapping[str, Mapping[str, Any]],
+                drivers: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]]
+                ) -> tuple[str | None, list[VolumeRef]]:
+    """(node, attachable CSI volumes) one pod needs attached; (None, []) when it needs none.
+
+    upstream DetermineVolumeAction + ProcessPodVolumes + CreateVolumeSpec, for CSI PVs."""
+    node = _spec(pod).get("nodeName")
+    if not node or not node_managed(nodes.get(node)) or pod_terminated(pod):
+        return None, []
+    out: list[VolumeRef] = []
+    seen: set[str] = set()
+    for v in pod_csi_volumes(pod, pvcs=pvcs, pvs=pvs):
+        if attach_required(v.driver, drivers) and v.pv_name not in seen:
             seen.add(v.pv_name)
             out.append(v)
     return (node, out) if out else (None, [])
+
+
+def volumes_in_use(pods: Iterable[Mapping[str, Any]], *,
+                   pvcs: Mapping[str, Mapping[str, Any]],
+                   pvs: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], int]:
+    """upstream attachdetach metrics getVolumeInUseCount, for CSI volumes: (node,
+    plugin) -> count over every pod with a nodeName and each of its volumes, whether
+    or not the Node exists, is managed, the pod is terminated or the driver attaches."""
+    out: dict[tuple[str, str], int] = {}
+    for pod in pods:
+        node = _spec(pod).get("nodeName")
+        if not node:
+            continue
+        for v in pod_csi_volumes(pod, pvcs=pvcs, pvs=pvs):
+            out[(node, v.plugin)] = out.get((node, v.plugin), 0) + 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -177,10 +204,29 @@ class Desired:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.volume.pv_name, self.node)
+        return (self.volume.unique_name, self.node)
 
 
 DSW = dict[tuple[str, str], Desired]
+
+
+def merge_desired(entries: Iterable[tuple[VolumeRef, str, PodRef]]) -> DSW:
+    """(volume, node, pod) triples -> the DSW by (unique volume name, node). PVs on one
+    volume handle merge: their pods together, the PV of the smallest name stands for
+    the volume (the name its attachment's source carries), RWO if any of them is."""
+    acc: dict[tuple[str, str], tuple[VolumeRef, set[PodRef]]] = {}
+    for v, node, pod in entries:
+        key = (v.unique_name, node)
+        prev = acc.get(key)
+        if prev is None:
+            acc[key] = (v, {pod})
+            continue
+        rep = min(prev[0], v, key=lambda r: r.pv_name)
+        rep = VolumeRef(rep.pv_name, rep.driver, rep.handle,
+                        prev[0].multi_attach and v.multi_attach)
+        prev[1].add(pod)
+        acc[key] = (rep, prev[1])
+    return {k: Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
 
 
 def build_dsw(pods: Iterable[Mapping[str, Any]], *, pvcs: Mapping[str, Mapping[str, Any]],
@@ -188,9 +234,8 @@ def build_dsw(pods: Iterable[Mapping[str, Any]], *, pvcs: Mapping[str, Mapping[s
               nodes: Mapping[str, Mapping[str, Any]]) -> DSW:
     """The whole desired state of world (the controller keeps it incrementally per pod;
     this is the reference and what unit tests drive)."""
-    acc: dict[tuple[str, str], tuple[VolumeRef, list[PodRef]]] = {}
+    entries = []
     for pod in pods:
         node, vols = pod_volumes(pod, pvcs=pvcs, pvs=pvs, drivers=drivers, nodes=nodes)
-        for v in vols:
-            acc.setdefault((v.pv_name, node or ""), (v, []))[1].append(PodRef.of(pod))
-    return {k: Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
+        entries += [(v, node or "", PodRef.of(pod)) for v in vols]
+    return merge_desired(entries)

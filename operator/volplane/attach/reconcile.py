@@ -74,10 +74,11 @@ class Op:
     since: float | None = None          # WAIT_UNMOUNT: when the detach was first wanted
     retry_at: float | None = None       # when a timed wait must be looked at again
     events: tuple[tuple[PodRef, str], ...] = ()   # (pod, message) to post as Warning events
+    vid: str = ""                       # volume identity (unique volume name), see actual.py
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.pv_name, self.node)
+        return (self.vid or self.pv_name, self.node)
 
 
 def attach_failed_message(pv_name: str, error: str) -> str:
@@ -112,7 +113,8 @@ def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) ->
 def _detach_decision(a: Actual, nodes: Mapping[str, Mapping[str, Any]], now: float,
                      max_wait: float, detach_requested: Mapping[tuple[str, str], float]) -> Op:
     node = nodes.get(a.node)
-    detach = Op(OpKind.DETACH, a.pv_name, a.node, va_name=a.va_name, reason="normal")
+    detach = Op(OpKind.DETACH, a.pv_name, a.node, va_name=a.va_name, reason="normal",
+                vid=a.key[0])
     if node is None:
         return replace(detach, reason="node-deleted", forced="node-deleted")
     since = detach_requested.get(a.key, now)
@@ -146,16 +148,16 @@ def reconcile(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, st
     may cover only some volumes, but then all entries of those volumes."""
     ops = _detaches(dsw, asw, nodes, now, max_wait, detach_requested or {})
     detaching_now = {op.key for op in ops if op.kind is OpKind.DETACH}
-    on_nodes: dict[str, set[str]] = {}   # pv -> nodes it is (being) attached to
+    on_nodes: dict[str, set[str]] = {}   # volume -> nodes it is (being) attached to
     for key, a in asw.items():
         if key not in detaching_now:
-            on_nodes.setdefault(a.pv_name, set()).add(a.node)
+            on_nodes.setdefault(key[0], set()).add(a.node)
     for d in sorted(dsw.values(), key=_attach_order):
         op = _attach_op(d, dsw, asw, on_nodes, detaching_now)
         if op is not None:
             ops.append(op)
         if op is not None and op.kind is OpKind.ATTACH:
-            on_nodes.setdefault(d.volume.pv_name, set()).add(d.node)
+            on_nodes.setdefault(d.key[0], set()).add(d.node)
     return ops
 
 
@@ -171,7 +173,8 @@ def _detaches(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, st
         if a.state is AState.DETACHING:
             if a.detach_error:
                 ops.append(Op(OpKind.DETACH_FAILED, a.pv_name, a.node, va_name=a.va_name,
-                              reason=detach_failed_message(a.pv_name, a.detach_error)))
+                              reason=detach_failed_message(a.pv_name, a.detach_error),
+                              vid=key[0]))
             continue
         ops.append(_detach_decision(a, nodes, now, max_wait, detach_requested))
     return ops
@@ -182,7 +185,7 @@ def _attach_op(d: Desired, dsw: Mapping[tuple[str, str], Desired],
                detaching_now: set[tuple[str, str]]) -> Op | None:
     """What one desired (volume, node) needs: nothing, a wait, an error, or an attach."""
     pv_name = d.volume.pv_name
-    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume)
+    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume, vid=d.key[0])
     a = asw.get(d.key)
     if a is not None:
         if a.state is AState.ATTACHING and a.attach_error:
@@ -211,21 +214,21 @@ def _exclusive_elsewhere(d: Desired, dsw: Mapping[tuple[str, str], Desired],
     upstream's IsOperationPending for the volume. An attach there that failed (the
     attacher reports attachError) does not hold the volume. Being detached there: wait.
     """
-    pv_name = d.volume.pv_name
-    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume)
-    others = on_nodes.get(pv_name, set()) - {d.node}
-    elsewhere = {n: asw.get((pv_name, n)) for n in others}
+    pv_name, vid = d.volume.pv_name, d.key[0]
+    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume, vid=vid)
+    others = on_nodes.get(vid, set()) - {d.node}
+    elsewhere = {n: asw.get((vid, n)) for n in others}
     holding = [n for n, x in elsewhere.items() if x is None or x.state is AState.ATTACHED]
     if holding:
         users = sorted({p for n in holding
-                        if (there := dsw.get((pv_name, n))) is not None for p in there.pods})
+                        if (there := dsw.get((vid, n))) is not None for p in there.pods})
         ev = tuple((p, multi_attach_message(pv_name, p, users)) for p in d.pods)
         return replace(base, kind=OpKind.MULTI_ATTACH, reason="multi-attach", events=ev)
     if any(x is not None and x.state is AState.ATTACHING and not x.attach_error
            for x in elsewhere.values()):
         return replace(base, reason="attaching-elsewhere")
     if (any(x is not None and x.state is AState.DETACHING for x in elsewhere.values())
-            or any(k[0] == pv_name for k in detaching_now)):
+            or any(k[0] == vid for k in detaching_now)):
         return replace(base, reason="detaching-elsewhere")
     return None
 
