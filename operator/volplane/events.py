@@ -1,11 +1,13 @@
 """Kubernetes Events, posted the way client-go's recorder does, deduplicated.
 
 Controllers call `recorder.emit(obj, type, reason, message)`; posting is done
-by a background task so a decision never waits for its event. The same
-(object, type, reason, message) again within `quiet_period` seconds is
-suppressed entirely (a Pending claim re-synced every 15 s posts nothing new);
-after that the existing Event's count and lastTimestamp are bumped, as
-client-go's EventCorrelator does, instead of creating a new object.
+by a background task so a decision never waits for its event. As client-go's
+EventCorrelator: the same (object, type, reason, message) again bumps the existing
+Event's count and lastTimestamp instead of creating a new object (so an event upstream
+posts on every sync, like ExternalProvisioning, reads "x3 over 30s" in kubectl
+describe), and a spam filter per (component, object, type) lets a burst of `burst`
+(25) through, then one per `quiet_period` (5 minutes) - client-go's
+EventSourceObjectSpamFilter (burst 25, one token per 300 s).
 """
 
 from __future__ import annotations
@@ -29,15 +31,23 @@ class _Seen:
     posted_at: float
 
 
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
 class EventRecorder:
     def __init__(self, kube: Kube, component: str, *, quiet_period: float = 300.0,
-                 clock=time.monotonic, max_cache: int = 20000):
+                 burst: int = 25, clock=time.monotonic, max_cache: int = 20000):
         self.kube = kube
         self.component = component
         self.quiet_period = quiet_period
+        self.burst = burst
         self.clock = clock
         self.max_cache = max_cache
         self.seen: dict[tuple, _Seen] = {}
+        self.spam: dict[tuple, _Bucket] = {}
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=10000)
         self.task: asyncio.Task | None = None
 
@@ -56,10 +66,11 @@ class EventRecorder:
         key = (md.get("uid"), type_, reason, message)
         now = self.clock()
         prev = self.seen.get(key)
-        if prev and now - prev.posted_at < self.quiet_period:
+        if not self._allowed((component or self.component, md.get("uid"), type_), now):
             return False
         if len(self.seen) > self.max_cache:
             self.seen.clear()
+            self.spam.clear()
         try:
             self.queue.put_nowait((obj, type_, reason, message, key, now, component))
         except asyncio.QueueFull:
@@ -67,6 +78,20 @@ class EventRecorder:
         # Reserve the slot now so bursts of the same event before posting collapse too.
         self.seen[key] = prev or _Seen("", md.get("namespace") or "default", 0, now)
         self.seen[key].posted_at = now
+        return True
+
+    def _allowed(self, spam_key: tuple, now: float) -> bool:
+        """client-go's spam filter: a token bucket per (component, object, type)."""
+        bucket = self.spam.get(spam_key)
+        if bucket is None:
+            bucket = self.spam[spam_key] = _Bucket(float(self.burst), now)
+        else:
+            refill = (now - bucket.at) / self.quiet_period if self.quiet_period > 0 else 1.0
+            bucket.tokens = min(float(self.burst), bucket.tokens + refill)
+            bucket.at = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
         return True
 
     async def _run(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .kube import ApiError, Kube, pvc_path
 from .pv.constants import POOL_PROVISIONER
 from .pv.decide import ClaimAction, sync_claim
-from .pv.index import VolumeIndex
+from .pv.index import HUMAN_ORDER, VolumeIndex
 
 
 async def explain_claim(kubeconfig: str | None, namespace: str, name: str) -> str:
@@ -52,7 +52,9 @@ def render(claim: dict, index: VolumeIndex, classes: dict) -> str:
     if d.action != ClaimAction.BIND and not spec.get("volumeName"):
         res = index.explain(claim, delay_binding=getattr(d, "delay_binding", False))
         lines.append(f"matching: {res.reason}")
-        for criterion, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
-            if n:
-                lines.append(f"  {n:6d}  {criterion}")
+        # The same breakdown as the claim's event, one criterion a line, in the order a
+        # person checks them (pv/index.py HUMAN_ORDER).
+        for criterion in HUMAN_ORDER:
+            if res.counts.get(criterion):
+                lines.append(f"  {res.counts[criterion]:6d}  {criterion}")
     return "\n".join(lines)

@@ -192,6 +192,15 @@ def pod_claim_keys(pod: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def pv_volume_keys(pv: Mapping[str, Any]) -> tuple[str, ...]:
+    """``<driver>^<volumeHandle>`` of a CSI PV (the part of upstream's unique volume name
+    that tells volumes apart): the PVs that are one volume share it."""
+    csi = spec(pv).get("csi") or {}
+    if not csi.get("driver") or not csi.get("volumeHandle"):
+        return ()
+    return (f"{csi['driver']}^{csi['volumeHandle']}",)
+
+
 def pod_node_keys(pod: Mapping[str, Any]) -> tuple[str, ...]:
     node = spec(pod).get("nodeName")
     return (node,) if node else ()
@@ -219,6 +228,7 @@ def unbound_claim_class_keys(claim: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 PVS_BY_CLAIM = IndexSpec("pvs-by-claim", PVS, claim_ref_keys)
+PVS_BY_VOLUME = IndexSpec("pvs-by-volume", PVS, pv_volume_keys)
 UNBOUND_CLAIMS_BY_CLASS = IndexSpec("unbound-claims-by-class", PVCS, unbound_claim_class_keys)
 PODS_BY_CLAIM = IndexSpec("pods-by-claim", PODS, pod_claim_keys)
 PODS_BY_NODE = IndexSpec("pods-by-node", PODS, pod_node_keys)

@@ -172,6 +172,7 @@ KIND_PATHS: dict[str, tuple[str, str]] = {
     "CSIDriver": ("storage.k8s.io/v1", "csidrivers"),
     "CSIStorageCapacity": ("storage.k8s.io/v1", "csistoragecapacities"),
     "VolumeAttachment": ("storage.k8s.io/v1", "volumeattachments"),
+    "VolumeAttributesClass": ("storage.k8s.io/v1", "volumeattributesclasses"),
     "StoragePool": (POOL_API, "storagepools"),
     "StorageAllocation": (POOL_API, "storageallocations"),
 }

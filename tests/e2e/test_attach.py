@@ -135,10 +135,11 @@ class World:
         return name
 
     def volume(self, i: int, *, driver: str = POOL_DRIVER, pool: str | None = None,
-               modes=("ReadWriteOnce",)) -> tuple[str, str, str]:
-        """A claim and a static CSI PV, bound to each other. Returns (claim, pv, handle)."""
+               modes=("ReadWriteOnce",), handle: str | None = None) -> tuple[str, str, str]:
+        """A claim and a static CSI PV, bound to each other. Returns (claim, pv, handle).
+        `handle`: that volume handle (another PV's: two PVs on one volume)."""
         claim, pv_name = f"c{i}", f"{self.tag}-pv{i}"
-        handle = f"{pool}/{pv_name}" if pool else f"handle-{pv_name}"
+        handle = handle or (f"{pool}/{pv_name}" if pool else f"handle-{pv_name}")
         pvc = create(self.api, {
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": claim, "namespace": self.ns},
@@ -375,7 +376,8 @@ def test_statefulset_on_a_pool_class_gets_upstream_named_attachments(api, world,
         path = va["status"]["attachmentMetadata"]["devicePath"]
         assert path.startswith(f"/dev/volplane/{csi['volumeHandle'].split('/')[0]}/slot-")
         unique = unique_volume_name(POOL_DRIVER, csi["volumeHandle"])
-        wait_for(lambda n=node, u=unique, d=path: world.reported(n).get(u) == d,
+        # devicePath "" in the node's report, as upstream for CSI volumes
+        wait_for(lambda n=node, u=unique: world.reported(n).get(u) == "",
                  timeout=15, message=f"{node} status.volumesAttached lists {unique}")
         assert any(e["reason"] == "SuccessfulAttachVolume"
                    for e in events_for(api, world.ns, p["metadata"]["name"], "Pod"))
@@ -561,6 +563,38 @@ def test_two_pods_on_two_nodes_with_one_rwo_claim(api, world, operator, cluster)
     assert len(evs) == 1 and evs[0].get("count", 1) == 1
 
 
+def test_two_pvs_on_one_volume_handle_are_one_volume(api, world, operator, cluster):
+    """Upstream's identity is the unique volume name kubernetes.io/csi/<driver>^<handle>:
+    two PVs on one handle used by pods on two nodes get one attachment and the
+    multi-attach event; a pod of the other PV on the same node shares the attachment, and
+    the first pod going does not detach it."""
+    start(operator)
+    n0, n1 = kwok_nodes(cluster)[:2]
+    pool = world.pool(nodes=[n0, n1])
+    c0, pv0, handle = world.volume(0, pool=pool)
+    c1, pv1, _ = world.volume(1, pool=pool, handle=handle)
+    world.pod("first", n0, c0)
+    world.wait_attached(pv0, n0, handle)
+    world.pod("second", n1, c1)
+
+    def multi_attach_event():
+        return [e for e in events_for(api, world.ns, "second", "Pod")
+                if e["reason"] == "FailedAttachVolume"] or None
+    evs = wait_for(multi_attach_event, timeout=20, message="FailedAttachVolume on second")
+    assert evs[0]["message"] == (
+        f'Waiting for detach for volume "{pv1}" Volume is already used by pod(s) first')
+    holds_for(lambda: len(world.my_vas()) == 1, duration=3, message="one attachment only")
+    assert world.va_for(pv1, n1, handle) is None
+
+    world.delete_pod("second")
+    world.pod("third", n0, c1)  # the other PV, the same node: the same attachment
+    world.delete_pod("first")
+    holds_for(lambda: len(world.my_vas()) == 1
+              and (world.va_for(pv0, n0, handle) or {}).get("status", {}).get("attached")
+              and not world.va_for(pv0, n0, handle)["metadata"].get("deletionTimestamp"),
+              duration=5, message="pod third still has its attachment")
+
+
 def test_volume_in_use_stays_attached_until_unmounted(api, world, operator, cluster):
     start(operator)
     node = kwok_nodes(cluster)[2]
@@ -700,8 +734,8 @@ def test_foreign_attachable_driver_gets_attachments_and_non_attachable_none(api,
     patch_status(api, f"/apis/storage.k8s.io/v1/volumeattachments/{name}",
                  {"status": {"attached": True, "attachError": None,
                              "attachmentMetadata": {"devicePath": "/dev/foreign"}}})
-    wait_for(lambda: world.reported(node).get(unique) == "/dev/foreign", timeout=15,
-             message="node reports the foreign volume attached")
+    wait_for(lambda: world.reported(node).get(unique) == "", timeout=15,
+             message="node reports the foreign volume attached (devicePath \"\" as upstream)")
     holds_for(lambda: not [v for v in world.my_vas().values()
                            if v["spec"]["attacher"] == plain], duration=3,
               message="no attachment for an attachRequired: false driver")

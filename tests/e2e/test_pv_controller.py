@@ -550,7 +550,7 @@ def test_delete_policy_without_deleter_fails(api, namespace, pvs, operator):
     kdelete(api, "PersistentVolumeClaim", "data", namespace)
 
     v = wait_volume_phase(api, pvs.name("doomed"), "Failed", timeout=60)
-    assert "no deletable volume plugin" in (v["status"].get("message") or ""), v["status"]
+    assert "no volume plugin matched" in (v["status"].get("message") or ""), v["status"]
     events = wait_for(lambda: volume_events(api, pvs.name("doomed"), "VolumeFailedDelete"),
                       timeout=30, message="VolumeFailedDelete event")
     assert events[0]["type"] == "Warning"
@@ -732,8 +732,8 @@ def test_explain_counts_each_criterion(api, kubeconfig, namespace, pvs, operator
     assert f"claim {namespace}/data: phase Pending" in text
     m = re.search(r"(\d+) too small \(largest (\S+) < 10Gi\)", text)
     assert m and int(m.group(1)) >= 2, text
-    assert re.search(rf'3 storageClassName "{slow}" ≠ "{fast}"'
-                     rf'|storageClassName ≠ "{fast}" \([^)]*"{slow}": 3', text), text
+    # issue 14: the PVs of other classes are one line, the class's own PVs by criterion
+    assert re.search(rf"of 3 {fast} PVs: .*; \d+ of other classes", text), text
     assert re.search(r"\d+ lacking access modes ReadWriteOnce", text), text
     counts = dict((k, int(n)) for n, k in re.findall(r"^\s+(\d+)\s+(\w+)$", text, re.M))
     assert counts.get("too_small", 0) >= 2 and counts.get("storage_class", 0) >= 3, counts
@@ -743,7 +743,8 @@ def test_explain_counts_each_criterion(api, kubeconfig, namespace, pvs, operator
     events = wait_for(lambda: [e for e in claim_events(api, namespace, "data")
                                if e["reason"] in ("FailedBinding", "ProvisioningFailed")],
                       timeout=30, message="Pending event on claim")
-    assert "too small" in events[0]["message"] and slow in events[0]["message"], events[0]
+    assert "too small" in events[0]["message"], events[0]
+    assert "of other classes" in events[0]["message"], events[0]
 
 
 def test_pending_claim_events_are_deduplicated(api, namespace, pvs, operator):
@@ -753,7 +754,9 @@ def test_pending_claim_events_are_deduplicated(api, namespace, pvs, operator):
     t0 = time.monotonic()
     wait_for(lambda: claim_events(api, namespace, "data"), timeout=30, message="first event")
     syncs_before = _claim_syncs(operator)
-    # The claim is resynced every 5 s meanwhile (7 times); nothing new may be posted.
+    # The claim is resynced every 5 s meanwhile (7 times). As upstream (client-go's
+    # EventCorrelator), each sync's event bumps the count of the one Event object; no
+    # second object is created (issue 14: it used to post nothing for 5 minutes).
     time.sleep(max(0.0, 36 - (time.monotonic() - t0)))
     assert operator.running, operator.tail()
     assert _claim_syncs(operator) - syncs_before >= 5, "the claim was resynced meanwhile"
@@ -761,7 +764,7 @@ def test_pending_claim_events_are_deduplicated(api, namespace, pvs, operator):
     events = claim_events(api, namespace, "data")
     warnings = [e for e in events if e["reason"] in ("FailedBinding", "ProvisioningFailed")]
     assert len(warnings) == 1, [(e["reason"], e["message"], e.get("count")) for e in events]
-    assert warnings[0].get("count", 1) == 1, warnings[0]
+    assert warnings[0].get("count", 1) >= 4, warnings[0]
     assert len(events) == 1, [(e["reason"], e["message"]) for e in events]
 
 

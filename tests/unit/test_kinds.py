@@ -23,7 +23,7 @@ def test_slim_pod_keeps_what_the_decisions_read():
     assert D.pod_terminated(slim) and D.pod_terminated(p)
     assert [v["name"] for v in slim["spec"]["volumes"]] == ["v0", "e"]
     w = base_world(K.slim_pod(pod("ns", "p", "n1", "c1")))
-    assert list(dsw_of(w)) == [("pv1", "n1")]
+    assert [(d.volume.pv_name, k[1]) for k, d in dsw_of(w).items()] == [("pv1", "n1")]
 
 
 def test_slim_node_keeps_labels_taints_ready_and_volume_lists():

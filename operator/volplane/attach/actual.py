@@ -5,9 +5,11 @@ Actual state of world (ASW)
 ---------------------------
 VolumeAttachments are the durable record of attachment: every attach the
 controller asks for is one, and an attacher removes its finalizer only once
-the volume is detached. So the ASW is derived from them, per (PV name, node):
+the volume is detached. So the ASW is derived from them, per (volume, node):
 ATTACHING (exists, not yet ``status.attached``), ATTACHED, DETACHING (being
-deleted). ``node.status.volumesAttached`` is the controller's report derived
+deleted). The volume (``vid``) is the unique volume name of the attachment's PV
+(upstream's identity), or the PV's name once the PV is gone.
+``node.status.volumesAttached`` is the controller's report derived
 from the ASW (ATTACHED entries the controller has not started to detach);
 its entries (and ``volumesInUse``) also let the ASW name a volume whose PV is
 already gone, by hashing them to VolumeAttachment names.
@@ -55,10 +57,11 @@ class Actual:
     device_path: str = ""
     attach_error: str | None = None
     detach_error: str | None = None
+    vid: str = ""                       # volume identity: unique name of the PV, else PV name
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.pv_name, self.node)
+        return (self.vid or self.pv_name, self.node)
 
 
 ASW = dict[tuple[str, str], Actual]
@@ -98,8 +101,9 @@ def actual_of(va: Mapping[str, Any], *, pvs: Mapping[str, Mapping[str, Any]],
     v = volume_ref(pv) if pv is not None else None
     unique: str | None
     if v is not None:
-        unique, multi = v.unique_name, v.multi_attach
+        unique, multi, vid = v.unique_name, v.multi_attach, v.unique_name
     else:
+        vid = pv_name
         by_va = _names_by_attachment(node, nodes.get(node))
         unique, multi = by_va.get(str(md.get("name"))), True
     meta = st.get("attachmentMetadata") or {}
@@ -108,14 +112,14 @@ def actual_of(va: Mapping[str, Any], *, pvs: Mapping[str, Mapping[str, Any]],
         attacher=spec.get("attacher") or "", state=state, unique_name=unique,
         multi_attach=multi, device_path=meta.get("devicePath") or "",
         attach_error=(st.get("attachError") or {}).get("message"),
-        detach_error=(st.get("detachError") or {}).get("message"))
+        detach_error=(st.get("detachError") or {}).get("message"), vid=vid)
 
 
 def build_asw(vas: Iterable[Mapping[str, Any]], *, pvs: Mapping[str, Mapping[str, Any]],
               nodes: Mapping[str, Mapping[str, Any]]) -> ASW:
     """The actual state of world from VolumeAttachments. Should two attachments exist for
-    one (PV, node) (another tool made one under another name), the upstream-named one
-    counts; the reconciler never creates a second."""
+    one (volume, node) (another tool made one under another name), the upstream-named
+    one counts; the reconciler never creates a second."""
     out: ASW = {}
     for va in vas:
         a = actual_of(va, pvs=pvs, nodes=nodes)

@@ -49,9 +49,11 @@ from ..kinds import (
     PVCS,
     PVS,
     PVS_BY_CLAIM,
+    PVS_BY_VOLUME,
     VOLUME_ATTACHMENTS,
     claim_ref_keys,
     pod_claim_keys,
+    pv_volume_keys,
 )
 from ..kube import ApiError
 from ..workqueue import WorkQueue, process
@@ -126,6 +128,9 @@ class AttachDetachController:
         self.pods_by_claim = inf.index(PODS_BY_CLAIM)
         self.pods_by_node = inf.index(PODS_BY_NODE)
         self.pvs_by_claim = inf.index(PVS_BY_CLAIM)
+        # PVs that are one volume (same driver and handle): upstream's identity is the
+        # unique volume name, so a sync of one PV covers all of them.
+        self.pvs_by_volume = inf.index(PVS_BY_VOLUME)
         self.vas_by_pv = inf.index(ATTACHMENTS_BY_PV)
         self.vas_by_node = inf.index(ATTACHMENTS_BY_NODE)
         self.max_wait = ctx.options.unmount_max_wait  # --unmount-max-wait
@@ -246,14 +251,14 @@ class AttachDetachController:
                     now - started)
             self._attach_succeeded(npv, nnode)
         if new is None:
-            self.detaching.discard((opv, onode))
+            self.detaching.discard((self._vid(opv), onode))
             self.attach_started.pop(name, None)
             started = self.detach_started.pop(name, None)
             if started is not None:
                 operation_seconds.labels(plugin, "volume_detach", "success", "false").observe(
                     now - started)
         elif old is not None and old["metadata"].get("uid") != new["metadata"].get("uid"):
-            self.detaching.discard((npv, nnode))  # a new attachment under the same name
+            self.detaching.discard((self._vid(npv), nnode))  # a new attachment, same name
             self.detach_started.pop(name, None)
 
     def _node_changed(self, node: str) -> None:
@@ -281,13 +286,13 @@ class AttachDetachController:
                 continue
             where, vols = self._pod_volumes(pod)
             if where == node:
-                desired += [(v.pv_name, node) for v in vols]
+                desired += [(v.unique_name, node) for v in vols]
         return R.node_attach_in_progress(self._actual_on_node(node), node, desired)
 
     def _attach_succeeded(self, pv: str | None, node: str | None) -> None:
         if not self.running or not pv:
             return
-        d = self._desired_for(pv).get((pv, node))
+        d = self._desired_for(pv).get((self._vid(pv), node))
         if d is None:
             return
         msg = f'AttachVolume.Attach succeeded for volume "{pv}" '
@@ -296,24 +301,37 @@ class AttachDetachController:
                                  component=COMPONENT)
 
     # -- views for one volume -------------------------------------------------------------
+    def _vid(self, pv: str | None) -> str:
+        """The identity of a PV's volume: its unique volume name (CSI), else its name."""
+        v = D.volume_ref(self.pvs.get(pv or "") or {}) if pv else None
+        return v.unique_name if v is not None else (pv or "")
+
+    def _group(self, pv: str) -> set[str]:
+        """The PVs that are the same volume as `pv` (itself included)."""
+        out = {pv}
+        for key in pv_volume_keys(self.pvs.get(pv) or {}):
+            out.update(self.pvs_by_volume.get(key))
+        return out
+
     def _desired_for(self, pv: str) -> D.DSW:
-        """The desired state of one volume: the pods using its claim that need it
-        attached, by node."""
-        pv_obj = self.pvs.get(pv)
-        acc: dict[tuple[str, str], tuple[D.VolumeRef, list[D.PodRef]]] = {}
-        for claim_key in claim_ref_keys(pv_obj or {}):
-            for pod_key in self.pods_by_claim.get(claim_key):
-                pod = self.pods.get(pod_key)
-                if pod is None:
-                    continue
-                node, vols = self._pod_volumes(pod)
-                for v in vols:
-                    if v.pv_name == pv and node and not v.flex:
-                        acc.setdefault((pv, node), (v, []))[1].append(D.PodRef.of(pod))
-        return {k: D.Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
+        """The desired state of one volume (all PVs on its volume handle): the pods using
+        their claims that need it attached, by (unique volume name, node)."""
+        group = self._group(pv)
+        entries = []
+        for name in group:
+            for claim_key in claim_ref_keys(self.pvs.get(name) or {}):
+                for pod_key in self.pods_by_claim.get(claim_key):
+                    pod = self.pods.get(pod_key)
+                    if pod is None:
+                        continue
+                    node, vols = self._pod_volumes(pod)
+                    entries += [(v, node, D.PodRef.of(pod)) for v in vols
+                                if v.pv_name in group and node and not v.flex]
+        return D.merge_desired(entries)
 
     def _actual_for(self, pv: str) -> A.ASW:
-        return A.build_asw([va for n in self.vas_by_pv.get(pv) if (va := self.vas.get(n))],
+        names = {n for p in self._group(pv) for n in self.vas_by_pv.get(p)}
+        return A.build_asw([va for n in sorted(names) if (va := self.vas.get(n))],
                            pvs=self.pvs, nodes=self.nodes)
 
     def _actual_on_node(self, node: str) -> list[A.Actual]:
@@ -388,10 +406,11 @@ class AttachDetachController:
             return await self.flex.sync(pv)
         dsw = self._desired_for(pv)
         asw = self._actual_for(pv)
-        for key in [k for k in self.detaching if k[0] == pv and k not in asw]:
+        vid = self._vid(pv)
+        for key in [k for k in self.detaching if k[0] == vid and k not in asw]:
             self.detaching.discard(key)
         now = self.clock()
-        requested = {k: t for k, t in self.detach_requested.items() if k[0] == pv}
+        requested = {k: t for k, t in self.detach_requested.items() if k[0] == vid}
         ops = RC.reconcile(dsw, asw, self.nodes, now, self.max_wait, requested)
         for k in requested:
             self.detach_requested.pop(k, None)
@@ -401,7 +420,7 @@ class AttachDetachController:
             wait = await self._act(op, now, multi_now)
             if wait is not None:
                 retry = wait if retry is None else min(retry, wait)
-        for key in [k for k in self.multi_reported if k[0] == pv and k not in multi_now]:
+        for key in [k for k in self.multi_reported if k[0] == vid and k not in multi_now]:
             self.multi_reported.discard(key)
         metrics.sync_total.labels(self.name, "volumes", "ok").inc()
         return retry
@@ -567,11 +586,8 @@ class _Collector:
                                    "Measure number of volumes in use",
                                    labels=["node", "volume_plugin"])
         desired: dict[str, int] = {}
-        per_node: dict[tuple[str, str], int] = {}
-        for pod in list(ctl.pods.values()):
-            node, vols = ctl._pod_volumes(pod)
-            for v in vols:
-                per_node[(node, v.plugin)] = per_node.get((node, v.plugin), 0) + 1
+        per_node = D.volumes_in_use(list(ctl.pods.values()), pvcs=ctl.pvcs, pvs=ctl.pvs,
+                                    flex_drivers=ctl.flex.drivers())
         for d in ctl.desired_state().values():
             desired[d.volume.plugin] = desired.get(d.volume.plugin, 0) + 1
         actual: dict[str, int] = {}

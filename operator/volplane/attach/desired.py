@@ -14,20 +14,23 @@ until its containers stop). Each ``persistentVolumeClaim`` (or generic
 claim is Bound to a PV whose claimRef carries the claim's uid, the PV has a
 ``spec.csi`` source, and the driver needs attaching (its CSIDriver object says
 ``attachRequired`` true or unset; no CSIDriver object at all means attach is
-required). The DSW maps (PV name, node) to the volume and the pods needing it.
+required). The DSW maps (unique volume name, node) to the volume and the pods
+needing it: upstream's identity, ``kubernetes.io/csi/<driver>^<volumeHandle>``, so two PVs
+on one volume handle are one volume (one attachment per node, RWO across both).
 
 FlexVolume (docs/flexvolume.md): a PV with ``spec.flexVolume`` or an inline pod
 ``flexVolume`` volume counts when its driver is installed and its ``init`` said
 ``attach: true`` (the caller passes ``flex_drivers``: driver name -> attachable, from
 the volume-plugin registry). Its key is its unique volume name
 ``<driver>/<PV or pod volume name>`` (upstream's: getvolumename's answer is ignored),
-which contains a '/' and so never collides with a PV name.
+which contains a '/' and so never collides with a PV name; the controller's work queue
+holds PV names (CSI: a sync covers every PV on the volume handle) and flex keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from volplane.kinds import MANAGED_ANNOTATION, any_container_running
@@ -228,6 +231,19 @@ def _attachable(vol: Mapping[str, Any], pv: Mapping[str, Any] | None,
     return None
 
 
+def pod_csi_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
+                    pvs: Mapping[str, Mapping[str, Any]]) -> list[VolumeRef]:
+    """The CSI PVs of a pod's claims (upstream CreateVolumeSpec: the claim Bound, its PV
+    bound back to it by UID, an ephemeral claim owned by the pod), one per pod volume."""
+    out: list[VolumeRef] = []
+    for vol in _spec(pod).get("volumes") or ():
+        pv = _bound_pv(pod, vol, pvcs, pvs)
+        v = volume_ref(pv) if pv is not None else None
+        if v is not None:
+            out.append(v)
+    return out
+
+
 def pod_volumes(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any]],
                 pvs: Mapping[str, Mapping[str, Any]],
                 drivers: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]],
@@ -268,6 +284,37 @@ def pod_flex_keys(pod: Mapping[str, Any], *, pvcs: Mapping[str, Mapping[str, Any
     return out
 
 
+def volumes_in_use(pods: Iterable[Mapping[str, Any]], *,
+                   pvcs: Mapping[str, Mapping[str, Any]],
+                   pvs: Mapping[str, Mapping[str, Any]],
+                   flex_drivers: Mapping[str, bool] | None = None
+                   ) -> dict[tuple[str, str], int]:
+    """upstream attachdetach metrics getVolumeInUseCount: (node, plugin) -> count over
+    every pod with a nodeName and each of its volumes, whether or not the Node exists,
+    is managed, the pod is terminated or the driver attaches. CSI volumes, and flex
+    volumes (PV or inline) whose driver is loaded (`flex_drivers`; plugin: the driver)."""
+    loaded = flex_drivers or {}
+    out: dict[tuple[str, str], int] = {}
+    for pod in pods:
+        node = _spec(pod).get("nodeName")
+        if not node:
+            continue
+        for vol in _spec(pod).get("volumes") or ():
+            plugin = _in_use_plugin(_bound_pv(pod, vol, pvcs, pvs), vol, loaded)
+            if plugin is not None:
+                out[(node, plugin)] = out.get((node, plugin), 0) + 1
+    return out
+
+
+def _in_use_plugin(pv: Mapping[str, Any] | None, vol: Mapping[str, Any],
+                   flex_drivers: Mapping[str, bool]) -> str | None:
+    fd = flex_driver(_spec(pv) if pv is not None else vol)
+    if fd is not None:
+        return fd if fd in flex_drivers else None
+    v = volume_ref(pv) if pv is not None else None
+    return v.plugin if v is not None else None
+
+
 @dataclass(frozen=True)
 class Desired:
     """A volume that must be attached to a node, and the pods that need it there."""
@@ -277,10 +324,28 @@ class Desired:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.volume.pv_name, self.node)
+        return (self.volume.unique_name, self.node)
 
 
 DSW = dict[tuple[str, str], Desired]
+
+
+def merge_desired(entries: Iterable[tuple[VolumeRef, str, PodRef]]) -> DSW:
+    """(volume, node, pod) triples -> the DSW by (unique volume name, node). PVs on one
+    volume handle merge: their pods together, the PV of the smallest name stands for
+    the volume (the name its attachment's source carries), RWO if any of them is."""
+    acc: dict[tuple[str, str], tuple[VolumeRef, set[PodRef]]] = {}
+    for v, node, pod in entries:
+        key = (v.unique_name, node)
+        prev = acc.get(key)
+        if prev is None:
+            acc[key] = (v, {pod})
+            continue
+        rep = min(prev[0], v, key=lambda r: r.pv_name)
+        rep = replace(rep, multi_attach=prev[0].multi_attach and v.multi_attach)
+        prev[1].add(pod)
+        acc[key] = (rep, prev[1])
+    return {k: Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
 
 
 def build_dsw(pods: Iterable[Mapping[str, Any]], *, pvcs: Mapping[str, Mapping[str, Any]],
@@ -289,10 +354,9 @@ def build_dsw(pods: Iterable[Mapping[str, Any]], *, pvcs: Mapping[str, Mapping[s
               flex_drivers: Mapping[str, bool] | None = None) -> DSW:
     """The whole desired state of world (the controller keeps it incrementally per pod;
     this is the reference and what unit tests drive)."""
-    acc: dict[tuple[str, str], tuple[VolumeRef, list[PodRef]]] = {}
+    entries = []
     for pod in pods:
         node, vols = pod_volumes(pod, pvcs=pvcs, pvs=pvs, drivers=drivers, nodes=nodes,
                                  flex_drivers=flex_drivers)
-        for v in vols:
-            acc.setdefault((v.pv_name, node or ""), (v, []))[1].append(PodRef.of(pod))
-    return {k: Desired(v, k[1], tuple(sorted(ps))) for k, (v, ps) in acc.items()}
+        entries += [(v, node or "", PodRef.of(pod)) for v in vols]
+    return merge_desired(entries)

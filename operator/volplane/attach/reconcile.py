@@ -75,10 +75,11 @@ class Op:
     since: float | None = None          # WAIT_UNMOUNT: when the detach was first wanted
     retry_at: float | None = None       # when a timed wait must be looked at again
     events: tuple[tuple[PodRef, str], ...] = ()   # (pod, message) to post as Warning events
+    vid: str = ""                       # volume identity (unique volume name), see actual.py
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.pv_name, self.node)
+        return (self.vid or self.pv_name, self.node)
 
 
 def attach_failed_message(pv_name: str, error: str) -> str:
@@ -91,14 +92,15 @@ def detach_failed_message(pv_name: str, error: str) -> str:
 
 
 def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) -> str:
-    """upstream (1.36.5) reconciler.reportMultiAttachError, via VolumeToAttach.GenerateMsg
-    ("Waiting for detach"): name only pods of the pod's namespace. `pv_name` is the
-    volume's spec name (the PV's, or an inline volume's)."""
+    """v1.36.5 reconciler.reportMultiAttachError through VolumeToAttach.GenerateMsg
+    ("Waiting for detach for volume %q %s"): pods of the pod's own namespace are named,
+    pods of other namespaces only counted; without any pod, the exclusive-attach text.
+    `pv_name` is the volume's spec name (the PV's, or a flex inline volume's)."""
     others = list(others)
+    head = f'Waiting for detach for volume "{pv_name}"'
     if not others:
-        return (f'Waiting for detach for volume "{pv_name}" Volume is already exclusively '
-                "attached to one node, waiting on detach before it can be attached to "
-                "another node")
+        return (f"{head} Volume is already exclusively attached to one node, waiting on "
+                "detach before it can be attached to another node")
     local = [p.name for p in others if p.namespace == pod.namespace]
     foreign = len(others) - len(local)
     if local:
@@ -107,13 +109,14 @@ def multi_attach_message(pv_name: str, pod: PodRef, others: Iterable[PodRef]) ->
             msg = f"{msg} and {foreign} pod(s) in different namespaces"
     else:
         msg = f"Volume is already used by {foreign} pod(s) in different namespaces"
-    return f'Waiting for detach for volume "{pv_name}" {msg}'
+    return f"{head} {msg}"
 
 
 def _detach_decision(a: Actual, nodes: Mapping[str, Mapping[str, Any]], now: float,
                      max_wait: float, detach_requested: Mapping[tuple[str, str], float]) -> Op:
     node = nodes.get(a.node)
-    detach = Op(OpKind.DETACH, a.pv_name, a.node, va_name=a.va_name, reason="normal")
+    detach = Op(OpKind.DETACH, a.pv_name, a.node, va_name=a.va_name, reason="normal",
+                vid=a.key[0])
     if node is None:
         return replace(detach, reason="node-deleted", forced="node-deleted")
     since = detach_requested.get(a.key, now)
@@ -147,16 +150,16 @@ def reconcile(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, st
     may cover only some volumes, but then all entries of those volumes."""
     ops = _detaches(dsw, asw, nodes, now, max_wait, detach_requested or {})
     detaching_now = {op.key for op in ops if op.kind is OpKind.DETACH}
-    on_nodes: dict[str, set[str]] = {}   # pv -> nodes it is (being) attached to
+    on_nodes: dict[str, set[str]] = {}   # volume -> nodes it is (being) attached to
     for key, a in asw.items():
         if key not in detaching_now:
-            on_nodes.setdefault(a.pv_name, set()).add(a.node)
+            on_nodes.setdefault(key[0], set()).add(a.node)
     for d in sorted(dsw.values(), key=_attach_order):
         op = _attach_op(d, dsw, asw, on_nodes, detaching_now)
         if op is not None:
             ops.append(op)
         if op is not None and op.kind is OpKind.ATTACH:
-            on_nodes.setdefault(d.volume.pv_name, set()).add(d.node)
+            on_nodes.setdefault(d.key[0], set()).add(d.node)
     return ops
 
 
@@ -172,7 +175,8 @@ def _detaches(dsw: Mapping[tuple[str, str], Desired], asw: Mapping[tuple[str, st
         if a.state is AState.DETACHING:
             if a.detach_error:
                 ops.append(Op(OpKind.DETACH_FAILED, a.pv_name, a.node, va_name=a.va_name,
-                              reason=detach_failed_message(a.pv_name, a.detach_error)))
+                              reason=detach_failed_message(a.pv_name, a.detach_error),
+                              vid=key[0]))
             continue
         ops.append(_detach_decision(a, nodes, now, max_wait, detach_requested))
     return ops
@@ -183,7 +187,7 @@ def _attach_op(d: Desired, dsw: Mapping[tuple[str, str], Desired],
                detaching_now: set[tuple[str, str]]) -> Op | None:
     """What one desired (volume, node) needs: nothing, a wait, an error, or an attach."""
     pv_name = d.volume.pv_name
-    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume)
+    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume, vid=d.key[0])
     a = asw.get(d.key)
     if a is not None:
         if a.state is AState.ATTACHING and a.attach_error:
@@ -194,19 +198,42 @@ def _attach_op(d: Desired, dsw: Mapping[tuple[str, str], Desired],
             return replace(base, va_name=a.va_name, reason=a.state.value)
         return None
     if not d.volume.multi_attach:
-        others = on_nodes.get(pv_name, set()) - {d.node}
-        # the same volume being detached (this pass or earlier) elsewhere: just wait
-        elsewhere = [asw.get((pv_name, n)) for n in others]
-        if [x for x in elsewhere if x is None or x.state is not AState.DETACHING]:
-            users = sorted({p for n in others
-                            if (there := dsw.get((pv_name, n))) is not None
-                            for p in there.pods})
-            ev = tuple((p, multi_attach_message(d.volume.display_name, p, users))
-                       for p in d.pods)
-            return replace(base, kind=OpKind.MULTI_ATTACH, reason="multi-attach", events=ev)
-        if others or any(k[0] == pv_name for k in detaching_now):
-            return replace(base, reason="detaching-elsewhere")
+        blocked = _exclusive_elsewhere(d, dsw, asw, on_nodes, detaching_now)
+        if blocked is not None:
+            return blocked
     return replace(base, kind=OpKind.ATTACH, va_name=d.volume.attachment_name(d.node))
+
+
+def _exclusive_elsewhere(d: Desired, dsw: Mapping[tuple[str, str], Desired],
+                         asw: Mapping[tuple[str, str], Actual],
+                         on_nodes: Mapping[str, set[str]],
+                         detaching_now: set[tuple[str, str]]) -> Op | None:
+    """A ReadWriteOnce volume wanted on d.node while it is elsewhere: the op that holds
+    it back, or None (free to attach).
+
+    Attached there (or being attached there in this pass): the multi-attach report.
+    An attach there still in flight, its outcome unknown (uncertain): wait quietly, as
+    upstream's IsOperationPending for the volume. An attach there that failed (the
+    attacher reports attachError) does not hold the volume. Being detached there: wait.
+    """
+    pv_name, vid = d.volume.pv_name, d.key[0]
+    base = Op(OpKind.WAIT, pv_name, d.node, volume=d.volume, vid=vid)
+    others = on_nodes.get(vid, set()) - {d.node}
+    elsewhere = {n: asw.get((vid, n)) for n in others}
+    holding = [n for n, x in elsewhere.items() if x is None or x.state is AState.ATTACHED]
+    if holding:
+        users = sorted({p for n in holding
+                        if (there := dsw.get((vid, n))) is not None for p in there.pods})
+        ev = tuple((p, multi_attach_message(d.volume.display_name, p, users))
+                   for p in d.pods)
+        return replace(base, kind=OpKind.MULTI_ATTACH, reason="multi-attach", events=ev)
+    if any(x is not None and x.state is AState.ATTACHING and not x.attach_error
+           for x in elsewhere.values()):
+        return replace(base, reason="attaching-elsewhere")
+    if (any(x is not None and x.state is AState.DETACHING for x in elsewhere.values())
+            or any(k[0] == vid for k in detaching_now)):
+        return replace(base, reason="detaching-elsewhere")
+    return None
 
 
 def volume_attachment_body(volume: VolumeRef, node: str) -> dict[str, Any]:

@@ -17,13 +17,19 @@ from .actual import Actual, AState
 def node_volumes_attached(asw: Iterable[Actual], node: str,
                           detaching: Iterable[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """What ``node.status.volumesAttached`` must say: every ATTACHED attachment on the node
-    whose detach has not started, sorted by name (so equal lists compare equal)."""
+    whose detach has not started, sorted by name (so equal lists compare equal).
+
+    ``devicePath`` is "" as upstream reports it for CSI volumes (csiAttacher.Attach
+    returns no device path; the node plugin gets the attacher's attachmentMetadata as
+    its publish context, not from here). A FlexVolume attachment (no VolumeAttachment:
+    ``va_name`` empty) reports the driver's ``device``, as upstream's flex attacher."""
     skip = set(detaching)
     entries = {}
     for a in asw:
         if (a.node == node and a.state is AState.ATTACHED and a.unique_name
                 and a.key not in skip):
-            entries[a.unique_name] = {"name": a.unique_name, "devicePath": a.device_path}
+            device = "" if a.va_name else a.device_path
+            entries[a.unique_name] = {"name": a.unique_name, "devicePath": device}
     return [entries[k] for k in sorted(entries)]
 
 

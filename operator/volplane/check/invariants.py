@@ -39,7 +39,8 @@ attachments
                         the attacher's finalizer) whose device path it reports; no two
                         hold one slot of a node and pool
   node-volumes-attached node.status.volumesAttached lists exactly the node's attached
-                        VolumeAttachments, with their device paths
+                        VolumeAttachments, with devicePath "" (upstream's, for CSI);
+                        FlexVolume entries are not judged
 stuck (each with its age; only objects older than Limits.stuck_after)
   claim-pending         a Pending claim with a fitting PV, or room in a pool
   pv-released           a Released PV whose reclaim policy is Delete
@@ -449,8 +450,8 @@ def attachment_desired(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
         spec = _spec(va)
         pv = (spec.get("source") or {}).get("persistentVolumeName")
         node = spec.get("nodeName") or ""
-        if pv and (pv, node) in dsw:
-            d = dsw[(pv, node)]
+        if pv and (key := (_vid(snap, pv), node)) in dsw:
+            d = dsw[key]
             if d.volume.attachment_name(node) != name:
                 yield Violation("attachment-desired", "attachments",
                                 f"VolumeAttachment {name} duplicates "
@@ -458,17 +459,29 @@ def attachment_desired(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
                                 _va_refs(name, pv, node))
 
 
+def _vid(snap: Snapshot, pv: str) -> str:
+    """A PV's volume identity, as the controller's: its unique volume name (CSI), else
+    its name. PVs on one volume handle are one volume."""
+    v = D.volume_ref(snap.pvs.get(pv) or {})
+    return v.unique_name if v is not None else pv
+
+
 def multi_attach(snap: Snapshot, limits: Limits) -> Iterable[Violation]:
     nodes_of: dict[str, dict[str, str]] = {}
+    pvs_of: dict[str, set[str]] = {}
     for name, va in snap.vas.items():
         spec = _spec(va)
         pv = (spec.get("source") or {}).get("persistentVolumeName")
         if pv:
-            nodes_of.setdefault(pv, {})[spec.get("nodeName") or ""] = name
-    for pv_name, where in sorted(nodes_of.items()):
-        pv = snap.pvs.get(pv_name)
-        if pv is None or D.multi_attach_allowed(pv) or len(where) < 2:
+            vid = _vid(snap, pv)
+            nodes_of.setdefault(vid, {})[spec.get("nodeName") or ""] = name
+            pvs_of.setdefault(vid, set()).add(pv)
+    for vid, where in sorted(nodes_of.items()):
+        rwo = sorted(n for n in pvs_of[vid] if (p := snap.pvs.get(n)) is not None
+                     and not D.multi_attach_allowed(p))
+        if not rwo or len(where) < 2:
             continue
+        pv_name, pv = rwo[0], snap.pvs[rwo[0]]
         modes = ",".join(sorted(access_modes(pv)))
         yield Violation("multi-attach", "attachments",
                         f"{modes} volume {pv_name} is attached to {len(where)} nodes: "
@@ -520,8 +533,10 @@ def node_volumes_attached(snap: Snapshot, limits: Limits) -> Iterable[Violation]
     actual = list(asw.values())
     for name, node in sorted(snap.nodes.items()):
         want = {e["name"]: e["devicePath"] for e in R.node_volumes_attached(actual, name)}
+        # only CSI entries: a FlexVolume entry has no API object to judge it by
         have = {e.get("name"): e.get("devicePath") or ""
-                for e in _status(node).get("volumesAttached") or ()}
+                for e in _status(node).get("volumesAttached") or ()
+                if N.parse_unique_volume_name(str(e.get("name") or "")) is not None}
         if want == have:
             continue
         missing = sorted(set(want) - set(have))

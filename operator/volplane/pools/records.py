@@ -129,6 +129,10 @@ def build_pv(claim: dict[str, Any], storage_class: dict[str, Any], pool: str, si
     }
     if storage_class.get("mountOptions"):
         spec["mountOptions"] = list(storage_class["mountOptions"])
+    if cspec.get("volumeAttributesClassName"):
+        # As external-provisioner: the PV carries the claim's attributes class, so the
+        # PV controller's matching (which requires equal classes) binds it.
+        spec["volumeAttributesClassName"] = cspec["volumeAttributesClassName"]
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolume",

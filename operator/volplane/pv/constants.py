@@ -44,6 +44,27 @@ NO_PROVISIONER: Final = "kubernetes.io/no-provisioner"
 POOL_PROVISIONER: Final = "pool.volplane.io"
 # Provisioner names with this prefix are in-tree volume plugins; volplane has none.
 IN_TREE_PREFIX: Final = "kubernetes.io/"
+# In-tree plugins whose volumes CSI migration hands to a CSI driver (k8s.io/csi-translation-lib
+# v0.36 plugins/*.go; csimigration.PluginManager.IsMigrationEnabledForPlugin: all seven
+# are on in 1.36): in-tree plugin name -> CSI driver name.
+MIGRATED_PLUGINS: Final = {
+    "kubernetes.io/aws-ebs": "ebs.csi.aws.com",
+    "kubernetes.io/gce-pd": "pd.csi.storage.gke.io",
+    "kubernetes.io/azure-disk": "disk.csi.azure.com",
+    "kubernetes.io/azure-file": "file.csi.azure.com",
+    "kubernetes.io/cinder": "cinder.csi.openstack.org",
+    "kubernetes.io/vsphere-volume": "csi.vsphere.vmware.com",
+    "kubernetes.io/portworx-volume": "pxd.portworx.com",
+}
+
+# --- finalizers on PVs (component-helpers storage/volume) -------------------------------
+
+# Added by the PV controller to dynamically provisioned in-tree PVs with Delete policy;
+# removed once the in-tree deleter deleted the volume (or the policy / migration changed).
+FINALIZER_IN_TREE_DELETION: Final = "kubernetes.io/pv-controller"
+# external-provisioner's deletion protection; the PV controller only removes it from
+# in-tree (non-migrated) PVs (a CSI migration rollback).
+FINALIZER_EXTERNAL_DELETION: Final = "external-provisioner.volume.kubernetes.io/finalizer"
 
 # --- phases ----------------------------------------------------------------------------
 

@@ -32,7 +32,16 @@ import time
 
 from .. import faults, logs, metrics
 from ..context import Context
-from ..kinds import CLASSES, PVCS, PVS, PVS_BY_CLAIM, UNBOUND_CLAIMS_BY_CLASS
+from ..kinds import (
+    CLASSES,
+    PODS,
+    PODS_BY_CLAIM,
+    PVCS,
+    PVS,
+    PVS_BY_CLAIM,
+    UNBOUND_CLAIMS_BY_CLASS,
+    pod_claim_keys,
+)
 from ..kube import ApiError, pv_path, pvc_path
 from ..objects import key_of, parse_rfc3339, ref_key, rv_int
 from ..workqueue import WorkQueue, process
@@ -64,7 +73,9 @@ def _became_available(old: dict | None, new: dict) -> bool:
 
 class PVController:
     name = "pv-binder"
-    watches = (PVS, PVCS, CLASSES)
+    # Pods, as upstream's podIndexer: which pods use a claim (WaitForPodScheduled, and
+    # no recycling while a pod still uses the released claim).
+    watches = (PVS, PVCS, CLASSES, PODS)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -72,6 +83,8 @@ class PVController:
         self.pvs = inf.lister(PVS)
         self.pvcs = inf.lister(PVCS)
         self.classes = inf.lister(CLASSES)
+        self.pods = inf.lister(PODS)
+        self.pods_by_claim = inf.index(PODS_BY_CLAIM)
         self.pvs_by_claim = inf.index(PVS_BY_CLAIM)
         self.unbound_by_class = inf.index(UNBOUND_CLAIMS_BY_CLASS)
         # The matching index: the PV lister sorted for findBestMatch, plus the PVs this
@@ -91,6 +104,7 @@ class PVController:
         inf.listen(PVS, self._on_volume)
         inf.listen(PVCS, self._on_claim)
         inf.listen(CLASSES, self._on_class)
+        inf.listen(PODS, self._on_pod)
         metrics.register_collector("pv-collector", metrics.PVCollector(self.pvs, self.pvcs))
 
     # -- plugins -------------------------------------------------------------------------
@@ -140,6 +154,28 @@ class PVController:
             # Volumes bound to a deleted claim must go Released.
             for pv_name in self.pvs_by_claim.get(key):
                 self.volumes.add(pv_name)
+
+    def _on_pod(self, key: str, old: dict | None, new: dict | None) -> None:
+        """A pod of a claim came, was scheduled or went: its (unbound) claims re-emit
+        their WaitForFirstConsumer event, and PVs released from them may now recycle."""
+        def shape(pod: dict | None) -> tuple:
+            if pod is None:
+                return ()
+            return (((pod.get("spec") or {}).get("nodeName")), pod_claim_keys(pod))
+
+        if shape(old) == shape(new):
+            return
+        for claim_key in set(pod_claim_keys(old or {})) | set(pod_claim_keys(new or {})):
+            if claim_key in self.pvcs:
+                self.claims.add(claim_key)
+            if new is None:
+                for pv_name in self.pvs_by_claim.get(claim_key):
+                    self.volumes.add(pv_name)
+
+    def _pods_of(self, claim_key: str) -> list[dict]:
+        """The pods that use the claim ``namespace/name`` (upstream findPodsByPVCKey)."""
+        return [p for k in self.pods_by_claim.get(claim_key)
+                if (p := self.pods.get(k)) is not None]
 
     def _on_class(self, name: str, old: dict | None, new: dict | None) -> None:
         self._enqueue_unbound_claims()
@@ -207,7 +243,7 @@ class PVController:
             return None
         self._refresh_index()
         d = sync_claim(claim, index=self.index, classes=self.classes,
-                       provisioners=set(self.plugins))
+                       provisioners=set(self.plugins), pods=self._pods_of(key))
         if d.writes:
             volume = self.index.get(d.volume_name) if d.volume_name else None
             was_bound = (claim.get("status") or {}).get("phase") == C.CLAIM_BOUND
@@ -390,8 +426,10 @@ class PVController:
         return None
 
     def _decide_volume(self, pv: dict):
+        claim_key = ref_key((pv.get("spec") or {}).get("claimRef"))
         return sync_volume(pv, claims=self.pvcs, deleters=set(self.plugins),
-                           recyclers=set(self.plugins))
+                           recyclers=set(self.plugins),
+                           pods=self._pods_of(claim_key) if claim_key else ())
 
     async def _reclaim(self, pv: dict | None, w: Reclaim) -> None:
         """Hand a Released volume to its deleter/recycler, once at a time per volume."""

@@ -29,7 +29,7 @@ and any inconsistency means data loss (``_sync_bound_claim`` marks the claim Los
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -52,6 +52,7 @@ from volplane.pv.index import (
     claim_ref_key,
     claim_request,
     is_volume_bound_to_claim,
+    volume_attributes_class,
     volume_capacity,
     volume_class,
     volume_mode_mismatch,
@@ -71,6 +72,7 @@ __all__ = [
     "VolumeDecision",
     "Write",
     "claim_bind_patch",
+    "claim_migration_patch",
     "claim_status_patch",
     "default_class",
     "is_volume_released",
@@ -79,6 +81,7 @@ __all__ = [
     "sync_expansion",
     "sync_volume",
     "volume_bind_patch",
+    "volume_migration_patch",
     "volume_phase_patch",
     "volume_satisfies_claim",
     "volume_unbind_patch",
@@ -100,6 +103,7 @@ class ClaimAction(Enum):
     ANNOTATE_PROVISIONER = "annotate_provisioner"  # set both storage-provisioner annotations
     PROVISION = "provision"  # hand to the pool provisioner (storage_class, selected_node)
     WAIT = "wait"  # nothing to write now; emit decision.event if any
+    ANNEAL_MIGRATION = "anneal_migration"  # pv.kubernetes.io/migrated-to set or removed
 
 
 class VolumeAction(Enum):
@@ -110,6 +114,7 @@ class VolumeAction(Enum):
     UNBIND = "unbind"  # roll back our binding: see volume_unbind_patch, then phase Available
     RECLAIM_DELETE = "reclaim_delete"  # Delete policy: hand to the deleter `provisioner`
     RECLAIM_RECYCLE = "reclaim_recycle"  # Recycle policy: hand to the recycler `provisioner`
+    ANNEAL_MIGRATION = "anneal_migration"  # migrated-to annotation / deletion finalizers
 
 
 class BindStep(Enum):
@@ -300,18 +305,24 @@ def claim_status_patch(
 
     With a volume: copy its accessModes, and its capacity when the claim is *becoming*
     ``phase`` (an existing difference may be a deliberate filesystem/block size gap),
-    preferring the PV's pre-resize-capacity annotation. Without one (Pending, Lost):
-    clear accessModes and capacity.
+    preferring the PV's pre-resize-capacity annotation; a Pending claim becoming Bound
+    takes the PV's volumeAttributesClassName as currentVolumeAttributesClassName (only
+    then: afterwards the external-resizer owns the field). Without one (Pending, Lost):
+    clear accessModes, capacity and currentVolumeAttributesClassName.
     """
     status = _status(claim)
     new: dict[str, Any] = {}
     if _phase(claim) != phase:
         new["phase"] = phase
     if volume is None:
-        for key in ("accessModes", "capacity"):
+        for key in ("accessModes", "capacity", _CURRENT_VAC):
             if status.get(key):
                 new[key] = None
         return {"status": new} if new else None
+    current = _spec(volume).get("volumeAttributesClassName")
+    if (_phase(claim) == c.CLAIM_PENDING and phase == c.CLAIM_BOUND
+            and status.get(_CURRENT_VAC) != current):
+        new[_CURRENT_VAC] = current
     modes = list(_spec(volume).get("accessModes") or [])
     if list(status.get("accessModes") or []) != modes:
         new["accessModes"] = modes
@@ -320,6 +331,9 @@ def claim_status_patch(
         if capacity is not None:
             new["capacity"] = capacity
     return {"status": new} if new else None
+
+
+_CURRENT_VAC = "currentVolumeAttributesClassName"
 
 
 def _status_capacity(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -375,13 +389,17 @@ def _claim_patch(claim: Mapping[str, Any], patch: Mapping[str, Any] | None, *,
 
 
 def _provisioner_patch(claim: Mapping[str, Any], provisioner: str) -> dict[str, Any] | None:
-    """Both storage-provisioner annotations (upstream setClaimProvisioner)."""
+    """Both storage-provisioner annotations (upstream setClaimProvisioner), with the
+    migrated-to annotation they imply in the same write."""
     annotations = _annotations(claim)
     if (annotations.get(c.ANN_STORAGE_PROVISIONER) == provisioner
             and annotations.get(c.ANN_BETA_STORAGE_PROVISIONER) == provisioner):
         return None
-    return {"metadata": {"annotations": {c.ANN_STORAGE_PROVISIONER: provisioner,
-                                         c.ANN_BETA_STORAGE_PROVISIONER: provisioner}}}
+    new = {c.ANN_STORAGE_PROVISIONER: provisioner, c.ANN_BETA_STORAGE_PROVISIONER: provisioner}
+    migrated = _migrated_to_patch({**annotations, **new}, provisioner)
+    if migrated is not None:
+        new.update(migrated["metadata"]["annotations"])
+    return {"metadata": {"annotations": new}}
 
 
 def _bind_writes(volume: Mapping[str, Any], claim: Mapping[str, Any],
@@ -444,6 +462,72 @@ def _with_volume_writes(d: VolumeDecision, volume: Mapping[str, Any]) -> VolumeD
     return replace(d, writes=writes)
 
 
+# --- CSI migration and deletion finalizers (upstream pv_controller_base.go) -------------
+
+
+def _migrated_to_patch(annotations: Mapping[str, str], plugin: str) -> dict[str, Any] | None:
+    """upstream updateMigrationAnnotations: migrated-to = the CSI driver of a migrated
+    in-tree plugin; removed when the plugin is not (or no longer) migrated."""
+    driver = c.MIGRATED_PLUGINS.get(plugin)
+    current = annotations.get(c.ANN_MIGRATED_TO) or ""
+    if driver is not None:
+        if current == driver:
+            return None
+        return {"metadata": {"annotations": {c.ANN_MIGRATED_TO: driver}}}
+    if current:
+        return {"metadata": {"annotations": {c.ANN_MIGRATED_TO: None}}}
+    return None
+
+
+def claim_migration_patch(claim: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The claim's migrated-to annotation, following its storage-provisioner annotation
+    (GA name, else beta); None: nothing to change."""
+    annotations = _annotations(claim)
+    plugin = annotations.get(c.ANN_STORAGE_PROVISIONER,
+                             annotations.get(c.ANN_BETA_STORAGE_PROVISIONER))
+    if plugin is None:
+        return None
+    return _migrated_to_patch(annotations, plugin)
+
+
+def _deletion_finalizers(volume: Mapping[str, Any], plugin: str) -> list[str] | None:
+    """upstream modifyDeletionFinalizers for a dynamically provisioned PV: the new
+    finalizer list, or None when unchanged.
+
+    Migrated in-tree plugin: drop kubernetes.io/pv-controller (its CSI driver's
+    provisioner owns deletion). Other in-tree plugins: the finalizer is present exactly
+    with policy Delete, and external-provisioner's finalizer is dropped. PVs of any other
+    provisioner are left alone."""
+    before = list(_meta(volume).get("finalizers") or [])
+    after = list(before)
+    if plugin in c.MIGRATED_PLUGINS:
+        after = [f for f in after if f != c.FINALIZER_IN_TREE_DELETION]
+    elif plugin.startswith(c.IN_TREE_PREFIX):
+        policy = _spec(volume).get("persistentVolumeReclaimPolicy")
+        if policy == c.RECLAIM_DELETE and c.FINALIZER_IN_TREE_DELETION not in after:
+            after.append(c.FINALIZER_IN_TREE_DELETION)
+        elif policy in (c.RECLAIM_RETAIN, c.RECLAIM_RECYCLE):
+            after = [f for f in after if f != c.FINALIZER_IN_TREE_DELETION]
+        after = [f for f in after if f != c.FINALIZER_EXTERNAL_DELETION]
+    return None if after == before else after
+
+
+def volume_migration_patch(volume: Mapping[str, Any]) -> dict[str, Any] | None:
+    """upstream updateVolumeMigrationAnnotationsAndFinalizers: migrated-to and the
+    deletion finalizers of a dynamically provisioned PV (provisioned-by); None: nothing
+    to change. Statically provisioned PVs are never touched. The finalizer list is
+    written whole (a merge patch replaces lists) under the PV's resourceVersion."""
+    annotations = _annotations(volume)
+    if c.ANN_PROVISIONED_BY not in annotations:
+        return None
+    plugin = annotations[c.ANN_PROVISIONED_BY]
+    patch = _migrated_to_patch(annotations, plugin) or {}
+    finalizers = _deletion_finalizers(volume, plugin)
+    if finalizers is not None:
+        patch.setdefault("metadata", {})["finalizers"] = finalizers
+    return patch or None
+
+
 # --- checks ------------------------------------------------------------------------------
 
 
@@ -458,6 +542,8 @@ def volume_satisfies_claim(volume: Mapping[str, Any], claim: Mapping[str, Any]) 
         return "requested PV is too small"
     if volume_class(volume) != claim_class(claim):
         return "storageClassName does not match"
+    if volume_attributes_class(volume) != volume_attributes_class(claim):
+        return "volumeAttributesClassName does not match"
     if volume_mode_mismatch(claim, volume):
         return "incompatible volumeMode"
     if not access_modes(claim) <= access_modes(volume):
@@ -508,17 +594,49 @@ def sync_claim(
     index: VolumeIndex,
     classes: Mapping[str, Mapping[str, Any]],
     provisioners: AbstractSet[str],
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> ClaimDecision:
     """Decide the next step for a claim (upstream syncClaim), with the writes it takes.
 
     ``index`` holds every PV (deleting ones too), ``classes`` StorageClasses by name,
-    ``provisioners`` the names of the volume plugins this volplane runs (pv/plugins.py).
+    ``provisioners`` the names of the volume plugins this volplane runs (pv/plugins.py),
+    ``pods`` the (slim) pods that use the claim (upstream's pod index by claim).
     """
+    migration = claim_migration_patch(claim)
+    if migration is not None:
+        # upstream updateClaimMigrationAnnotations, first thing in syncClaim
+        return ClaimDecision(ClaimAction.ANNEAL_MIGRATION, "CSI migration annotation",
+                             writes=_claim_patch(claim, migration))
     if c.ANN_BIND_COMPLETED in _annotations(claim):
         decision = _sync_bound_claim(claim, index)
     else:
         decision = _sync_unbound_claim(claim, index, classes, provisioners)
+        if decision.event == _WAIT_FOR_CONSUMER:
+            decision = replace(decision, event=_wait_for_consumer_event(pods))
     return _with_claim_writes(decision, claim, index)
+
+
+def is_pod_terminated(pod: Mapping[str, Any]) -> bool:
+    """Upstream util.IsPodTerminated over a slim pod (kinds.slim_pod): finished, or
+    deleted with no container running (``status.containersRunning``)."""
+    if _phase(pod) in ("Succeeded", "Failed"):
+        return True
+    return bool(_meta(pod).get("deletionTimestamp")) and not _status(pod).get(
+        "containersRunning")
+
+
+def _wait_for_consumer_event(pods: Sequence[Mapping[str, Any]]) -> Event:
+    """Upstream emitEventForUnboundDelayBindingClaim: name the active pods not yet
+    scheduled (by name, as upstream), else the plain WaitForFirstConsumer event."""
+    waiting = [_name(p) for p in pods
+               if not is_pod_terminated(p) and not _spec(p).get("nodeName")]
+    if not waiting:
+        return _WAIT_FOR_CONSUMER
+    if len(waiting) == 1:
+        return Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                     f"waiting for pod {waiting[0]} to be scheduled")
+    return Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                 f"waiting for pods {','.join(waiting)} to be scheduled")
 
 
 def _sync_unbound_claim(
@@ -540,7 +658,7 @@ def _sync_unbound_claim(
     if volume is None:
         # The requested PV does not exist (yet): stay Pending and retry later.
         return _pending(claim, f'requested volume "{volume_name}" not found, will retry')
-    if not _spec(volume).get("claimRef"):
+    if _spec(volume).get("claimRef") is None:
         # The requested PV is free. Bind it if it can serve the claim.
         problem = volume_satisfies_claim(volume, claim)
         if problem is None:
@@ -629,8 +747,7 @@ def _delay_binding(storage_class: Mapping[str, Any] | None) -> bool:
     return storage_class.get("volumeBindingMode") == c.WAIT_FOR_FIRST_CONSUMER
 
 
-# Upstream words this event "waiting for pod X to be scheduled" when it finds such pods;
-# the PV controller does not watch pods here (--controllers pv-binder lists no pods).
+# The plain event; sync_claim turns it into WaitForPodScheduled when pods wait (above).
 _WAIT_FOR_CONSUMER = Event(
     c.NORMAL, c.WAIT_FOR_FIRST_CONSUMER_REASON,
     "waiting for first consumer to be created before binding",
@@ -657,6 +774,9 @@ def _provision(
             explain=True,
         )
     provisioner = storage_class.get("provisioner") or ""
+    # CSI migration (upstream provisionClaimOperationExternal): a migrated in-tree
+    # provisioner is handed to its CSI driver's external-provisioner.
+    provisioner = c.MIGRATED_PLUGINS.get(provisioner, provisioner)
     if provisioner == c.POOL_PROVISIONER and provisioner not in provisioners:
         text = f'provisioner "{provisioner}" is not enabled in this volplane'
         return ClaimDecision(
@@ -688,8 +808,10 @@ def _provision(
         "that the provisioner is running and correctly registered."
     )
     if _annotations(claim).get(c.ANN_STORAGE_PROVISIONER) == provisioner:
-        # Already handed over; the external provisioner owns the next step.
-        return ClaimDecision(ClaimAction.WAIT, message, provisioner=provisioner)
+        # Already handed over; the external provisioner owns the next step. Upstream
+        # posts the event on every sync all the same (deduplicated into one, counted).
+        return ClaimDecision(ClaimAction.WAIT, message, provisioner=provisioner,
+                             event=Event(c.NORMAL, c.EXTERNAL_PROVISIONING, message))
     return ClaimDecision(
         ClaimAction.ANNOTATE_PROVISIONER,
         message,
@@ -723,7 +845,7 @@ def _sync_bound_claim(claim: Mapping[str, Any], index: VolumeIndex) -> ClaimDeci
             "Bound claim has lost its PersistentVolume. Data on the volume is lost!",
         )
     ref = _spec(volume).get("claimRef")
-    if not ref or ref.get("uid") == _meta(claim).get("uid"):
+    if ref is None or ref.get("uid") == _meta(claim).get("uid"):
         return _bind(volume, claim)
     return _lost(
         claim,
@@ -812,9 +934,21 @@ def sync_volume(
     claims: Mapping[str, Mapping[str, Any]],
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> VolumeDecision:
-    """Decide the next step for a PV (upstream syncVolume), with the writes it takes."""
-    decision = _sync_volume(volume, claims, deleters, recyclers)
+    """Decide the next step for a PV (upstream syncVolume), with the writes it takes.
+
+    ``pods``: the (slim) pods that use the claim named by the PV's claimRef; while an
+    active one remains and that claim is gone, a Recycle volume is not recycled."""
+    migration = volume_migration_patch(volume)
+    if migration is not None:
+        # upstream updateVolumeMigrationAnnotationsAndFinalizers, first thing in syncVolume
+        return VolumeDecision(VolumeAction.ANNEAL_MIGRATION,
+                              "CSI migration annotation / deletion finalizers",
+                              writes=(PatchVolume(_name(volume), migration),))
+    in_use = tuple(sorted(f"{_meta(p).get('namespace')}/{_name(p)}" for p in pods
+                          if not is_pod_terminated(p)))
+    decision = _sync_volume(volume, claims, deleters, recyclers, in_use)
     return _with_volume_writes(decision, volume)
 
 
@@ -823,6 +957,7 @@ def _sync_volume(
     claims: Mapping[str, Mapping[str, Any]],
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
+    in_use: tuple[str, ...] = (),
 ) -> VolumeDecision:
     """The volume state machine (upstream syncVolume).
 
@@ -842,7 +977,7 @@ def _sync_volume(
       otherwise the binding is rolled back (UNBIND).
     """
     ref = _spec(volume).get("claimRef")
-    if not ref:
+    if ref is None:  # upstream: a non-nil claimRef, even {}, is claimed
         return _volume_phase(volume, c.VOLUME_AVAILABLE, "volume is unused")
     key = claim_ref_key(volume) or ""
     if not ref.get("uid"):
@@ -853,7 +988,8 @@ def _sync_volume(
         # Upstream re-checks the live API before believing the claim is gone, unless the
         # PV is already Released/Failed.
         verify = _phase(volume) not in (c.VOLUME_RELEASED, c.VOLUME_FAILED)
-        return _release(volume, deleters, recyclers, f"claim {key} not found", verify)
+        return _release(volume, deleters, recyclers, f"claim {key} not found", verify,
+                        in_use)
     if _meta(claim).get("uid") != ref.get("uid"):
         message = f"claim {key} was re-created with a new UID"
         return _release(volume, deleters, recyclers, message, True)
@@ -943,6 +1079,7 @@ def _release(
     recyclers: AbstractSet[str],
     message: str,
     verify: bool,
+    in_use: tuple[str, ...] = (),
 ) -> VolumeDecision:
     """The PV's claim is gone: mark it Released, and once it is, apply the reclaim policy.
 
@@ -957,7 +1094,7 @@ def _release(
             phase=c.VOLUME_RELEASED,
             verify_claim=verify,
         )
-    decision = _reclaim(volume, deleters, recyclers)
+    decision = _reclaim(volume, deleters, recyclers, in_use)
     if verify and decision.action is not VolumeAction.NOOP:
         return _with_verify(decision)
     return decision
@@ -982,14 +1119,23 @@ def _reclaim(
     volume: Mapping[str, Any],
     deleters: AbstractSet[str],
     recyclers: AbstractSet[str],
+    in_use: tuple[str, ...] = (),
 ) -> VolumeDecision:
-    """Upstream reclaimVolume: act on spec.persistentVolumeReclaimPolicy."""
+    """Upstream reclaimVolume: act on spec.persistentVolumeReclaimPolicy.
+
+    ``in_use``: active pods ("ns/name") of the claim, which is gone from the cache
+    (upstream recycleVolumeOperation: such a volume is not recycled, whichever recycler,
+    and none is looked for; the next sync tries again)."""
     if _annotations(volume).get(c.ANN_MIGRATED_TO):
         return VolumeDecision(VolumeAction.NOOP, "CSI-migrated volume: its CSI driver reclaims it")
     policy = _spec(volume).get("persistentVolumeReclaimPolicy") or c.RECLAIM_RETAIN
     if policy == c.RECLAIM_RETAIN:
         return VolumeDecision(VolumeAction.NOOP, "reclaim policy is Retain, nothing to do")
     if policy == c.RECLAIM_RECYCLE:
+        if in_use:
+            text = f"Volume is used by pods: {','.join(in_use)}"
+            return VolumeDecision(VolumeAction.NOOP, text,
+                                  event=Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, text))
         recycler = _plugin_for(volume, recyclers)
         if recycler is not None:
             return VolumeDecision(
@@ -1032,7 +1178,7 @@ def _delete(volume: Mapping[str, Any], deleters: AbstractSet[str]) -> VolumeDeci
         volume,
         c.VOLUME_FAILED_DELETE,
         f'error getting deleter volume plugin for volume "{_name(volume)}": '
-        "no deletable volume plugin matched",
+        "no volume plugin matched",
     )
 
 

@@ -10,17 +10,19 @@ rejected by the first rule it breaks, in this order:
    (upstream gets this from its access-mode index)                -> ``access_modes``
 3. ``spec.capacity.storage`` < the claim's storage request        -> ``too_small``
 4. ``volumeMode`` differs (unset means Filesystem on both sides)  -> ``volume_mode``
-5. the volume has a ``deletionTimestamp``                         -> ``deleting``
-6. a volume whose claimRef names *this* claim (pre-bound by a user, by the scheduler,
+5. ``volumeAttributesClassName`` differs (unset matches only unset; upstream's
+   VolumeAttributesClass gate, on since 1.34)                     -> ``attributes_class``
+6. the volume has a ``deletionTimestamp``                         -> ``deleting``
+7. a volume whose claimRef names *this* claim (pre-bound by a user, by the scheduler,
    or provisioned for it) wins at once: it is the answer if its node affinity fits the
    node (when a node is given), and there is no answer otherwise. Class, selector and
-   phase are *not* checked for it.
-7. WaitForFirstConsumer without a node: the scheduler binds unbound volumes, so the
+   phase are *not* checked for it (its attributes class is, as upstream).
+8. WaitForFirstConsumer without a node: the scheduler binds unbound volumes, so the
    controller considers nothing else                              -> ``delay_binding``
-8. ``status.phase`` is not Available                              -> ``not_available``
-9. the claim's ``spec.selector`` does not match the volume labels -> ``selector``
-10. storage class differs                                         -> ``storage_class``
-11. node given and the volume's node affinity does not fit it     -> ``node_affinity``
+9. ``status.phase`` is not Available                              -> ``not_available``
+10. the claim's ``spec.selector`` does not match the volume labels -> ``selector``
+11. storage class differs                                         -> ``storage_class``
+12. node given and the volume's node affinity does not fit it     -> ``node_affinity``
 
 Among the survivors upstream walks access-mode sets from the fewest modes to the most
 and returns the smallest volume of the first set that has one: a claim for RWO gets an
@@ -35,7 +37,7 @@ pre-bound to one claim, the first in (capacity, name) order that passes rules 2-
 taken (upstream takes whichever its cache lists first).
 
 ``VolumeIndex.find_best_match`` answers in O(buckets * log n) plus the candidates it has
-to look at and reject for a rule the index cannot see (5, 8, 9, 11). ``brute_force_match``
+to look at and reject for a rule the index cannot see (6, 9, 10, 12). ``brute_force_match``
 is the plain-loop reference; ``VolumeIndex.explain`` uses it to write a detailed reason.
 """
 
@@ -58,6 +60,7 @@ from volplane.selectors import match_label_selector, match_node_affinity
 
 __all__ = [
     "CRITERIA",
+    "HUMAN_ORDER",
     "ClaimQuery",
     "MatchResult",
     "VolumeIndex",
@@ -72,8 +75,10 @@ __all__ = [
     "is_volume_bound_to_claim",
     "volume_capacity",
     "volume_class",
+    "volume_attributes_class",
     "volume_mode",
     "volume_mode_mismatch",
+    "why_pending",
 ]
 
 # Rejection criteria, in the order they are checked.
@@ -81,6 +86,7 @@ BOUND_ELSEWHERE = "bound_elsewhere"
 ACCESS_MODES = "access_modes"
 TOO_SMALL = "too_small"
 VOLUME_MODE = "volume_mode"
+ATTRIBUTES_CLASS = "attributes_class"
 DELETING = "deleting"
 DELAY_BINDING = "delay_binding"
 NOT_AVAILABLE = "not_available"
@@ -92,6 +98,7 @@ CRITERIA = (
     ACCESS_MODES,
     TOO_SMALL,
     VOLUME_MODE,
+    ATTRIBUTES_CLASS,
     DELETING,
     DELAY_BINDING,
     NOT_AVAILABLE,
@@ -113,9 +120,11 @@ def claim_key(claim: Mapping[str, Any]) -> str:
 
 
 def claim_ref_key(volume: Mapping[str, Any]) -> str | None:
-    """``namespace/name`` of the claim a PV's claimRef names, or None when unclaimed."""
+    """``namespace/name`` of the claim a PV's claimRef names, or None when unclaimed.
+
+    An empty ``claimRef: {}`` is a claim (upstream: any non-nil claimRef), named "/"."""
     ref = _spec(volume).get("claimRef")
-    if not ref:
+    if ref is None:
         return None
     return f"{ref.get('namespace', '')}/{ref.get('name', '')}"
 
@@ -157,6 +166,11 @@ def claim_volume_mode(claim: Mapping[str, Any]) -> str:
 def volume_mode_mismatch(claim: Mapping[str, Any], volume: Mapping[str, Any]) -> bool:
     """Upstream CheckVolumeModeMismatches."""
     return claim_volume_mode(claim) != volume_mode(volume)
+
+
+def volume_attributes_class(obj: Mapping[str, Any]) -> str:
+    """spec.volumeAttributesClassName of a PV or a claim; unset (or null) is ""."""
+    return _spec(obj).get("volumeAttributesClassName") or ""
 
 
 def access_modes(obj: Mapping[str, Any]) -> frozenset[str]:
@@ -206,6 +220,7 @@ class ClaimQuery:
     modes: frozenset[str]
     mode: str
     storage_class: str
+    attributes_class: str
     selector: Mapping[str, Any] | None
     delay_binding: bool
     node: Mapping[str, Any] | None
@@ -224,6 +239,7 @@ class ClaimQuery:
             modes=access_modes(claim),
             mode=claim_volume_mode(claim),
             storage_class=claim_class(claim),
+            attributes_class=volume_attributes_class(claim),
             selector=_spec(claim).get("selector"),
             delay_binding=delay_binding,
             node=node,
@@ -248,22 +264,37 @@ class MatchResult:
 def _classify(volume: Mapping[str, Any], q: ClaimQuery, capacity: int | None = None) -> str | None:
     """Return the first criterion ``volume`` fails, ``_PREBOUND``, or None (a candidate).
 
-    For ``_PREBOUND`` the caller still has to check node affinity (rule 6).
+    For ``_PREBOUND`` the caller still has to check node affinity (rule 7).
     """
     ref = _spec(volume).get("claimRef")
     bound_to_claim = bool(ref) and is_volume_bound_to_claim(volume, q.claim)
-    if ref and not bound_to_claim:
+    if ref is not None and not bound_to_claim:  # an empty claimRef {} claims it too
         return BOUND_ELSEWHERE
+    verdict = _shape_misfit(volume, q, capacity)
+    if verdict is not None:
+        return verdict
+    if bound_to_claim:
+        return _PREBOUND
+    return _free_misfit(volume, q)
+
+
+def _shape_misfit(volume: Mapping[str, Any], q: ClaimQuery, capacity: int | None) -> str | None:
+    """Rules 2-6: what even a volume pre-bound to the claim must satisfy."""
     if not q.modes <= access_modes(volume):
         return ACCESS_MODES
     if (volume_capacity(volume) if capacity is None else capacity) < q.request:
         return TOO_SMALL
     if volume_mode(volume) != q.mode:
         return VOLUME_MODE
+    if volume_attributes_class(volume) != q.attributes_class:
+        return ATTRIBUTES_CLASS
     if _meta(volume).get("deletionTimestamp"):
         return DELETING
-    if bound_to_claim:
-        return _PREBOUND
+    return None
+
+
+def _free_misfit(volume: Mapping[str, Any], q: ClaimQuery) -> str | None:
+    """Rules 8-12: what a volume nobody reserved must satisfy besides its shape."""
     if q.delay_binding and q.node is None:
         return DELAY_BINDING
     if _phase(volume) != c.VOLUME_AVAILABLE:
@@ -312,12 +343,12 @@ def brute_force_match(
 ) -> MatchResult:
     """Match ``claim`` against every volume with a plain loop (the semantic reference).
 
-    Its ``reason`` on failure is the detailed, per-criterion explanation.
+    On failure its ``reason`` and ``counts`` are the explanation for people
+    (``why_pending``), not the order the matching rules run in.
     """
     q = ClaimQuery.of(claim, delay_binding=delay_binding, node=node)
     ordered = sorted(((volume_capacity(v), _name(v), v) for v in volumes), key=lambda t: t[:2])
-    counts: Counter[str] = Counter()
-    detail = _Detail()
+    counts: Counter[str] = Counter()  # rejections in matching order (see MatchResult)
     best: tuple[Any, ...] | None = None
     for capacity, _, volume in ordered:
         verdict = _classify(volume, q, capacity)
@@ -327,14 +358,90 @@ def brute_force_match(
             return _prebound_misfit(volume, q, len(ordered), counts)
         if verdict is not None:
             counts[verdict] += 1
-            detail.note(verdict, volume, capacity)
             continue
         key = (_bucket_order(access_modes(volume)), capacity, _name(volume))
         if best is None or key < best[0]:
             best = (key, capacity, volume)
     if best is not None:
         return _matched(best[2], best[1], False, len(ordered), counts)
-    return MatchResult(None, detail.explain(q, counts, len(ordered)), dict(counts), len(ordered))
+    return why_pending(q, ordered)
+
+
+# --- why Pending, for people -------------------------------------------------------------
+
+# The order a person checks a PV against a claim (the seed's "why Pending"): its class
+# first (PVs of other classes are one line), then volume mode, attributes class,
+# selector, access modes, size, and last whether it is free to take (bound elsewhere,
+# phase, deletion, WaitForFirstConsumer, node affinity).
+HUMAN_ORDER = (
+    STORAGE_CLASS,
+    VOLUME_MODE,
+    ATTRIBUTES_CLASS,
+    SELECTOR,
+    ACCESS_MODES,
+    TOO_SMALL,
+    BOUND_ELSEWHERE,
+    NOT_AVAILABLE,
+    DELETING,
+    DELAY_BINDING,
+    NODE_AFFINITY,
+)
+
+
+def _human_classify(volume: Mapping[str, Any], q: ClaimQuery, capacity: int) -> str | None:
+    """The first criterion of HUMAN_ORDER ``volume`` fails (None: it would match).
+
+    A volume reserved for this claim is judged as matching does: class and selector do
+    not apply to it."""
+    reserved = is_volume_bound_to_claim(volume, q.claim) and bool(_spec(volume).get("claimRef"))
+    if not reserved and volume_class(volume) != q.storage_class:
+        return STORAGE_CLASS
+    if volume_mode(volume) != q.mode:
+        return VOLUME_MODE
+    if volume_attributes_class(volume) != q.attributes_class:
+        return ATTRIBUTES_CLASS
+    if (not reserved and q.selector is not None
+            and not match_label_selector(q.selector, _meta(volume).get("labels"))):
+        return SELECTOR
+    if not q.modes <= access_modes(volume):
+        return ACCESS_MODES
+    if capacity < q.request:
+        return TOO_SMALL
+    if _spec(volume).get("claimRef") is not None and not reserved:
+        return BOUND_ELSEWHERE
+    return _human_availability(volume, q, reserved)
+
+
+def _human_availability(volume: Mapping[str, Any], q: ClaimQuery, reserved: bool) -> str | None:
+    if _meta(volume).get("deletionTimestamp"):
+        return DELETING
+    if reserved:
+        return NODE_AFFINITY if q.node is not None and not _fits_node(volume, q.node) else None
+    if q.delay_binding and q.node is None:
+        return DELAY_BINDING
+    if _phase(volume) != c.VOLUME_AVAILABLE:
+        return NOT_AVAILABLE
+    if q.node is not None and not _fits_node(volume, q.node):
+        return NODE_AFFINITY
+    return None
+
+
+def why_pending(q: ClaimQuery, ordered: Iterable[tuple[int, str, Mapping[str, Any]]]
+                ) -> MatchResult:
+    """No volume matched: count each PV under the first criterion a person checks
+    (HUMAN_ORDER) and say so in one line, e.g. ``no persistent volumes matched: of 6
+    gold PVs: 3 too small (largest 10Gi < 100Gi), 3 bound to other claims; 24 of other
+    classes``. ``ordered``: (capacity, name, volume) triples."""
+    counts: Counter[str] = Counter()
+    detail = _Detail()
+    considered = 0
+    for capacity, _, volume in ordered:
+        considered += 1
+        verdict = _human_classify(volume, q, capacity)
+        if verdict is not None:
+            counts[verdict] += 1
+            detail.note(verdict, volume, capacity)
+    return MatchResult(None, detail.explain(q, counts, considered), dict(counts), considered)
 
 
 class _Detail:
@@ -342,34 +449,33 @@ class _Detail:
 
     def __init__(self) -> None:
         self.largest_too_small = 0
-        self.classes: Counter[str] = Counter()
         self.phases: Counter[str] = Counter()
 
     def note(self, verdict: str, volume: Mapping[str, Any], capacity: int) -> None:
         if verdict == TOO_SMALL:
             self.largest_too_small = max(self.largest_too_small, capacity)
-        elif verdict == STORAGE_CLASS:
-            self.classes[volume_class(volume)] += 1
         elif verdict == NOT_AVAILABLE:
             self.phases[_phase(volume) or "<none>"] += 1
 
     def explain(self, q: ClaimQuery, counts: Mapping[str, int], considered: int) -> str:
-        head = f"no persistent volumes matched: {considered} considered"
-        order = {name: i for i, name in enumerate(CRITERIA)}
-        ranked = sorted((k for k in counts if counts[k]), key=lambda k: (-counts[k], order[k]))
-        parts = [self._part(k, counts[k], q) for k in ranked]
-        return head + (" — " + ", ".join(parts) if parts else "")
+        head = "no persistent volumes matched: "
+        if not considered:
+            return head + "0 considered"
+        label = f"{q.storage_class} PVs" if q.storage_class else "PVs without a class"
+        others = counts.get(STORAGE_CLASS, 0)
+        mine = considered - others
+        parts = [self._part(k, counts[k], q) for k in HUMAN_ORDER[1:] if counts.get(k)]
+        body = f"of {mine} {label}: " + ", ".join(parts) if mine else f"no {label}"
+        if mine and not parts:  # cannot happen on failure; keep the line honest anyway
+            body = f"of {mine} {label}: none rejected"
+        if others:
+            body += f"; {others} of other classes"
+        return head + body
 
     def _part(self, criterion: str, n: int, q: ClaimQuery) -> str:
         if criterion == TOO_SMALL:
             largest, want = format_quantity(self.largest_too_small), format_quantity(q.request)
             return f"{n} too small (largest {largest} < {want})"
-        if criterion == STORAGE_CLASS:
-            if len(self.classes) == 1:
-                (only,) = self.classes
-                return f'{n} storageClassName "{only}" ≠ "{q.storage_class}"'
-            spread = ", ".join(f'"{k}": {v}' for k, v in self.classes.most_common())
-            return f'{n} storageClassName ≠ "{q.storage_class}" ({spread})'
         if criterion == NOT_AVAILABLE:
             spread = ", ".join(f"{k}: {v}" for k, v in self.phases.most_common())
             return f"{n} not Available ({spread})"
@@ -377,6 +483,8 @@ class _Detail:
             return f"{n} lacking access modes {','.join(sorted(q.modes))}"
         if criterion == VOLUME_MODE:
             return f'{n} volumeMode ≠ "{q.mode}"'
+        if criterion == ATTRIBUTES_CLASS:
+            return f'{n} volumeAttributesClassName ≠ "{q.attributes_class}"'
         if criterion == NODE_AFFINITY:
             return f'{n} not reachable from node "{_name(q.node or {})}"'
         return f"{n} {_SIMPLE_LABELS[criterion]}"
@@ -398,12 +506,13 @@ class _Slot:
     """Where a volume is filed: in a free bucket, or under the claim its claimRef names."""
 
     capacity: int
-    bucket: tuple[str, str, frozenset[str]] | None = None  # (class, volumeMode, modes)
+    bucket: tuple[str, str, str, frozenset[str]] | None = None  # (class, mode, VAC, modes)
     claim: str | None = None
 
 
 class VolumeIndex:
-    """PVs by (storage class, volumeMode, access-mode set), capacities kept sorted.
+    """PVs by (storage class, volumeMode, attributes class, access-mode set), capacities
+    kept sorted.
 
     Volumes without a claimRef go to a bucket list of ``(capacity, name)`` kept sorted
     with :mod:`bisect`. Volumes with a claimRef can only ever match the claim it names,
@@ -414,8 +523,9 @@ class VolumeIndex:
     def __init__(self, volumes: Iterable[Mapping[str, Any]] = ()) -> None:
         self._volumes: dict[str, Mapping[str, Any]] = {}
         self._slots: dict[str, _Slot] = {}
-        # (class, volumeMode) -> access-mode set -> sorted [(capacity, name)]
-        self._buckets: dict[tuple[str, str], dict[frozenset[str], list[tuple[int, str]]]] = {}
+        # (class, volumeMode, attributes class) -> access-mode set -> [(capacity, name)]
+        self._buckets: dict[tuple[str, str, str],
+                            dict[frozenset[str], list[tuple[int, str]]]] = {}
         self._claimed: dict[str, set[str]] = {}
         for volume in volumes:
             self.upsert(volume)
@@ -432,10 +542,11 @@ class VolumeIndex:
             slot = _Slot(slot.capacity, claim=ref_key)
             self._claimed.setdefault(ref_key, set()).add(name)
         else:
-            key = (volume_class(volume), volume_mode(volume), access_modes(volume))
+            key = (volume_class(volume), volume_mode(volume), volume_attributes_class(volume),
+                   access_modes(volume))
             slot = _Slot(slot.capacity, bucket=key)
-            lists = self._buckets.setdefault(key[:2], {})
-            bisect.insort(lists.setdefault(key[2], []), (slot.capacity, name))
+            lists = self._buckets.setdefault(key[:3], {})
+            bisect.insort(lists.setdefault(key[3], []), (slot.capacity, name))
         self._volumes[name] = volume  # shared with the lister, never modified in place
         self._slots[name] = slot
 
@@ -452,13 +563,13 @@ class VolumeIndex:
                 del self._claimed[slot.claim]
             return
         assert slot.bucket is not None
-        lists = self._buckets[slot.bucket[:2]]
-        entries = lists[slot.bucket[2]]
+        lists = self._buckets[slot.bucket[:3]]
+        entries = lists[slot.bucket[3]]
         del entries[bisect.bisect_left(entries, (slot.capacity, name))]
         if not entries:
-            del lists[slot.bucket[2]]
+            del lists[slot.bucket[3]]
             if not lists:
-                del self._buckets[slot.bucket[:2]]
+                del self._buckets[slot.bucket[:3]]
 
     def get(self, name: str) -> Any:
         """The PV called ``name`` (deleting PVs included), or None."""
@@ -529,7 +640,8 @@ class VolumeIndex:
         return sorted((self._slots[n].capacity, n) for n in names)
 
     def _candidate_lists(self, q: ClaimQuery) -> list[list[tuple[int, str]]]:
-        """Bucket lists of the claim's class and volumeMode whose modes cover the claim's."""
-        lists = self._buckets.get((q.storage_class, q.mode), {})
+        """Bucket lists of the claim's class, volumeMode and attributes class whose access
+        modes cover the claim's."""
+        lists = self._buckets.get((q.storage_class, q.mode, q.attributes_class), {})
         usable = [modes for modes in lists if q.modes <= modes]
         return [lists[modes] for modes in sorted(usable, key=_bucket_order)]

@@ -19,10 +19,11 @@ def test_actual_state_from_volume_attachments():
     w = world(node("n1"), pv("pv1"))
     asw = A.build_asw([va("pv1", "n1"), va("pv2", "n1", attached=False),
                        va("pv3", "n1", deleting=True)], pvs=w["pvs"], nodes=w["nodes"])
+    # keyed by volume identity: the unique volume name of a known PV, else the PV name
     assert {k: a.state for k, a in asw.items()} == {
-        ("pv1", "n1"): A.AState.ATTACHED, ("pv2", "n1"): A.AState.ATTACHING,
+        (uname("pv1"), "n1"): A.AState.ATTACHED, ("pv2", "n1"): A.AState.ATTACHING,
         ("pv3", "n1"): A.AState.DETACHING}
-    assert asw[("pv1", "n1")].unique_name == uname("pv1")
+    assert asw[(uname("pv1"), "n1")].unique_name == uname("pv1")
     assert asw[("pv2", "n1")].unique_name is None  # PV gone, node names nothing
 
 
@@ -38,5 +39,6 @@ def test_node_volumes_attached_reports_attached_not_detaching():
     a1["status"]["attachmentMetadata"] = {"devicePath": "/dev/volplane/pool-a/slot-0"}
     asw = A.build_asw([a1, va("pv2", "n1", attached=False), va("pv3", "n1"),
                        va("pv1", "n2")], pvs=w["pvs"], nodes=w["nodes"])
-    got = R.node_volumes_attached(asw.values(), "n1", detaching=[("pv3", "n1")])
-    assert got == [{"name": uname("pv1"), "devicePath": "/dev/volplane/pool-a/slot-0"}]
+    got = R.node_volumes_attached(asw.values(), "n1", detaching=[(uname("pv3"), "n1")])
+    # devicePath: "" for CSI volumes, as upstream (not the attacher's attachmentMetadata)
+    assert got == [{"name": uname("pv1"), "devicePath": ""}]

@@ -52,7 +52,7 @@ def test_controller_coalesces_node_reports_while_attachments_arrive():
             worker.cancel()
         writes = api.writes("patch", "/api/v1/nodes/n1/status")
         assert {e["name"] for e in got} == {uname(f"pv{i}") for i in range(n)}
-        assert {e["devicePath"] for e in got} == {f"/dev/x{i}" for i in range(n)}
+        assert {e["devicePath"] for e in got} == {""}  # upstream's devicePath for CSI
         # 0.6 s of arrivals at one write per 0.3 s at most while busy, plus the last
         assert 2 <= len(writes) <= 5, writes
         assert len(writes) < n
@@ -80,5 +80,39 @@ def test_a_created_attachment_is_not_created_twice_before_the_watch_sees_it():
         await adc._sync_volume("pv1")          # the watch has not delivered it yet
         assert len(api.writes("create", "volumeattachments")) == 1
         assert len(api.of_kind(K.VOLUME_ATTACHMENTS)) == 1
+
+    asyncio.run(body())
+
+
+def test_two_pvs_on_one_handle_share_one_attachment_and_a_pod_going_keeps_it():
+    """Upstream's identity is the unique volume name: pods of two PVs on one volume
+    handle on one node need one VolumeAttachment; the first pod going detaches nothing."""
+    from volplane.kinds import PODS
+
+    from ..fakeapi import settle
+    from .world import pod, pvc
+
+    async def body():
+        api = FakeApi()
+        ctx = context(api)
+        adc = AttachDetachController(ctx)
+        adc.node_reports = NodeReportSchedule(debounce=0.01, min_interval=0.05)
+        api.add(node("n1"))
+        for name, claim in (("pv-a", "ca"), ("pv-b", "cb")):
+            api.add(pv(name, handle="pool-a/shared", claim=("ns", claim, f"uid-ns-{claim}")))
+            api.add(pvc("ns", claim, name))
+        api.add(pod("ns", "a", "n1", "ca"))
+        api.add(pod("ns", "b", "n1", "cb"))
+        adc.running = True
+        loops = [(adc.volumes, adc._sync_volume), (adc.node_queue, adc._sync_node)]
+        await settle(api, ctx, loops)
+        vas = api.of_kind(K.VOLUME_ATTACHMENTS)
+        assert len(vas) == 1, vas
+        assert vas[0]["spec"]["source"]["persistentVolumeName"] == "pv-a"
+        await api.delete(PODS.path("a", "ns"))
+        await settle(api, ctx, loops)
+        assert len(api.of_kind(K.VOLUME_ATTACHMENTS)) == 1
+        assert not [v for v in api.of_kind(K.VOLUME_ATTACHMENTS)
+                    if v["metadata"].get("deletionTimestamp")]
 
     asyncio.run(body())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from volplane.attach import desired as D
+
 from .world import (
     DRIVER,
     base_world,
@@ -45,8 +47,10 @@ from .world import (
 ])
 def test_desired_state_of_one_pod(the_pod, extra, want):
     w = base_world(the_pod, *extra)
-    got = {k: [p.name for p in d.pods] for k, d in dsw_of(w).items()}
+    # keyed by (unique volume name, node); the table names the PV for readability
+    got = {(d.volume.pv_name, k[1]): [p.name for p in d.pods] for k, d in dsw_of(w).items()}
     assert got == want
+    assert all(k[0] == uname(d.volume.pv_name) for k, d in dsw_of(w).items())
 
 
 @pytest.mark.parametrize("claim,volume,want", [
@@ -79,7 +83,7 @@ def test_generic_ephemeral_volume_needs_the_pod_as_owner():
     p = pod("ns", "p", "n1", ephemeral=("scratch",))
     owned = pvc("ns", "p-scratch", "pv9", owner="uid-p")
     w = world(node("n1"), p, owned, pv("pv9", claim=("ns", "p-scratch", "uid-ns-p-scratch")))
-    assert list(dsw_of(w)) == [("pv9", "n1")]
+    assert list(dsw_of(w)) == [(uname("pv9"), "n1")]
     stranger = pvc("ns", "p-scratch", "pv9", owner="someone-else")
     w = world(node("n1"), p, stranger, pv("pv9", claim=("ns", "p-scratch", "uid-ns-p-scratch")))
     assert dsw_of(w) == {}
@@ -89,8 +93,20 @@ def test_pods_sharing_a_volume_on_one_node_are_one_entry():
     w = base_world(pod("ns", "a", "n1", "c1"), pod("ns", "b", "n1", "c1"),
                    pod("ns", "c", "n2", "c1"))
     d = dsw_of(w)
-    assert sorted(d) == [("pv1", "n1"), ("pv1", "n2")]
-    assert [p.name for p in d[("pv1", "n1")].pods] == ["a", "b"]
-    assert d[("pv1", "n1")].volume.unique_name == uname("pv1")
+    assert sorted(d) == [(uname("pv1"), "n1"), (uname("pv1"), "n2")]
+    assert [p.name for p in d[(uname("pv1"), "n1")].pods] == ["a", "b"]
+    assert d[(uname("pv1"), "n1")].volume.unique_name == uname("pv1")
 
 
+
+
+def test_in_use_metric_counts_every_scheduled_pods_volumes_as_upstream():
+    """getVolumeInUseCount: pods on a node with no Node object (or not managed), and
+    drivers that need no attaching, count too; unscheduled pods do not."""
+    w = world(node("n1", managed=False), pv("pv1", claim=("ns", "c1", "uid-ns-c1")),
+              pvc("ns", "c1", "pv1"), csidriver(DRIVER, False),
+              pod("ns", "a", "n1", "c1"), pod("ns", "b", "gone-node", "c1"),
+              pod("ns", "c", "", "c1"))
+    got = D.volumes_in_use(w["pods"].values(), pvcs=w["pvcs"], pvs=w["pvs"])
+    plugin = f"kubernetes.io/csi:{DRIVER}"
+    assert got == {("n1", plugin): 1, ("gone-node", plugin): 1}

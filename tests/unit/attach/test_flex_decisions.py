@@ -79,7 +79,8 @@ def test_csi_and_flex_volumes_of_one_pod_are_both_desired():
     w = flex_world(pv("pv1", claim=("ns", "c2", "uid-ns-c2")), pvc("ns", "c2", "pv1"),
                    pod_with("ns", "p", "n1", claim_vol("c1"),
                             {"name": "w", "persistentVolumeClaim": {"claimName": "c2"}}))
-    assert set(dsw(w)) == {("volplane-demo/disk/fpv", "n1"), ("pv1", "n1")}
+    # CSI: keyed by the unique volume name (parity); flex: by its flex key
+    assert set(dsw(w)) == {("volplane-demo/disk/fpv", "n1"), (uname("pv1"), "n1")}
 
 
 def test_pod_flex_keys_names_every_flex_volume_whatever_the_driver_state():

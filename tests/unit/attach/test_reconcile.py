@@ -154,7 +154,7 @@ def test_safe_detach(node_kw, exists, waited, want, forced):
         objs.append(node("n1", **node_kw))
     w = world(*objs)
     now = 10_000.0
-    ops = plan(w, [va("pv1", "n1")], now=now, requested={("pv1", "n1"): now - waited})
+    ops = plan(w, [va("pv1", "n1")], now=now, requested={(uname("pv1"), "n1"): now - waited})
     assert [(o.kind.value, o.forced) for o in ops] == [(want, forced)]
     if want == "wait-unmount":
         assert ops[0].since == now - waited
@@ -209,3 +209,66 @@ def test_reconcile_is_idempotent_once_converged():
     assert [a for a in attached if a[0] == "pv2"] in ([("pv2", "n1")], [("pv2", "n2")])
     assert ("pv3", "n3") in attached            # still mounted there
     assert ("pv4", "n2") in attached and ("pv4", "n1") not in attached
+
+
+# RWO volume wanted on n2 while n1 (whose pod still wants it too) has a VolumeAttachment
+# in this state: only confirmed (or just decided) and uncertain attachments hold it.
+@pytest.mark.parametrize(
+    ("elsewhere", "expect"),
+    [
+        pytest.param(dict(attached=True), ("multi-attach", "multi-attach"),
+                     id="attached elsewhere: the multi-attach report"),
+        pytest.param(dict(attached=False), ("wait", "attaching-elsewhere"),
+                     id="uncertain attach elsewhere (in flight, no error) blocks quietly"),
+        pytest.param(dict(attached=False, attach_error="rpc error: code = Internal"),
+                     ("attach", ""), id="a finally failed attach elsewhere does not block"),
+        pytest.param(dict(attached=True, deleting=True), ("wait", "detaching-elsewhere"),
+                     id="being detached elsewhere: wait for it"),
+    ],
+)
+def test_rwo_volume_is_held_only_by_confirmed_or_uncertain_attachments(elsewhere, expect):
+    w = base_world(pod("ns", "first", "n1", "c1", created="2024-01-01T00:00:00Z"),
+                   pod("ns", "second", "n2", "c1", created="2024-01-02T00:00:00Z"))
+    ops = [o for o in plan(w, [va("pv1", "n1", **elsewhere)]) if o.node == "n2"]
+    assert [(o.kind.value, o.reason) for o in ops] == [expect]
+    if expect[0] == "multi-attach":
+        assert ops[0].events[0][1] == (
+            'Waiting for detach for volume "pv1" Volume is already used by pod(s) first')
+
+
+# -- identity: upstream's unique volume name, not the PV -----------------------------------
+SHARED = "pool-a/shared"
+
+
+def shared_world(*pods):
+    """Two RWO PVs on one volume handle, each bound to its own claim."""
+    return world(node("n1"), node("n2"),
+                 pv("pv-a", handle=SHARED, claim=("ns", "ca", "uid-ns-ca")),
+                 pv("pv-b", handle=SHARED, claim=("ns", "cb", "uid-ns-cb")),
+                 pvc("ns", "ca", "pv-a"), pvc("ns", "cb", "pv-b"), *pods)
+
+
+def test_two_pvs_on_one_handle_are_one_desired_volume_per_node():
+    w = shared_world(pod("ns", "a", "n1", "ca"), pod("ns", "b", "n1", "cb"))
+    d = dsw_of(w)
+    assert list(d) == [(N.unique_volume_name(DRIVER, SHARED), "n1")]
+    (entry,) = d.values()
+    assert [p.name for p in entry.pods] == ["a", "b"]
+    assert entry.volume.pv_name == "pv-a"  # the smallest PV name stands for the volume
+
+
+def test_two_pvs_on_one_handle_on_two_nodes_get_one_attachment_and_the_multi_attach_report():
+    w = shared_world(pod("ns", "a", "n1", "ca", created="2024-01-01T00:00:00Z"),
+                     pod("ns", "b", "n2", "cb", created="2024-01-02T00:00:00Z"))
+    ops = plan(w, [])
+    assert [(o.kind.value, o.node) for o in ops] == [("attach", "n1"), ("multi-attach", "n2")]
+    # named after the PV the waiting pod uses (upstream: its volume spec's name)
+    assert ops[1].events[0][1] == (
+        'Waiting for detach for volume "pv-b" Volume is already used by pod(s) a')
+
+
+def test_a_pod_going_never_detaches_the_attachment_another_pv_on_the_handle_needs():
+    # pod a (pv-a) is gone from n1; pod b still uses the volume there through pv-b
+    w = shared_world(pod("ns", "b", "n1", "cb"))
+    ops = plan(w, [va("pv-a", "n1", handle=SHARED)])
+    assert ops == []

@@ -24,6 +24,7 @@ def test_node_in_progress_counts_attaching_without_error_on_that_node():
     # a volume wanted on the node with no attachment yet: more to report soon
     assert R.node_attach_in_progress(asw.values(), "n2", [("pv9", "n2")])
     assert not R.node_attach_in_progress(asw.values(), "n2", [("pv2", "n2"), ("pv9", "n1")])
+    # (keys are volume identities: these PVs are unknown, so their names)
 
 
 def test_node_report_debounces_and_one_report_covers_a_burst():

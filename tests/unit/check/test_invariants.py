@@ -48,9 +48,10 @@ def node(name, attached=()):
                          "labels": {"kubernetes.io/hostname": name}},
             "spec": {},
             "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                       # devicePath "" for CSI volumes, as upstream reports them
                        "volumesAttached": [{"name": N.unique_volume_name(POOL, h),
-                                            "devicePath": PS.device_path("p1", slot)}
-                                           for h, slot in attached]}}
+                                            "devicePath": ""}
+                                           for h, _slot in attached]}}
 
 
 def claim(name, uid, *, cls="pool", size="1Gi", volume=None, phase="Pending",
@@ -270,15 +271,13 @@ def break_rwo_on_two_nodes(w):
     w["vas"].append(va("ua", "n2", 1))
     w["pods"].append(pod("pa2", "n2", "a"))
     by_name(w, "nodes", "n2")["status"]["volumesAttached"].append(
-        {"name": N.unique_volume_name(POOL, "p1/pvc-ua"), "devicePath": PS.device_path("p1", 1)})
+        {"name": N.unique_volume_name(POOL, "p1/pvc-ua"), "devicePath": ""})
 
 
 def break_shared_slot(w):
     v = next(v for v in w["vas"] if v["spec"]["source"]["persistentVolumeName"] == "pvc-uc")
     v["metadata"]["annotations"][PS.SLOT_ANNOTATION] = "0"
     v["status"]["attachmentMetadata"]["devicePath"] = PS.device_path("p1", 0)
-    for e in by_name(w, "nodes", "n1")["status"]["volumesAttached"]:
-        e["devicePath"] = PS.device_path("p1", 0)
 
 
 def break_slot_without_finalizer(w):
@@ -291,7 +290,6 @@ def break_attached_without_slot(w):
 
 def break_device_path(w):
     w["vas"][1]["status"]["attachmentMetadata"]["devicePath"] = "/dev/sdz"
-    by_name(w, "nodes", "n2")["status"]["volumesAttached"][0]["devicePath"] = "/dev/sdz"
 
 
 def break_node_report_missing(w):
@@ -336,7 +334,7 @@ def break_detach_never_finishes(w):
 def break_pod_without_attachment(w):
     w["vas"] = w["vas"][:2]
     by_name(w, "nodes", "n1")["status"]["volumesAttached"] = [
-        {"name": N.unique_volume_name(POOL, "p1/pvc-ua"), "devicePath": PS.device_path("p1", 0)}]
+        {"name": N.unique_volume_name(POOL, "p1/pvc-ua"), "devicePath": ""}]
 
 
 BROKEN = [

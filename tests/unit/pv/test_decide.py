@@ -17,6 +17,7 @@ from volplane.pv.decide import (
     VolumeAction,
     VolumeDecision,
     claim_bind_patch,
+    claim_migration_patch,
     claim_status_patch,
     default_class,
     is_volume_released,
@@ -24,6 +25,7 @@ from volplane.pv.decide import (
     sync_claim,
     sync_volume,
     volume_bind_patch,
+    volume_migration_patch,
     volume_phase_patch,
     volume_unbind_patch,
 )
@@ -52,8 +54,11 @@ def pv(
     policy: str | None = "Retain",
     csi_driver: str | None = None,
     deleting: bool = False,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"capacity": {"storage": size}, "accessModes": list(modes)}
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls:
         spec["storageClassName"] = cls
     if mode:
@@ -80,6 +85,11 @@ def pv(
     return out
 
 
+def finalized(obj: dict[str, Any], *finalizers: str) -> dict[str, Any]:
+    obj["metadata"]["finalizers"] = list(finalizers)
+    return obj
+
+
 def pvc(
     size: str = "5Gi",
     *,
@@ -92,12 +102,15 @@ def pvc(
     phase: str | None = "Pending",
     annotations: Mapping[str, str] | None = None,
     status: Mapping[str, Any] | None = None,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     ns, name = key.split("/")
     spec: dict[str, Any] = {
         "accessModes": list(modes),
         "resources": {"requests": {"storage": size}},
     }
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls is not None:
         spec["storageClassName"] = cls
     if mode:
@@ -138,7 +151,8 @@ CLASSES = {
     "ext": sc("ext", EXT),
     "local": sc("local", c.NO_PROVISIONER, wffc=True),
     "local-now": sc("local-now", c.NO_PROVISIONER),
-    "intree": sc("intree", "kubernetes.io/aws-ebs"),
+    "intree": sc("intree", "kubernetes.io/host-path"),
+    "ebs": sc("ebs", "kubernetes.io/aws-ebs"),
 }
 
 BOUND_CLAIM = {c.ANN_BIND_COMPLETED: "yes", c.ANN_BOUND_BY_CONTROLLER: "yes"}
@@ -160,6 +174,20 @@ EXTERNAL_MESSAGE = (
 )
 
 
+def pod(name: str = "web-0", *, ns: str = "ns", node: str | None = None,
+        phase: str = "Pending", deleting: bool = False, running: bool = False) -> dict:
+    """A slim pod (kinds.slim_pod) using claim ns/claim."""
+    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    if deleting:
+        meta["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    return {"metadata": meta,
+            "spec": {"nodeName": node, "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": "claim"}}]},
+            "status": {"phase": phase, "containersRunning": running}}
+
+
+BY_US = {c.ANN_BOUND_BY_CONTROLLER: "yes"}
+BY_POOL = {c.ANN_PROVISIONED_BY: POOL, c.ANN_BOUND_BY_CONTROLLER: "yes"}
 # --- the claim state machine -------------------------------------------------------------------
 
 
@@ -172,9 +200,100 @@ class ClaimCase:
     expect: dict[str, Any] = field(default_factory=dict)  # ClaimDecision fields to check
     classes: dict = field(default_factory=lambda: CLASSES)
     provisioners: frozenset[str] = frozenset({POOL})
+    pods: list[dict] = field(default_factory=list)
 
+
+EBS = "ebs.csi.aws.com"
+EBS_MESSAGE = EXTERNAL_MESSAGE.replace(EXT, EBS)
+IN_TREE_EBS = "kubernetes.io/aws-ebs"
 
 CLAIM_CASES = [
+    # ---- CSI migration (upstream provisionClaimOperationExternal, updateMigrationAnnotations)
+    ClaimCase(
+        "migrated in-tree class is handed to its CSI driver with ExternalProvisioning",
+        pvc(cls="ebs"), [], ClaimAction.ANNOTATE_PROVISIONER,
+        {"provisioner": EBS, "event": Event(c.NORMAL, c.EXTERNAL_PROVISIONING, EBS_MESSAGE)},
+    ),
+    ClaimCase(
+        "a claim annotated with the in-tree provisioner (from kcm) gets migrated-to first",
+        pvc(cls="ebs", annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS}), [],
+        ClaimAction.ANNEAL_MIGRATION, {"event": None},
+    ),
+    ClaimCase(
+        "a beta-annotated in-tree claim gets migrated-to too",
+        pvc(annotations={c.ANN_BETA_STORAGE_PROVISIONER: "kubernetes.io/gce-pd"}), [],
+        ClaimAction.ANNEAL_MIGRATION, {},
+    ),
+    ClaimCase(
+        "a claim of a driver that is not migrated loses a stale migrated-to (rollback)",
+        pvc(cls="ext", annotations={c.ANN_STORAGE_PROVISIONER: EXT, c.ANN_MIGRATED_TO: EXT}),
+        [], ClaimAction.ANNEAL_MIGRATION, {},
+    ),
+    ClaimCase(
+        "migrated-to already right: the claim syncs on",
+        pvc(cls="ebs", annotations={c.ANN_STORAGE_PROVISIONER: EBS,
+                                    c.ANN_BETA_STORAGE_PROVISIONER: EBS}),
+        [], ClaimAction.WAIT, {"provisioner": EBS},
+    ),
+    # ---- WaitForPodScheduled (upstream emitEventForUnboundDelayBindingClaim) ----------------
+    ClaimCase(
+        "WaitForPodScheduled names the one pod using the claim that is not scheduled",
+        pvc(cls="pool-wffc"), [], ClaimAction.WAIT,
+        {"event": Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                        "waiting for pod web-0 to be scheduled"), "writes": ()},
+        pods=[pod("web-0")],
+    ),
+    ClaimCase(
+        "WaitForPodScheduled lists every unscheduled pod, by name, comma-joined",
+        pvc(cls="pool-wffc"), [], ClaimAction.WAIT,
+        {"event": Event(c.NORMAL, c.WAIT_FOR_POD_SCHEDULED,
+                        "waiting for pods a,b to be scheduled")},
+        pods=[pod("a"), pod("b"), pod("c", node="n1")],
+    ),
+    ClaimCase(
+        "scheduled or terminated pods leave the plain WaitForFirstConsumer event",
+        pvc(cls="pool-wffc"), [], ClaimAction.WAIT, {"event": WFFC_EVENT},
+        pods=[pod("c", node="n1"), pod("done", phase="Failed"), pod("gone", deleting=True)],
+    ),
+    # ---- VolumeAttributesClass (upstream: GA in 1.34, on in 1.36) ---------------------------
+    ClaimCase(
+        "attributes class: binds only a PV of the claim's attributes class",
+        pvc("5Gi", vac="fast"),
+        [pv("plain", "8Gi"), pv("fast", "20Gi", vac="fast")],
+        ClaimAction.BIND,
+        {"volume_name": "fast", "steps": ALL_STEPS},
+    ),
+    ClaimCase(
+        "attributes class: a claim without one never binds a PV that has one",
+        pvc("5Gi"),
+        [pv("fast", "20Gi", vac="fast")],
+        ClaimAction.WAIT,
+        {"volume_name": None, "event": FAILED_BINDING_NO_CLASS},
+        classes={},
+    ),
+    ClaimCase(
+        "attributes class: requested PV of another class -> VolumeMismatch, Pending, PV untouched",
+        pvc("5Gi", vac="fast", volume="slow-pv"),
+        [pv("slow-pv", "20Gi", vac="slow")],
+        ClaimAction.WAIT,
+        {
+            "event": Event(
+                c.WARNING,
+                c.VOLUME_MISMATCH,
+                'Cannot bind to requested volume "slow-pv": '
+                "volumeAttributesClassName does not match",
+            ),
+            "phase": c.CLAIM_PENDING,
+            "writes": (),
+        },
+    ),
+    ClaimCase(
+        "attributes class: a PV pre-bound to the claim with another class is not bound",
+        pvc("5Gi", vac="fast", cls="ext"),
+        [pv("mine", "20Gi", vac="slow", claim="ns/claim", cls="ext")],
+        ClaimAction.ANNOTATE_PROVISIONER,
+        {"volume_name": None},
+    ),
     # ---- unbound, no volumeName: match, or default class, or provision --------------------
     ClaimCase(
         "match binds the smallest fitting volume, all four writes",
@@ -267,7 +386,7 @@ CLAIM_CASES = [
             "event": Event(
                 c.WARNING,
                 c.PROVISIONING_FAILED,
-                "no volume plugin matched name: kubernetes.io/aws-ebs",
+                "no volume plugin matched name: kubernetes.io/host-path",
             )
         },
     ),
@@ -348,11 +467,13 @@ CLAIM_CASES = [
         },
     ),
     ClaimCase(
-        "external provisioner already annotated -> wait silently",
-        pvc(cls="ext", annotations={c.ANN_STORAGE_PROVISIONER: EXT}),
+        "external provisioner already annotated -> ExternalProvisioning re-emitted, no write",
+        pvc(cls="ext", annotations={c.ANN_STORAGE_PROVISIONER: EXT,
+                                    c.ANN_BETA_STORAGE_PROVISIONER: EXT}),
         [],
         ClaimAction.WAIT,
-        {"provisioner": EXT, "event": None},
+        {"provisioner": EXT, "writes": (),
+         "event": Event(c.NORMAL, c.EXTERNAL_PROVISIONING, EXTERNAL_MESSAGE)},
     ),
     ClaimCase(
         "annotated for another provisioner (class changed) -> annotate again",
@@ -597,6 +718,7 @@ def test_sync_claim(case: ClaimCase) -> None:
         index=VolumeIndex(case.volumes),
         classes=case.classes,
         provisioners=case.provisioners,
+        pods=case.pods,
     )
     assert isinstance(decision, ClaimDecision)
     assert decision.action is case.action, decision
@@ -634,15 +756,60 @@ class VolumeCase:
     expect: dict[str, Any] = field(default_factory=dict)  # VolumeDecision fields to check
     deleters: frozenset[str] = frozenset({POOL})
     recyclers: frozenset[str] = frozenset()
+    pods: list[dict] = field(default_factory=list)
 
 
-BY_US = {c.ANN_BOUND_BY_CONTROLLER: "yes"}
-BY_POOL = {c.ANN_PROVISIONED_BY: POOL, c.ANN_BOUND_BY_CONTROLLER: "yes"}
+RELEASED_RECYCLE = pv(claim="ns/claim", uid="uid-1", phase="Released", policy="Recycle",
+                      annotations=BY_POOL)
+IN_USE = Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, "Volume is used by pods: ns/a,ns/web-0")
+
+
 NO_DELETER = (
-    'error getting deleter volume plugin for volume "pv-1": no deletable volume plugin matched'
+    'error getting deleter volume plugin for volume "pv-1": no volume plugin matched'
 )
 
 VOLUME_CASES = [
+    # ---- recycling waits for the pods of the released claim (upstream isVolumeUsed) -------
+    VolumeCase(
+        "recycle refused while pods use the released claim: Normal VolumeFailedRecycle",
+        RELEASED_RECYCLE, [], VolumeAction.NOOP,
+        {"event": IN_USE, "writes": (), "phase": None},
+        recyclers=frozenset({POOL}),
+        pods=[pod("web-0", node="n1", phase="Running", running=True), pod("a")],
+    ),
+    VolumeCase(
+        "recycle refused while a pod uses the claim even with no recycler (no Failed)",
+        pv(claim="ns/claim", uid="uid-1", phase="Released", policy="Recycle"), [],
+        VolumeAction.NOOP,
+        {"event": Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, "Volume is used by pods: ns/a")},
+        pods=[pod("a")],
+    ),
+    VolumeCase(
+        "recycle goes ahead once the pods of the claim are terminated",
+        RELEASED_RECYCLE, [], VolumeAction.RECLAIM_RECYCLE, {"provisioner": POOL},
+        recyclers=frozenset({POOL}),
+        pods=[pod("done", phase="Succeeded"), pod("gone", deleting=True)],
+    ),
+    VolumeCase(
+        "recycle goes ahead when a new claim of that name is what the pods use",
+        RELEASED_RECYCLE, [pvc(uid="uid-2", volume="other")], VolumeAction.RECLAIM_RECYCLE,
+        {"provisioner": POOL, "verify_claim": True},
+        recyclers=frozenset({POOL}),
+        pods=[pod("web-0", node="n1", phase="Running", running=True)],
+    ),
+    VolumeCase(
+        "a deleting pod with a container still running still blocks recycling",
+        RELEASED_RECYCLE, [], VolumeAction.NOOP,
+        {"event": Event(c.NORMAL, c.VOLUME_FAILED_RECYCLE, "Volume is used by pods: ns/x")},
+        recyclers=frozenset({POOL}),
+        pods=[pod("x", deleting=True, running=True, phase="Running")],
+    ),
+    # ---- an empty claimRef {} is a claimRef (upstream: non-nil means claimed) -------------
+    VolumeCase(
+        "empty claimRef counts as claimed: pre-bound, not unused",
+        {**pv(), "spec": {**pv()["spec"], "claimRef": {}}}, [], VolumeAction.NOOP,
+        {"phase": "Available", "message": "volume is pre-bound to claim /"},
+    ),
     # ---- unbound and pre-bound --------------------------------------------------------------
     VolumeCase("unused and Available -> NOOP", pv(), [], VolumeAction.NOOP, {"phase": "Available"}),
     VolumeCase(
@@ -744,13 +911,13 @@ VOLUME_CASES = [
     ),
     VolumeCase(
         "Released, Delete, in-tree provisioner -> Failed",
-        pv(
+        finalized(pv(
             claim="ns/claim",
             uid="uid-1",
             phase="Released",
             policy="Delete",
-            annotations={c.ANN_PROVISIONED_BY: "kubernetes.io/aws-ebs"},
-        ),
+            annotations={c.ANN_PROVISIONED_BY: "kubernetes.io/host-path"},
+        ), c.FINALIZER_IN_TREE_DELETION),
         [],
         VolumeAction.SET_PHASE,
         {
@@ -758,7 +925,7 @@ VOLUME_CASES = [
             "event": Event(
                 c.WARNING,
                 c.VOLUME_FAILED_DELETE,
-                "no volume plugin matched name: kubernetes.io/aws-ebs",
+                "no volume plugin matched name: kubernetes.io/host-path",
             ),
         },
     ),
@@ -929,6 +1096,7 @@ def test_sync_volume(case: VolumeCase) -> None:
         claims=claims,
         deleters=case.deleters,
         recyclers=case.recyclers,
+        pods=case.pods,
     )
     assert isinstance(decision, VolumeDecision)
     assert decision.action is case.action, decision
@@ -967,6 +1135,92 @@ def test_volume_bind_patch_takes_over_from_an_old_claim_uid() -> None:
     patch = volume_bind_patch(pv(claim="ns/claim", uid="old"), pvc())
     assert patch is not None
     assert patch["metadata"] == {"annotations": {c.ANN_BOUND_BY_CONTROLLER: "yes"}}
+
+
+@pytest.mark.parametrize(
+    ("claim", "expect"),
+    [
+        pytest.param(pvc(annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS}),
+                     {c.ANN_MIGRATED_TO: EBS}, id="in-tree provisioner -> migrated-to driver"),
+        pytest.param(pvc(annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS,
+                                      c.ANN_MIGRATED_TO: EBS}), None, id="already set"),
+        pytest.param(pvc(annotations={c.ANN_STORAGE_PROVISIONER: "kubernetes.io/host-path",
+                                      c.ANN_MIGRATED_TO: "x"}),
+                     {c.ANN_MIGRATED_TO: None}, id="not migrated -> removed"),
+        pytest.param(pvc(), None, id="no provisioner annotation -> nothing"),
+    ],
+)
+def test_claim_migration_patch(claim: dict, expect: dict | None) -> None:
+    patch = claim_migration_patch(claim)
+    assert (patch and patch["metadata"]["annotations"]) == expect
+
+
+def test_handing_a_legacy_claim_to_the_driver_drops_migrated_to_in_the_same_write() -> None:
+    """upstream setClaimProvisioner: storage-provisioner becomes the CSI driver, which is
+    not an in-tree name, so migrated-to goes (as kcm 1.36 with the real plugin manager)."""
+    claim = pvc(cls="ebs", annotations={c.ANN_STORAGE_PROVISIONER: IN_TREE_EBS,
+                                        c.ANN_MIGRATED_TO: EBS})
+    d = sync_claim(claim, index=VolumeIndex(), classes=CLASSES, provisioners={POOL})
+    assert d.action is ClaimAction.ANNOTATE_PROVISIONER
+    assert d.writes[0].patch == {"metadata": {"annotations": {  # type: ignore[union-attr]
+        c.ANN_STORAGE_PROVISIONER: EBS, c.ANN_BETA_STORAGE_PROVISIONER: EBS,
+        c.ANN_MIGRATED_TO: None}}}
+
+
+FIN_IN_TREE, FIN_EXT = c.FINALIZER_IN_TREE_DELETION, c.FINALIZER_EXTERNAL_DELETION
+
+
+@pytest.mark.parametrize(
+    ("provisioned_by", "policy", "finalizers", "annotations", "finalizers_after"),
+    [
+        pytest.param(IN_TREE_EBS, "Delete", [FIN_IN_TREE, "kubernetes.io/pv-protection"],
+                     {c.ANN_MIGRATED_TO: EBS}, ["kubernetes.io/pv-protection"],
+                     id="migrated in-tree PV: migrated-to set, pv-controller finalizer dropped"),
+        pytest.param("kubernetes.io/host-path", "Delete", [], None, [FIN_IN_TREE],
+                     id="in-tree Delete PV gets the pv-controller finalizer"),
+        pytest.param("kubernetes.io/host-path", "Retain", [FIN_IN_TREE], None, [],
+                     id="in-tree PV switched to Retain loses it"),
+        pytest.param("kubernetes.io/host-path", "Recycle", [FIN_IN_TREE, FIN_EXT], None, [],
+                     id="in-tree Recycle PV loses both finalizers"),
+        pytest.param("kubernetes.io/host-path", "Delete", [FIN_IN_TREE, FIN_EXT], None,
+                     [FIN_IN_TREE], id="external-provisioner finalizer dropped (rollback)"),
+        pytest.param(EXT, "Delete", [FIN_EXT], None, "unchanged",
+                     id="a CSI driver's PV is its provisioner's business"),
+        pytest.param(None, "Delete", [FIN_IN_TREE], None, "unchanged",
+                     id="statically provisioned PVs are never touched"),
+        pytest.param(IN_TREE_EBS, "Delete", [], {c.ANN_MIGRATED_TO: EBS}, "unchanged",
+                     id="migrated PV already annealed"),
+    ],
+)
+def test_volume_migration_patch(provisioned_by: str | None, policy: str, finalizers: list,
+                                annotations: dict | None, finalizers_after: Any) -> None:
+    ann = {c.ANN_PROVISIONED_BY: provisioned_by} if provisioned_by else {}
+    if finalizers_after == "unchanged" and annotations:
+        ann.update(annotations)
+        annotations = None
+    volume = finalized(pv(policy=policy, annotations=ann), *finalizers)
+    patch = volume_migration_patch(volume)
+    if finalizers_after == "unchanged" and annotations is None:
+        assert patch is None
+        return
+    assert patch is not None
+    assert patch["metadata"].get("annotations") == annotations
+    assert patch["metadata"].get("finalizers") == finalizers_after
+
+
+def test_released_in_tree_pv_gets_migrated_to_then_reclaim_stands_down() -> None:
+    """A Released PV provisioned in-tree is not marked Failed: it is annealed first, and
+    with migrated-to the CSI driver's external-provisioner deletes it."""
+    volume = finalized(pv(claim="ns/claim", uid="uid-1", phase="Released", policy="Delete",
+                          annotations={c.ANN_PROVISIONED_BY: IN_TREE_EBS}), FIN_IN_TREE)
+    first = sync_volume(volume, claims={}, deleters={POOL}, recyclers=set())
+    assert first.action is VolumeAction.ANNEAL_MIGRATION
+    assert first.event is None
+    volume["metadata"]["annotations"][c.ANN_MIGRATED_TO] = EBS
+    volume["metadata"]["finalizers"] = []
+    second = sync_volume(volume, claims={}, deleters={POOL}, recyclers=set())
+    assert second.action is VolumeAction.NOOP and second.event is None
+    assert second.phase is None
 
 
 def test_claim_bind_patch() -> None:
@@ -1010,6 +1264,33 @@ def test_claim_status_patch() -> None:
         "status": {"phase": "Lost", "accessModes": None, "capacity": None}
     }
     assert claim_status_patch(pvc(), c.CLAIM_PENDING, None) is None
+
+
+@pytest.mark.parametrize(
+    ("claim", "phase", "volume", "expect"),
+    [
+        pytest.param(pvc(), c.CLAIM_BOUND, pv(vac="fast"), "fast",
+                     id="a Pending claim becoming Bound takes the PV's attributes class"),
+        pytest.param(pvc(status={"currentVolumeAttributesClassName": "old"}), c.CLAIM_BOUND,
+                     pv(), None, id="a PV without attributes class clears a stale current one"),
+        pytest.param(pvc(phase="Bound", status={"accessModes": [RWO]}), c.CLAIM_BOUND,
+                     pv(vac="fast"), "absent",
+                     id="an already Bound claim's current class is left to the resizer"),
+        pytest.param(pvc(phase="Bound", status={"currentVolumeAttributesClassName": "fast"}),
+                     c.CLAIM_LOST, None, None, id="Lost clears the current attributes class"),
+        pytest.param(pvc(), c.CLAIM_BOUND, pv(), "absent",
+                     id="neither side has an attributes class: nothing written"),
+    ],
+)
+def test_claim_status_patch_current_attributes_class(
+    claim: dict, phase: str, volume: dict | None, expect: str | None
+) -> None:
+    patch = claim_status_patch(claim, phase, volume) or {"status": {}}
+    key = "currentVolumeAttributesClassName"
+    if expect == "absent":
+        assert key not in patch["status"]
+    else:
+        assert patch["status"][key] == expect
 
 
 def test_volume_phase_patch() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from volplane.pv import constants as c
 from volplane.pv.index import (
     ACCESS_MODES,
+    ATTRIBUTES_CLASS,
     BOUND_ELSEWHERE,
     DELAY_BINDING,
     DELETING,
@@ -43,9 +44,12 @@ def pv(
     annotations: dict | None = None,
     deleting: bool = False,
     affinity: dict | None = None,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     """A PersistentVolume dict; ``claim`` is "namespace/name" for spec.claimRef."""
     spec: dict[str, Any] = {"capacity": {"storage": size}, "accessModes": list(modes)}
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls:
         spec["storageClassName"] = cls
     if mode:
@@ -80,6 +84,7 @@ def pvc(
     mode: str | None = None,
     selector: dict | None = None,
     annotations: dict | None = None,
+    vac: str | None = None,
 ) -> dict[str, Any]:
     """A PersistentVolumeClaim dict (storageClassName omitted when cls is None)."""
     ns, name = key.split("/")
@@ -87,6 +92,8 @@ def pvc(
         "accessModes": list(modes),
         "resources": {"requests": {"storage": size}},
     }
+    if vac:
+        spec["volumeAttributesClassName"] = vac
     if cls is not None:
         spec["storageClassName"] = cls
     if mode:
@@ -172,10 +179,16 @@ def test_ties_are_broken_by_name() -> None:
         (pv("v"), pvc(selector={"matchLabels": {"tier": "gold"}}), SELECTOR),
         (pv("v", claim="ns/other", uid="u9"), pvc(), BOUND_ELSEWHERE),
         (pv("v", claim="other-ns/claim"), pvc(), BOUND_ELSEWHERE),
+        # an empty claimRef {} is a claimRef (upstream: non-nil), never a free volume
+        ({**pv("v"), "spec": {**pv("v")["spec"], "claimRef": {}}}, pvc(), BOUND_ELSEWHERE),
         (pv("v", phase="Released"), pvc(), NOT_AVAILABLE),
         (pv("v", phase="Pending"), pvc(), NOT_AVAILABLE),
         (pv("v", phase=None), pvc(), NOT_AVAILABLE),
         (pv("v", deleting=True), pvc(), DELETING),
+        # VolumeAttributesClass: unset matches only unset
+        (pv("v", vac="fast"), pvc(vac="slow"), ATTRIBUTES_CLASS),
+        (pv("v", vac="fast"), pvc(), ATTRIBUTES_CLASS),
+        (pv("v"), pvc(vac="fast"), ATTRIBUTES_CLASS),
     ],
 )
 def test_each_criterion_rejects_alone(volume: dict, claim: dict, criterion: str) -> None:
@@ -206,6 +219,7 @@ def test_each_criterion_rejects_alone(volume: dict, claim: dict, criterion: str)
         (pv("v"), pvc(selector={})),
         (pv("v", "1000Mi"), pvc("1000Mi")),
         (pv("v", "2G"), pvc("1.5Gi")),
+        (pv("v", vac="fast"), pvc(vac="fast")),
     ],
 )
 def test_matches(volume: dict, claim: dict) -> None:
@@ -213,6 +227,15 @@ def test_matches(volume: dict, claim: dict) -> None:
 
 
 # --- access-mode preference ----------------------------------------------------------------
+
+
+def test_attributes_class_picks_the_volume_of_the_claims_class() -> None:
+    volumes = [pv("plain", "1Gi"), pv("fast", "2Gi", vac="fast"), pv("gold", "1Gi", vac="gold")]
+    assert _name(both(volumes, pvc("1Gi", vac="fast")).volume) == "fast"
+    assert _name(both(volumes, pvc("1Gi")).volume) == "plain"
+    assert both(volumes, pvc("1Gi", vac="silver")).volume is None
+    why = brute_force_match(pvc("1Gi", vac="silver"), volumes).reason
+    assert '3 volumeAttributesClassName ≠ "silver"' in why
 
 
 def test_fewest_access_modes_first_then_smallest() -> None:
@@ -251,6 +274,8 @@ def test_prebound_ignores_class_selector_and_phase() -> None:
         (pv("reserved", "5Gi", claim="ns/claim", mode="Block"), VOLUME_MODE),
         (pv("reserved", "5Gi", claim="ns/claim", modes=(ROX,)), ACCESS_MODES),
         (pv("reserved", "5Gi", claim="ns/claim", deleting=True), DELETING),
+        # upstream checks the attributes class before the pre-bound shortcut
+        (pv("reserved", "5Gi", claim="ns/claim", vac="fast"), ATTRIBUTES_CLASS),
     ],
 )
 def test_prebound_must_still_fit(reserved: dict, criterion: str) -> None:
@@ -313,44 +338,82 @@ def test_prebound_not_fitting_node_means_no_match() -> None:
 # --- explanations --------------------------------------------------------------------------
 
 
-def test_explanation_counts_each_criterion() -> None:
-    volumes = [pv(f"small-{n}", f"{n}Gi", cls="slow") for n in (1, 2, 3, 4, 7, 8)]
-    volumes += [pv(f"fast-{n}", "20Gi", cls="fast") for n in range(5)]
-    volumes += [pv(f"taken-{n}", "20Gi", cls="slow", claim=f"ns/other-{n}") for n in range(3)]
+def test_explanation_reads_like_the_seed_example() -> None:
+    """Issue 14: "of 6 gold PVs: 3 too small (largest 10Gi < 100Gi), 3 bound to other
+    claims" and the PVs of every other class as one line."""
+    volumes = [pv(f"small-{n}", f"{n}Gi", cls="gold") for n in (1, 5, 10)]
+    volumes += [pv(f"taken-{n}", "200Gi", cls="gold", claim=f"ns/other-{n}") for n in range(3)]
+    volumes += [pv(f"silver-{n}", "500Gi", cls="silver") for n in range(20)]
+    volumes += [pv(f"plain-{n}", "500Gi") for n in range(4)]
+    claim = pvc("100Gi", cls="gold")
     index = VolumeIndex(volumes)
-    claim = pvc("10Gi", cls="slow")
     assert index.find_best_match(claim).volume is None
     result = index.explain(claim)
     assert result.volume is None
-    assert result.considered == 14
-    assert result.counts == {TOO_SMALL: 6, STORAGE_CLASS: 5, BOUND_ELSEWHERE: 3}
+    assert result.considered == 30
+    assert result.counts == {TOO_SMALL: 3, BOUND_ELSEWHERE: 3, STORAGE_CLASS: 24}
     assert result.reason == (
-        "no persistent volumes matched: 14 considered — 6 too small (largest 8Gi < 10Gi), "
-        '5 storageClassName "fast" ≠ "slow", 3 bound to other claims'
+        "no persistent volumes matched: of 6 gold PVs: 3 too small (largest 10Gi < 100Gi), "
+        "3 bound to other claims; 24 of other classes"
     )
 
 
-def test_explanation_details() -> None:
+WHY = [
+    # (id, volume, claim, the one part of the line)
+    ("other class is one line, never 'too small'",
+     pv("v", "1Gi", cls="silver"), pvc("5Gi", cls="gold"), "no gold PVs; 1 of other classes"),
+    ("volume mode before size",
+     pv("v", "1Gi", cls="g", mode="Block"), pvc("5Gi", cls="g"), '1 volumeMode ≠ "Filesystem"'),
+    ("attributes class before selector",
+     pv("v", cls="g", vac="fast"), pvc(cls="g", selector={"matchLabels": {"x": "y"}}),
+     '1 volumeAttributesClassName ≠ ""'),
+    ("selector before access modes",
+     pv("v", cls="g", modes=(ROX,)), pvc(cls="g", selector={"matchLabels": {"x": "y"}}),
+     "1 not matching the claim's selector"),
+    ("access modes before size",
+     pv("v", "1Gi", cls="g", modes=(ROX,)), pvc("5Gi", cls="g"),
+     "1 lacking access modes ReadWriteOnce"),
+    ("size before availability",
+     pv("v", "1Gi", cls="g", claim="ns/else", uid="u9"), pvc("5Gi", cls="g"),
+     "1 too small (largest 1Gi < 5Gi)"),
+    ("availability: bound to other claims",
+     pv("v", cls="g", claim="ns/else", uid="u9"), pvc(cls="g"), "1 bound to other claims"),
+    ("availability: not Available, by phase",
+     pv("v", cls="g", phase="Released"), pvc(cls="g"), "1 not Available (Released: 1)"),
+    ("availability: being deleted",
+     pv("v", cls="g", deleting=True), pvc(cls="g"), "1 being deleted"),
+    ("a claim without class counts PVs without a class",
+     pv("v", "1Gi"), pvc("5Gi"), "of 1 PVs without a class: 1 too small"),
+]
+
+
+@pytest.mark.parametrize(("volume", "claim", "part"), [w[1:] for w in WHY],
+                         ids=[w[0] for w in WHY])
+def test_why_pending_classifies_by_the_first_criterion_a_person_checks(
+        volume: dict, claim: dict, part: str) -> None:
+    result = VolumeIndex([volume]).explain(claim)
+    assert result.volume is None
+    assert part in result.reason, result.reason
+    assert sum(result.counts.values()) == 1
+
+
+def test_why_pending_lists_criteria_in_the_seed_order() -> None:
     volumes = [
         pv("gold", "20Gi", cls="gold", labels={"tier": "a"}),
-        pv("silver", "20Gi", cls="silver", labels={"tier": "a"}),
-        pv("silver-2", "20Gi", cls="silver", labels={"tier": "a"}),
-        pv("released", "20Gi", cls="want", phase="Released"),
+        pv("released", "20Gi", cls="want", phase="Released", labels={"tier": "a"}),
         pv("block", "20Gi", cls="want", mode="Block"),
-        pv("rox", "20Gi", cls="want", modes=(ROX,)),
-        pv("gone", "20Gi", cls="want", deleting=True),
+        pv("rox", "20Gi", cls="want", modes=(ROX,), labels={"tier": "a"}),
+        pv("gone", "20Gi", cls="want", deleting=True, labels={"tier": "a"}),
         pv("label", "20Gi", cls="want", labels={"tier": "b"}),
+        pv("tiny", "1Gi", cls="want", labels={"tier": "a"}),
     ]
     claim = pvc("10Gi", cls="want", selector={"matchLabels": {"tier": "a"}})
-    reason = VolumeIndex(volumes).explain(claim).reason
-    assert reason.startswith("no persistent volumes matched: 8 considered — ")
-    assert '3 storageClassName ≠ "want" ("silver": 2, "gold": 1)' in reason
-    assert "1 not Available (Released: 1)" in reason
-    assert '1 volumeMode ≠ "Filesystem"' in reason
-    assert "1 lacking access modes ReadWriteOnce" in reason
-    assert "1 being deleted" in reason
-    # the first failing rule counts: the selector is checked before the class
-    assert "1 not matching the claim's selector" in reason
+    assert VolumeIndex(volumes).explain(claim).reason == (
+        "no persistent volumes matched: of 6 want PVs: "
+        '1 volumeMode ≠ "Filesystem", 1 not matching the claim\'s selector, '
+        "1 lacking access modes ReadWriteOnce, 1 too small (largest 1Gi < 10Gi), "
+        "1 not Available (Released: 1), 1 being deleted; 1 of other classes"
+    )
 
 
 def test_explanation_wffc_and_node() -> None:
@@ -443,6 +506,7 @@ VOLUME_FIELDS = st.tuples(
     st.sampled_from([0, 0, 1, 2]),  # index into LABEL_SETS
     st.integers(0, 5),  # 0: deleting
     st.sampled_from([0, 0, 1, 2]),  # index into AFFINITIES
+    st.sampled_from([None, None, "fast"]),  # volumeAttributesClassName
 )
 SELECTORS = [
     None,
@@ -457,11 +521,12 @@ CLAIM_FIELDS = st.tuples(
     st.sampled_from([0, 0, 1, 2]),  # index into SELECTORS
     st.sampled_from([False, False, True]),  # delay_binding
     st.booleans(),  # with node
+    st.sampled_from([None, None, "fast"]),  # volumeAttributesClassName
 )
 
 
 def make_volume(name: str, fields: tuple) -> dict:
-    size, cls, modes, mode, phase, claim_ref, uid, labels, deleting, aff = fields
+    size, cls, modes, mode, phase, claim_ref, uid, labels, deleting, aff, vac = fields
     return pv(
         name,
         size,
@@ -474,12 +539,13 @@ def make_volume(name: str, fields: tuple) -> dict:
         labels=LABEL_SETS[labels],
         deleting=deleting == 0,
         affinity=AFFINITIES[aff],
+        vac=vac,
     )
 
 
 def make_claim(fields: tuple) -> tuple[dict, dict]:
-    size, cls, modes, mode, selector, delay, with_node = fields
-    claim = pvc(size, cls=cls, modes=modes, mode=mode, selector=SELECTORS[selector])
+    size, cls, modes, mode, selector, delay, with_node, vac = fields
+    claim = pvc(size, cls=cls, modes=modes, mode=mode, selector=SELECTORS[selector], vac=vac)
     return claim, {"delay_binding": delay, "node": NODE_A if with_node else None}
 
 
