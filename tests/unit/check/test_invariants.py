@@ -466,3 +466,29 @@ def test_text_and_json_reports():
     assert released["ageSeconds"] == 3600 and "PersistentVolume/released-del" in released[
         "objects"]
     assert json.loads(as_json(check(snap(world()))))["ok"] is True
+
+
+# -- after the flex2 + parity merge -------------------------------------------------------------
+def test_a_flex_entry_in_the_node_report_is_not_judged():
+    """FlexVolume attachments have no API object: their node-report entries (with the
+    driver's devicePath) are neither missing nor extra."""
+    w = world()
+    by_name(w, "nodes", "n1")["status"]["volumesAttached"].append(
+        {"name": "volplane-demo/disk/fpv", "devicePath": "/disks/fpv.img"})
+    assert found(w) == set()
+
+
+def test_two_pvs_on_one_handle_attached_on_two_nodes_is_a_multi_attach():
+    """The volume is the unique volume name (as the controller's): a second PV on pvc-ua's
+    handle attached on n2 while pvc-ua is attached on n1 breaks RWO."""
+    w = world()
+    w["pvcs"].append(claim("d", "ud", volume="pvc-ud", phase="Bound"))
+    pv = pool_pv("d", "ud")
+    pv["spec"]["csi"]["volumeHandle"] = "p1/pvc-ua"
+    w["pvs"].append(pv)
+    v = va("ua", "n2", 1)
+    v["spec"]["source"]["persistentVolumeName"] = "pvc-ud"
+    w["vas"].append(v)
+    w["pods"].append(pod("pd", "n2", "d"))
+    assert "multi-attach" in found(w)
+    assert not check(snap(w), only=["multi-attach"]).ok
