@@ -126,6 +126,23 @@ class DataPath:
                      timeout=120, message="pool attachments detached")
         except TimeoutError:
             pass
+        # What an admin does with a retained volume once done with it: delete its PV and
+        # its allocation record (the bytes go with the record); then the pool itself, so
+        # that no stale pool status outlives the operator (module-end volplane check).
+        for pv in klist(self.api, "PersistentVolume"):
+            if pv["spec"].get("csi", {}).get("volumeHandle", "").startswith(self.pool + "/"):
+                kdelete(self.api, "PersistentVolume", pv["metadata"]["name"])
+        for r in klist(self.api, "StorageAllocation"):
+            if (r.get("spec") or {}).get("pool") == self.pool:
+                kdelete(self.api, "StorageAllocation", r["metadata"]["name"])
+        kdelete(self.api, "StoragePool", self.pool)
+        try:
+            wait_for(lambda: kget(self.api, "StoragePool", self.pool) is None
+                     and not [r for r in klist(self.api, "StorageAllocation")
+                              if (r.get("spec") or {}).get("pool") == self.pool],
+                     timeout=60, message="pool and its records deleted")
+        except TimeoutError:
+            pass
         for cls in self.classes:
             kdelete(self.api, "StorageClass", cls)
 
