@@ -582,8 +582,14 @@ def test_wffc_scheduler_avoids_the_full_zone(api, pool_env):
     assert record["spec"]["node"] == pod["spec"]["nodeName"]
     # The scheduler never had to be sent back: capacity steered it.
     assert not failed_events(api, ns, "data")
-    wait_for(lambda: (capacities() or {}).get(roomy, {}).get("capacity") == "8Gi",
-             timeout=15, message="capacity of the roomy pool updated to 8Gi")
+
+    def roomy_has_8gi():
+        by_pool, by_segment = capacities() or ({}, {})
+        return ((not plain_b or by_pool.get(roomy, {}).get("capacity") == "8Gi")
+                and all(by_segment.get(segment[n], {}).get("capacity") == "8Gi"
+                        for n in ZONE_B if segment[n]))
+
+    wait_for(roomy_has_8gi, timeout=15, message="capacity of the roomy pool updated to 8Gi")
 
 
 def test_wffc_selected_node_without_room_is_given_back(api, pool_env):
