@@ -108,6 +108,16 @@ class DataPath:
     def cleanup(self) -> None:
         for p in klist(self.api, "Pod", self.ns):
             kdelete(self.api, "Pod", p["metadata"]["name"], self.ns)
+        # The kubelet unmounts, then the operator detaches: both must finish while this
+        # test's operator still runs, or its VolumeAttachments outlive it (attached, with
+        # the attacher's finalizer, for a volume that is gone: `volplane check` after the
+        # module finds them).
+        wait_for(lambda: not klist(self.api, "Pod", self.ns), timeout=180,
+                 message="the test's pods gone")
+        wait_for(lambda: not [va for va in klist(self.api, "VolumeAttachment")
+                              if (va["metadata"].get("annotations") or {})
+                              .get("volplane.io/pool") == self.pool],
+                 timeout=180, message="the pool's VolumeAttachments detached and gone")
         for c in klist(self.api, "PersistentVolumeClaim", self.ns):
             kdelete(self.api, "PersistentVolumeClaim", c["metadata"]["name"], self.ns)
         try:  # the operator reclaims (Delete) while it still runs
@@ -118,12 +128,21 @@ class DataPath:
                      timeout=90, message="pool PVs reclaimed")
         except TimeoutError:
             pass
-        try:  # and detaches them while it still runs: the kubelet reports the unmount
-            # (node volumesInUse) up to a node-status period after the PV is gone
-            wait_for(lambda: not [va for va in klist(self.api, "VolumeAttachment")
-                                  if (va["metadata"].get("annotations") or {})
-                                  .get("volplane.io/pool") == self.pool],
-                     timeout=120, message="pool attachments detached")
+        # What an admin does with a retained volume once done with it: delete its PV and
+        # its allocation record (the bytes go with the record); then the pool itself, so
+        # that no stale pool status outlives the operator (module-end volplane check).
+        for pv in klist(self.api, "PersistentVolume"):
+            if pv["spec"].get("csi", {}).get("volumeHandle", "").startswith(self.pool + "/"):
+                kdelete(self.api, "PersistentVolume", pv["metadata"]["name"])
+        for r in klist(self.api, "StorageAllocation"):
+            if (r.get("spec") or {}).get("pool") == self.pool:
+                kdelete(self.api, "StorageAllocation", r["metadata"]["name"])
+        kdelete(self.api, "StoragePool", self.pool)
+        try:
+            wait_for(lambda: kget(self.api, "StoragePool", self.pool) is None
+                     and not [r for r in klist(self.api, "StorageAllocation")
+                              if (r.get("spec") or {}).get("pool") == self.pool],
+                     timeout=60, message="pool and its records deleted")
         except TimeoutError:
             pass
         for cls in self.classes:

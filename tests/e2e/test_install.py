@@ -79,13 +79,15 @@ def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api,
     wait_for(lambda: subprocess.run(
         ["kubectl", "--kubeconfig", kubeconfig, "get", "ns", "volplane-system"],
         capture_output=True).returncode != 0, timeout=90, message="namespace deleted")
-    from .conftest import _scale_in_cluster_operator, install_prerequisites
+    from .conftest import _scale_in_cluster_operator, install_prerequisites, load_kind_module
     install_prerequisites(kubeconfig)
     if cluster.flavor == "kind":
         # apply -k brought back the 2-replica Deployment; the session keeps it at zero
-        # (the tests run their own operators) and restores it at the end
-        kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-k",
-                str(REPO_ROOT / "manifests"))
+        # (the tests run their own operators) and restores it at the end. Applied as
+        # hack/kind/kind.py installs it: with the image the cluster's nodes have
+        # (VOLPLANE_IMAGE), not the kustomization's volplane:dev, which a cluster built
+        # under another tag cannot pull (test_kind's Deployment then never got Ready)
+        load_kind_module()._apply_kustomization(REPO_ROOT / "manifests")
         _scale_in_cluster_operator(Path(kubeconfig), 0)
     if Path(operator_kubeconfig).resolve() != Path(kubeconfig).resolve():
         # The ServiceAccount was re-created: its old token is void. Re-mint it in place so

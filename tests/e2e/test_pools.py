@@ -42,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILES = [REPO_ROOT / "crds" / f"{name}.volplane.io.yaml"
              for name in ("storagepools", "storageallocations")]
 PROVISIONER = "pool.volplane.io"
+SEGMENT_KEY = "topology.pool.volplane.io/node"  # the node plugin's topology segment
 FINALIZER = "volplane.io/allocation"
 GI = 1024**3
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
@@ -524,17 +525,43 @@ def test_wffc_scheduler_avoids_the_full_zone(api, pool_env):
     wait_for(lambda: claim_phase(api, ns, "filler") == "Bound", timeout=60,
              message="filler Bound")
 
-    def capacities():
-        caps = {}
-        for c in klist(api, "CSIStorageCapacity", CAPACITY_NAMESPACE):
-            ann = c["metadata"].get("annotations") or {}
-            if c.get("storageClassName") == wffc:
-                caps[ann.get("volplane.io/pool")] = c
-        return caps if caps.get(full, {}).get("capacity") == "0" and roomy in caps else None
+    # Nodes where the node plugin registered (kind) carry its topology segment and get
+    # one object per (class, segment); the others (kwok) one per (pool, class) by hostname.
+    segment = {n: (kget(api, "Node", n)["metadata"].get("labels") or {}).get(SEGMENT_KEY)
+               for n in ZONE_A + ZONE_B}
+    plain_a = [n for n in ZONE_A if not segment[n]]
+    plain_b = [n for n in ZONE_B if not segment[n]]
 
-    caps = wait_for(capacities, timeout=30, message="CSIStorageCapacity published")
-    assert caps[roomy]["capacity"] == "10Gi"
-    assert caps[roomy]["nodeTopology"]["matchExpressions"][0]["values"] == ZONE_B
+    def capacities():
+        by_pool, by_segment = {}, {}
+        for c in klist(api, "CSIStorageCapacity", CAPACITY_NAMESPACE):
+            if c.get("storageClassName") != wffc:
+                continue
+            labels = c["nodeTopology"].get("matchLabels")
+            if labels:
+                by_segment[labels[SEGMENT_KEY]] = c
+            else:
+                by_pool[(c["metadata"].get("annotations") or {}).get("volplane.io/pool")] = c
+        ready = (all(segment[n] in by_segment for n in ZONE_A + ZONE_B if segment[n])
+                 and all(by_segment[segment[n]]["capacity"] == "0"
+                         for n in ZONE_A if segment[n])
+                 and (not plain_a or by_pool.get(full, {}).get("capacity") == "0")
+                 and (not plain_b or roomy in by_pool))
+        return (by_pool, by_segment) if ready else None
+
+    by_pool, by_segment = wait_for(capacities, timeout=30, message="CSIStorageCapacity published")
+    if plain_b:
+        assert by_pool[roomy]["capacity"] == "10Gi"
+        assert by_pool[roomy]["nodeTopology"]["matchExpressions"][0]["values"] == plain_b
+    for n in ZONE_B:
+        if segment[n]:
+            c = by_segment[segment[n]]
+            assert (c["capacity"], c["maximumVolumeSize"]) == ("10Gi", "10Gi"), c
+            assert c["metadata"]["annotations"]["volplane.io/pools"] == roomy
+            assert c["nodeTopology"] == {"matchLabels": {SEGMENT_KEY: segment[n]}}
+    for n in ZONE_A:
+        if segment[n]:
+            assert by_segment[segment[n]]["metadata"]["annotations"]["volplane.io/pools"] == full
     pool_env.claim("data", "2Gi", wffc)
     create(api, _pod("consumer", ns, "data"))
 
@@ -555,8 +582,14 @@ def test_wffc_scheduler_avoids_the_full_zone(api, pool_env):
     assert record["spec"]["node"] == pod["spec"]["nodeName"]
     # The scheduler never had to be sent back: capacity steered it.
     assert not failed_events(api, ns, "data")
-    wait_for(lambda: (capacities() or {}).get(roomy, {}).get("capacity") == "8Gi",
-             timeout=15, message="capacity of the roomy pool updated to 8Gi")
+
+    def roomy_has_8gi():
+        by_pool, by_segment = capacities() or ({}, {})
+        return ((not plain_b or by_pool.get(roomy, {}).get("capacity") == "8Gi")
+                and all(by_segment.get(segment[n], {}).get("capacity") == "8Gi"
+                        for n in ZONE_B if segment[n]))
+
+    wait_for(roomy_has_8gi, timeout=15, message="capacity of the roomy pool updated to 8Gi")
 
 
 def test_wffc_selected_node_without_room_is_given_back(api, pool_env):
@@ -702,7 +735,7 @@ def test_orphaned_allocation_is_freed_although_the_operator_restarts_faster_than
     the record is 30 s old, the next start's first GC pass deletes it. (With the grace
     timer in memory, every start began it again and the record held capacity forever.)"""
     grace = 30.0
-    pool = pool_env.pool("orphan", "4Gi", names=["kwok-node-0"])
+    pool = pool_env.pool("orphan", "4Gi", names=[NODES[0]])
     cls = pool_env.storage_class("orphan")
     op = pool_env.start_ready(env={"VOLPLANE_CRASH_AT": "provision-1"})
     claim = pool_env.claim("c", "1Gi", cls)
@@ -749,7 +782,7 @@ def test_claims_deleted_mid_sync_end_their_work_without_warnings(api, pool_env):
     """Claims deleted while the operator's writes for them wait in its rate limiter: the
     writes meet a 404, which ends the claim's work (debug) rather than a "sync failed"
     warning and retries (issue 15)."""
-    pool_env.pool("gone", "100Gi", names=["kwok-node-1"])
+    pool_env.pool("gone", "100Gi", names=[NODES[1]])
     cls = pool_env.storage_class("gone")
     # 2 writes/s: the first writes of 20 claims wait ~10 s for tokens
     pool_env.operator.start("--metrics-port", str(pool_env.metrics_port), "--health-port", "0",
