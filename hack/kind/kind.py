@@ -106,6 +106,12 @@ def kubeconfig_path() -> Path:
     return local_dir() / "kubeconfig"
 
 
+def _have_kubeconfig() -> bool:
+    """This checkout has the cluster's kubeconfig (pytest-kind touches an empty one)."""
+    p = kubeconfig_path()
+    return p.exists() and p.stat().st_size > 0
+
+
 def versions() -> dict[str, str]:
     out: dict[str, str] = {}
     for line in (HERE / "versions.env").read_text().splitlines():
@@ -998,7 +1004,14 @@ def up(install: bool = True) -> Path:
         operator = operator_image() if install else None
         busybox_image(v)
         cluster = _kind_cluster()
-        if not cluster_exists() or not kubeconfig_path().exists():
+        if cluster_exists() and not _have_kubeconfig():
+            # A cluster of this name that this checkout did not make (another clone's, or
+            # a leftover of a run whose .local/ is gone): its host mounts point into that
+            # other tree, and pytest-kind would read our empty kubeconfig. Start afresh.
+            print(f"kind: cluster {CLUSTER_NAME} exists but not for this checkout "
+                  f"(no {kubeconfig_path()}): deleting it", flush=True)
+            _run([kind_binary(), "delete", "cluster", "--name", CLUSTER_NAME])
+        if not cluster_exists() or not _have_kubeconfig():
             ensure_loop_devices()
             ensure_inotify_limits()
             config = render_config(v)
