@@ -401,6 +401,15 @@ class AttachDetachController:
             metrics.queue_depth.labels("attachdetach-volumes").set(len(self.volumes))
 
     # -- act: one volume ------------------------------------------------------------------
+    def plan(self, vid: str, dsw: D.DSW, asw: A.ASW, now: float) -> list[RC.Op]:
+        """The reconciler's operations for one volume (CSI or flex), taking the detaches
+        requested for it (they count once)."""
+        requested = {k: t for k, t in self.detach_requested.items() if k[0] == vid}
+        ops = RC.reconcile(dsw, asw, self.nodes, now, self.max_wait, requested)
+        for k in requested:
+            self.detach_requested.pop(k, None)
+        return ops
+
     async def _sync_volume(self, pv: str) -> float | None:
         if D.is_flex_key(pv):
             return await self.flex.sync(pv)
@@ -410,10 +419,7 @@ class AttachDetachController:
         for key in [k for k in self.detaching if k[0] == vid and k not in asw]:
             self.detaching.discard(key)
         now = self.clock()
-        requested = {k: t for k, t in self.detach_requested.items() if k[0] == vid}
-        ops = RC.reconcile(dsw, asw, self.nodes, now, self.max_wait, requested)
-        for k in requested:
-            self.detach_requested.pop(k, None)
+        ops = self.plan(vid, dsw, asw, now)
         retry: float | None = None
         multi_now: set[tuple[str, str]] = set()
         for op in ops:

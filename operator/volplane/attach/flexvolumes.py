@@ -239,10 +239,7 @@ class FlexAttacher:
         self._report_missing_driver(key)
         asw = self._reconcile_view(key, dsw)
         now = ctl.clock()
-        requested = {k: t for k, t in ctl.detach_requested.items() if k[0] == key}
-        ops = RC.reconcile(dsw, asw, ctl.nodes, now, ctl.max_wait, requested)
-        for k in requested:
-            ctl.detach_requested.pop(k, None)
+        ops = ctl.plan(key, dsw, asw, now)
         retry: float | None = None
         multi_now: set[tuple[str, str]] = set()
         for op in ops:
