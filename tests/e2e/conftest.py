@@ -41,6 +41,7 @@ from .helpers import (
     discover_nodes,
     get_or_none,
     kpatch_response,
+    pykube_client,
     remove_e2e_leftovers,
     wait_for,
 )
@@ -88,7 +89,7 @@ class Cluster:
     @cached_property
     def nodes(self) -> E2ENodes:
         """The nodes tests pin pods and pools to (kwok's or kind's, by what is there)."""
-        client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(self.kubeconfig)), timeout=30)
+        client = pykube_client(str(self.kubeconfig))
         try:
             return discover_nodes(client)
         finally:
@@ -150,7 +151,7 @@ def kubeconfig(cluster) -> str:
 
 @pytest.fixture(scope="session")
 def api(kubeconfig) -> pykube.HTTPClient:
-    client = pykube.HTTPClient(pykube.KubeConfig.from_file(kubeconfig), timeout=30)
+    client = pykube_client(kubeconfig)
     yield client
     client.session.close()
 

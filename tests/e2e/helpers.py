@@ -9,9 +9,27 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pykube
+import pykube.http
 import requests
+from urllib3.util.retry import Retry
 
 T = TypeVar("T")
+
+
+def pykube_client(kubeconfig: str, timeout: float | None = 30) -> pykube.HTTPClient:
+    """The tests' pykube client: every request that gets 429 Too Many Requests is sent
+    again after the server's Retry-After (up to 15 times). The API server answers 429 for a
+    CRD's resources while their storage is initializing (right after the CRD is made or
+    re-made) and under API Priority and Fairness when a start-up burst fills a priority
+    level; neither is an answer a test should see. 429 means the request was not
+    processed, so resending is safe for every method."""
+    retry = Retry(total=None, connect=0, read=0, redirect=0, other=0, status=15,
+                  status_forcelist=(429,), allowed_methods=None, backoff_factor=0.5,
+                  backoff_max=4, respect_retry_after_header=True, raise_on_status=False)
+    config = pykube.KubeConfig.from_file(kubeconfig)
+    adapter = pykube.http.KubernetesHTTPAdapter(config, max_retries=retry)
+    return pykube.HTTPClient(config, timeout=timeout, http_adapter=adapter)
+
 
 _factories: dict[tuple[int, str, str], type[pykube.objects.APIObject]] = {}
 

@@ -39,6 +39,7 @@ from .helpers import (
     klist,
     kpatch,
     phase,
+    pykube_client,
     wait_for,
 )
 
@@ -375,7 +376,7 @@ class Watcher:
     """Records, from a watch, every claim each PV pointed at and every PV each claim named."""
 
     def __init__(self, kubeconfig: str, path: str, params: dict, record):
-        self.client = pykube.HTTPClient(pykube.KubeConfig.from_file(kubeconfig), timeout=None)
+        self.client = pykube_client(kubeconfig, timeout=None)
         self.path, self.params, self.record = path, params, record
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -435,7 +436,7 @@ def test_200_claims_race_for_100_volumes(api, kubeconfig, namespace, pvs, operat
 
     def client():
         if not hasattr(local, "api"):
-            local.api = pykube.HTTPClient(pykube.KubeConfig.from_file(kubeconfig), timeout=30)
+            local.api = pykube_client(kubeconfig)
         return local.api
 
     def create_pvs():
