@@ -385,6 +385,7 @@ class KindFlex:
     def __init__(self, api, kubeconfig: str, ns: str, nodes: list[str]):
         self.api, self.kubeconfig, self.ns, self.nodes = api, kubeconfig, ns, nodes
         self.pvs: list[str] = []
+        self.inline: list[str] = []   # inline flexVolume names (unique without namespace)
 
     def volume(self, name: str, size: str = "32Mi") -> str:
         """A static flex PV pre-bound to claim `name` (the in-cluster operator binds)."""
@@ -465,15 +466,16 @@ class KindFlex:
         wait_for(lambda: not klist(self.api, "Pod", self.ns), timeout=180,
                  message="the test's pods gone")
         # unmounted by the kubelets, then detached by the operator while it still runs
-        wait_for(lambda: not [n for n in self.nodes for pv in self.pvs
-                              if unique(pv) in reported(self.api, n)],
+        wait_for(lambda: not [n for n in self.nodes for v in self.pvs + self.inline
+                              if unique(v) in reported(self.api, n)],
                  timeout=180, message="the test's flex volumes detached everywhere")
         for c in klist(self.api, "PersistentVolumeClaim", self.ns):
             kdelete(self.api, "PersistentVolumeClaim", c["metadata"]["name"], self.ns)
-        disks = load_kind_module().flex_disk_dir()
         for pv in self.pvs:
             kdelete(self.api, "PersistentVolume", pv)
-            (disks / f"{pv}.img").unlink(missing_ok=True)
+        disks = load_kind_module().flex_disk_dir()
+        for v in self.pvs + self.inline:
+            (disks / f"{v}.img").unlink(missing_ok=True)
 
 
 def _calls(text: str, pv: str) -> list[dict]:
@@ -553,11 +555,12 @@ def test_kind_flex_pv_attached_by_volplane_mounted_by_the_kubelet_and_moved(kind
     pod = kget(api, "Pod", "writer", k.ns)
     assert mnt["args"][0].endswith(f"/pods/{pod['metadata']['uid']}/volumes/"
                                    f"volplane-demo~disk/{pv}")
-    opts = json.loads(mnt["args"][1])
-    assert (opts["kubernetes.io/pod.name"], opts["kubernetes.io/pod.namespace"],
-            opts["kubernetes.io/pod.uid"], opts["kubernetes.io/pvOrVolumeName"],
-            opts["kubernetes.io/readwrite"]) == ("writer", k.ns, pod["metadata"]["uid"], pv,
-                                                 "rw")
+    # the kubelet adds the pod's fields (upstream's mounter); no secretRef, no fsGroup here
+    assert json.loads(mnt["args"][1]) == {
+        "kubernetes.io/fsType": "ext4", "kubernetes.io/pod.name": "writer",
+        "kubernetes.io/pod.namespace": k.ns, "kubernetes.io/pod.uid": pod["metadata"]["uid"],
+        "kubernetes.io/pvOrVolumeName": pv, "kubernetes.io/readwrite": "rw",
+        "kubernetes.io/serviceAccount.name": "default", "size": "32Mi"}
     seen = wait_for(lambda: k.logs("writer").strip(), timeout=30, message="writer's output")
     assert seen.split()[:3] == [loop, "/data", "ext4"], seen
     backing = load_kind_module().flex_disk_dir() / f"{pv}.img"
@@ -603,3 +606,50 @@ def test_kind_flex_pv_attached_by_volplane_mounted_by_the_kubelet_and_moved(kind
     wait_for(lambda: [c for c in k.operator_calls(pv) if c["command"] == "detach"
                       and c["args"] == [pv, b] and c["status"] == "Success"], timeout=30,
              message=f"the driver's detach from {b}")
+
+
+@pytest.mark.timeout(600)
+def test_kind_inline_read_only_flex_volume_is_mounted_read_only(kind_flex, api):
+    """An inline `flexVolume` with readOnly: volplane attaches it by its pod volume name
+    with readwrite "ro", the kubelet mounts it read-only, the pod cannot write to it."""
+    k = kind_flex
+    node = k.nodes[2]
+    vol = f"{k.ns}-ro"
+    k.inline.append(vol)
+    create(api, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ro", "namespace": k.ns},
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                 "terminationGracePeriodSeconds": 0, "restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": BUSYBOX, "command": [
+                     "sh", "-c", "grep ' /data ' /proc/mounts; echo x > /data/x || "
+                     "echo write-refused; sleep 3600"],
+                     "volumeMounts": [{"name": vol, "mountPath": "/data"}]}],
+                 "volumes": [{"name": vol, "flexVolume": {
+                     "driver": DRIVER, "fsType": "ext4", "readOnly": True,
+                     "options": {"size": "16Mi"}}}]}})
+    k.running("ro")
+    out = wait_for(lambda: "write-refused" in (s := k.logs("ro")) and s, timeout=30,
+                   message="the pod's write refused")
+    mount_line = out.splitlines()[0].split()
+    assert mount_line[1:3] == ["/data", "ext4"] and "ro" in mount_line[3].split(","), out
+    (attach,) = [c for c in k.operator_calls(vol) if c["command"] == "attach"]
+    assert attach["args"][1] == node
+    assert json.loads(attach["args"][0]) == {
+        "kubernetes.io/fsType": "ext4", "kubernetes.io/pvOrVolumeName": vol,
+        "kubernetes.io/readwrite": "ro", "size": "16Mi"}
+    assert reported(api, node).get(unique(vol)) == f"{NODE_DISKS}/{vol}.img"
+    wfa, mdev, mnt = _mounting(k.node_calls(node, vol))[:3]
+    assert (wfa["command"], mdev["command"], mnt["command"]) == (
+        "waitforattach", "mountdevice", "mount")
+    assert json.loads(mdev["args"][2])["kubernetes.io/readwrite"] == "ro"
+    assert json.loads(mnt["args"][1])["kubernetes.io/readwrite"] == "ro"
+
+    k.delete_pod("ro")
+    wait_for(lambda: unique(vol) not in reported(api, node), timeout=120,
+             message=f"{unique(vol)} detached from {node}")
+    wait_for(lambda: [c for c in k.operator_calls(vol) if c["command"] == "detach"
+                      and c["status"] == "Success"], timeout=30, message="the driver's detach")
+    assert [c["args"] for c in k.operator_calls(vol) if c["command"] == "detach"] == [
+        [vol, node]]
+    assert [c["command"] for c in _mounting(k.node_calls(node, vol))] == [
+        "waitforattach", "mountdevice", "mount", "unmount", "unmountdevice"]
