@@ -814,10 +814,20 @@ def render_config(v: dict[str, str]) -> Path:
     text = (REPO_ROOT / "hack" / "kind-config.yaml").read_text()
     pools = local_dir() / "pools"
     pools.mkdir(parents=True, exist_ok=True)
-    text = text.replace("@POOL_HOST_DIR@", str(pools)).replace("@ETCD_TAG@", etcd_image_tag(v))
+    flex_disks = flex_disk_dir()
+    flex_disks.mkdir(parents=True, exist_ok=True)
+    text = (text.replace("@POOL_HOST_DIR@", str(pools))
+            .replace("@FLEX_DISK_HOST_DIR@", str(flex_disks))
+            .replace("@ETCD_TAG@", etcd_image_tag(v)))
     out = local_dir() / "config.yaml"
     out.write_text(text)
     return out
+
+
+def flex_disk_dir() -> Path:
+    """The host directory every node mounts at /var/lib/volplane-demo-disk/disks: the
+    sample FlexVolume driver's backing files (hack/flexvolume/)."""
+    return local_dir() / "flexdisks"
 
 
 def ensure_loop_devices(count: int = LOOP_DEVICES) -> None:
@@ -967,24 +977,50 @@ def load_image(cluster, tag: str) -> bool:
     return True
 
 
-def _apply_kustomization(path: Path) -> None:
+def _apply_kustomization(path: Path, operator_image: bool = True) -> None:
     """kubectl apply of a kustomization, its `volplane:dev` image replaced by
     OPERATOR_IMAGE (VOLPLANE_IMAGE: another worktree's own tag). Rendered first, so an
     image that is not on the nodes is never rolled out, not even for a moment."""
     rendered = kubectl("kustomize", str(path)).stdout
-    if OPERATOR_IMAGE != "volplane:dev":
+    if operator_image and OPERATOR_IMAGE != "volplane:dev":
         if "image: volplane:dev\n" not in rendered:
             raise KindError(f"{path}: no `image: volplane:dev` to replace")
         rendered = rendered.replace("image: volplane:dev\n", f"image: {OPERATOR_IMAGE}\n")
     kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=rendered)
 
 
+# What kind installs of the operator: manifests/ with the FlexVolume component
+# (manifests/flexvolume/: the nodes' plugin dir mounted into the operator), composed
+# the way a user composes it, in a kustomization of their own.
+OPERATOR_KUSTOMIZATION = """\
+# written by hack/kind/kind.py: volplane as kind installs it
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {manifests}
+components:
+  - {manifests}/flexvolume
+"""
+
+
+def install_operator() -> None:
+    """manifests/ + manifests/flexvolume/ (the operator sees the nodes' FlexVolume
+    drivers), with this checkout's image."""
+    d = local_dir() / "install"
+    d.mkdir(parents=True, exist_ok=True)
+    manifests = os.path.relpath(REPO_ROOT / "manifests", d)
+    (d / "kustomization.yaml").write_text(OPERATOR_KUSTOMIZATION.format(manifests=manifests))
+    _apply_kustomization(d)
+
+
 def install_volplane(restart: bool) -> None:
-    _apply_kustomization(REPO_ROOT / "manifests")
+    install_operator()
     kubectl("wait", "--for=condition=Established", "--timeout=60s",
             "crd/storagepools.volplane.io", "crd/storageallocations.volplane.io")
     # the CSI node plugin (manifests/node/): real kubelets mount pool volumes through it
     _apply_kustomization(REPO_ROOT / "manifests" / "node")
+    # the sample FlexVolume driver on every node's plugin dir, by its installer DaemonSet
+    _apply_kustomization(REPO_ROOT / "hack" / "flexvolume", operator_image=False)
     if restart:
         kubectl("-n", "volplane-system", "rollout", "restart", "deployment/volplane")
         kubectl("-n", "volplane-node", "rollout", "restart", "daemonset/volplane-node")
@@ -992,6 +1028,8 @@ def install_volplane(restart: bool) -> None:
             "--timeout=180s", capture=True)
     kubectl("-n", "volplane-node", "rollout", "status", "daemonset/volplane-node",
             "--timeout=180s", capture=True)
+    kubectl("-n", "volplane-demo-disk", "rollout", "status",
+            "daemonset/volplane-demo-disk-installer", "--timeout=180s", capture=True)
 
 
 def up(install: bool = True) -> Path:

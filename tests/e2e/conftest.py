@@ -499,15 +499,20 @@ def kubectl(kubeconfig: str, *args: str, input: str | None = None) -> str:
     return out.stdout
 
 
-INSTALL_FILES = ("namespace.yaml", "rbac.yaml", "csidriver.yaml")
+INSTALL_FILES = ("rbac.yaml", "csidriver.yaml")
 
 
 def install_prerequisites(kubeconfig: str) -> None:
     """What the operator needs from manifests/ except its Deployment: CRDs, namespace,
-    ServiceAccount and least-privilege RBAC, the CSIDriver."""
+    ServiceAccount and least-privilege RBAC, the CSIDriver. The namespace only where it
+    is missing: an install may have labelled it otherwise (kind's, with
+    manifests/flexvolume/, admits the operator's hostPath: Pod Security `privileged`)."""
     kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-k",
             str(REPO_ROOT / "crds"))
     args = ["apply", "--server-side", "--force-conflicts"]
+    if subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "namespace",
+                       "volplane-system"], capture_output=True).returncode != 0:
+        args += ["-f", str(REPO_ROOT / "manifests" / "namespace.yaml")]
     for f in INSTALL_FILES:
         args += ["-f", str(REPO_ROOT / "manifests" / f)]
     kubectl(kubeconfig, *args)

@@ -1,7 +1,15 @@
-"""FlexVolume drivers run by the attach/detach controller (issue 16 phase 2).
+"""FlexVolume drivers run by the attach/detach controller (issue 16).
 
 Run on a cluster of your own when others share the machine:
     VOLPLANE_CLUSTER=flex .venv/bin/python -m pytest tests/e2e/test_flexvolume.py -x -q
+    VOLPLANE_KIND_CLUSTER=flex VOLPLANE_IMAGE=volplane:flex \
+        .venv/bin/python -m pytest tests/e2e/test_flexvolume.py --kind -x -q
+
+On kind (the tests at the end) nothing is played: hack/flexvolume/'s installer
+DaemonSet has put the sample driver into every node's plugin dir, the in-cluster
+operator (manifests/ + manifests/flexvolume/) runs its controller-side calls from a
+hostPath of that dir, and the real kubelets run waitforattach/mountdevice/mount on a
+loop device over the disk's backing file, which pods write and read.
 
 The operator runs as a subprocess with --flex-volume-plugin-dir pointing at a temp dir
 holding the sample driver (hack/flexvolume/volplane-demo~disk), whose log shows every
@@ -10,6 +18,7 @@ Running, nobody mounts anything, and nobody reports status.volumesInUse, so the 
 that need it patch node status themselves, as tests/e2e/test_attach.py does. A flex
 PV is static and pre-bound to its claim (claimRef + volumeName, both marked Bound here),
 pods are pinned with spec.nodeName: only the attach/detach controller is under test.
+Those tests skip on kind, where real kubelets would mount what they only pretend.
 """
 
 from __future__ import annotations
@@ -18,14 +27,17 @@ import json
 import shutil
 import signal
 import stat
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO_ROOT
-from .helpers import create, events_for, holds_for, wait_for
+from .conftest import REPO_ROOT, kubectl, load_kind_module
+from .helpers import create, events_for, holds_for, kdelete, kget, klist, wait_for
 from .test_attach import World, kwok_nodes, node_obj, patch_status
+from .test_kind import NS as OPERATOR_NS
+from .test_kind import _operator_pods, in_cluster_operator, kind_cluster  # noqa: F401 (fixtures)
 
 SAMPLE = REPO_ROOT / "hack" / "flexvolume" / "volplane-demo~disk"
 DRIVER = "volplane-demo/disk"
@@ -110,8 +122,7 @@ class FlexWorld(World):
 @pytest.fixture
 def fworld(api, namespace, operator, cluster):
     if not cluster.nodes.fake_kubelets:
-        pytest.skip("the kind step (real kubelets mounting flex volumes) is documented in "
-                    "docs/flexvolume.md, not run here")
+        pytest.skip("plays the kubelet (kwok): on kind, test_kind_* mount for real")
     w = FlexWorld(api, namespace, fake_kubelets=True)
     yield w
     w.cleanup()
@@ -354,3 +365,291 @@ def test_kill_between_flex_attach_and_node_status_then_restart(api, fworld, oper
              message="no longer reported")
     assert any('"flex attachments rebuilt from node status"' in line
                for line in operator.raw_lines())
+
+
+# ----------------------------------------------------------------------------- kind
+# The sample driver as hack/flexvolume/'s installer puts it on every kind node, and where
+# each side logs: the kubelet runs it as root on the node (/var/log is writable there),
+# the operator as uid 10001 on a read-only root with an emptyDir at /tmp
+# (manifests/flexvolume/).
+PLUGIN_FILE = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec/volplane-demo~disk/disk"
+NODE_LOG = "volplane-demo-disk.log"            # in the node's /var/log
+OPERATOR_LOG = "/tmp/volplane-demo-disk.log"   # in the operator's container
+NODE_DISKS = "/var/lib/volplane-demo-disk/disks"   # on every node: one host dir (kind.py)
+BUSYBOX = "volplane/busybox:1.35"
+
+
+class KindFlex:
+    """A flex PV bound to a claim, pods using it, and both sides' driver logs."""
+
+    def __init__(self, api, kubeconfig: str, ns: str, nodes: list[str]):
+        self.api, self.kubeconfig, self.ns, self.nodes = api, kubeconfig, ns, nodes
+        self.pvs: list[str] = []
+        self.inline: list[str] = []   # inline flexVolume names (unique without namespace)
+
+    def volume(self, name: str, size: str = "32Mi") -> str:
+        """A static flex PV pre-bound to claim `name` (the in-cluster operator binds)."""
+        pv = f"{self.ns}-{name}"
+        create(self.api, {
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": pv, "labels": {"volplane.io/e2e": self.ns}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "capacity": {"storage": "1Gi"},
+                     "storageClassName": "", "persistentVolumeReclaimPolicy": "Retain",
+                     "flexVolume": {"driver": DRIVER, "fsType": "ext4",
+                                    "options": {"size": size}},
+                     "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                                  "namespace": self.ns, "name": name}}})
+        self.pvs.append(pv)
+        create(self.api, {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                     "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}}})
+        wait_for(lambda: (kget(self.api, "PersistentVolumeClaim", name, self.ns) or {})
+                 .get("status", {}).get("phase") == "Bound", timeout=60,
+                 message=f"claim {name} Bound to {pv}")
+        return pv
+
+    def pod(self, name: str, claim: str, node: str, script: str) -> None:
+        create(self.api, {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": self.ns},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                     "terminationGracePeriodSeconds": 0, "restartPolicy": "Never",
+                     "containers": [{"name": "main", "image": BUSYBOX,
+                                     "command": ["sh", "-c", script],
+                                     "volumeMounts": [{"name": "v", "mountPath": "/data"}]}],
+                     "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": claim}}]}})
+
+    def running(self, name: str, timeout: float = 180) -> dict:
+        return wait_for(lambda: (p := kget(self.api, "Pod", name, self.ns))
+                        and p["status"].get("phase") == "Running" and p, timeout=timeout,
+                        message=f"pod {name} Running")
+
+    def logs(self, pod: str) -> str:
+        return kubectl(self.kubeconfig, "-n", self.ns, "logs", pod)
+
+    def delete_pod(self, name: str) -> None:
+        kdelete(self.api, "Pod", name, self.ns)
+        wait_for(lambda: kget(self.api, "Pod", name, self.ns) is None, timeout=120,
+                 message=f"pod {name} gone")
+
+    def events(self, pod: str, reason: str) -> list[dict]:
+        return [e for e in events_for(self.api, self.ns, pod, "Pod") if e["reason"] == reason]
+
+    # -- the driver's logs: every call, one JSON line, filtered to one volume
+
+    def node_calls(self, node: str, pv: str) -> list[dict]:
+        """What the node's kubelet ran, read through the kubelet's /logs/ (its /var/log)."""
+        try:
+            text = kubectl(self.kubeconfig, "get", "--raw",
+                           f"/api/v1/nodes/{node}/proxy/logs/{NODE_LOG}")
+        except RuntimeError as e:
+            if "NotFound" in str(e) or "not found" in str(e):
+                return []
+            raise
+        return _calls(text, pv)
+
+    def operator_calls(self, pv: str) -> list[dict]:
+        """What the operator's pods ran (the leader; a standby runs nothing)."""
+        out: list[dict] = []
+        for p in _operator_pods(self.api):
+            if (p.get("status") or {}).get("phase") != "Running":
+                continue
+            text = kubectl(self.kubeconfig, "-n", OPERATOR_NS, "exec", p["metadata"]["name"],
+                           "--", "sh", "-c", f"cat {OPERATOR_LOG} 2>/dev/null || true")
+            out += _calls(text, pv)
+        return sorted(out, key=lambda c: c["time"])
+
+    def cleanup(self) -> None:
+        for p in klist(self.api, "Pod", self.ns):
+            kdelete(self.api, "Pod", p["metadata"]["name"], self.ns)
+        wait_for(lambda: not klist(self.api, "Pod", self.ns), timeout=180,
+                 message="the test's pods gone")
+        # unmounted by the kubelets, then detached by the operator while it still runs
+        wait_for(lambda: not [n for n in self.nodes for v in self.pvs + self.inline
+                              if unique(v) in reported(self.api, n)],
+                 timeout=180, message="the test's flex volumes detached everywhere")
+        for c in klist(self.api, "PersistentVolumeClaim", self.ns):
+            kdelete(self.api, "PersistentVolumeClaim", c["metadata"]["name"], self.ns)
+        for pv in self.pvs:
+            kdelete(self.api, "PersistentVolume", pv)
+        disks = load_kind_module().flex_disk_dir()
+        for v in self.pvs + self.inline:
+            (disks / f"{v}.img").unlink(missing_ok=True)
+
+
+def _calls(text: str, pv: str) -> list[dict]:
+    """The log lines of calls about `pv` (by name, device file, or mount dir)."""
+    out = []
+    for line in text.splitlines():
+        try:
+            c = json.loads(line)
+        except ValueError:
+            continue
+        if any(pv in a for a in c.get("args") or ()):
+            out.append(c)
+    return out
+
+
+def _mounting(calls: list[dict]) -> list[dict]:
+    """The kubelet's mount and unmount calls (getvolumename and init left out)."""
+    return [c for c in calls if c["command"] in (
+        "waitforattach", "mountdevice", "mount", "unmount", "unmountdevice")]
+
+
+@pytest.fixture
+def kind_flex(api, cluster, kubeconfig, namespace, in_cluster_operator):  # noqa: F811
+    if cluster.flavor != "kind":
+        pytest.skip("needs real kubelets: make e2e-kind")
+    nodes = list(cluster.nodes.names)
+    # installed by hack/flexvolume/'s DaemonSet (kind.py applies it): the sample driver,
+    # byte for byte, in every node's plugin dir
+    want = (SAMPLE / "disk").read_text()
+    for n in nodes:
+        got = subprocess.run(["docker", "exec", n, "cat", PLUGIN_FILE], capture_output=True,
+                             text=True)
+        assert got.returncode == 0 and got.stdout == want, \
+            f"{n}: {PLUGIN_FILE} is not the sample driver ({got.stderr.strip()})"
+    env = KindFlex(api, kubeconfig, namespace, nodes)
+    yield env
+    env.cleanup()
+
+
+@pytest.mark.timeout(600)
+def test_kind_flex_pv_attached_by_volplane_mounted_by_the_kubelet_and_moved(kind_flex, api):
+    """The seed's walk-through, for real: volplane's attach puts the device in node
+    status, the kubelet's waitforattach makes it a loop device, mountdevice formats and
+    mounts it, mount bind-mounts it into the pod; the bytes a pod wrote on one node are
+    read by a pod on another after the kubelet unmounted and volplane detached."""
+    k = kind_flex
+    a, b = k.nodes[0], k.nodes[1]
+    pv = k.volume("data")
+    device = f"{NODE_DISKS}/{pv}.img"
+    k.pod("writer", "data", a, "echo written-on-" + a + " > /data/file && sync && "
+          "grep ' /data ' /proc/mounts && sleep 3600")
+    k.running("writer")
+
+    # volplane's part: attach ran in the operator's container, with upstream's options
+    attach = [c for c in k.operator_calls(pv) if c["command"] == "attach"]
+    assert [c["args"][1] for c in attach] == [a], attach
+    assert json.loads(attach[0]["args"][0]) == {
+        "kubernetes.io/fsType": "ext4", "kubernetes.io/pvOrVolumeName": pv,
+        "kubernetes.io/readwrite": "rw", "size": "32Mi"}
+    assert attach[0]["status"] == "Success" and attach[0]["device"] == device
+    node = node_obj(api, a)["status"]
+    assert {"name": unique(pv), "devicePath": device} in node["volumesAttached"]
+    assert unique(pv) in node.get("volumesInUse", ()), "the real kubelet reports it in use"
+
+    # the kubelet's part, on node a: the device from node status, a loop device made of it,
+    # formatted and mounted at the global mount dir, bind-mounted into the pod
+    wfa, mdev, mnt = _mounting(k.node_calls(a, pv))[:3]
+    assert (wfa["command"], wfa["args"][0], wfa["status"]) == ("waitforattach", device,
+                                                                "Success")
+    loop = wfa["device"]
+    assert loop.startswith("/dev/loop"), wfa
+    assert mdev["command"] == "mountdevice" and mdev["status"] == "Success", mdev
+    assert mdev["args"][0].endswith(f"/plugins/kubernetes.io/flexvolume/{DRIVER}/mounts/{pv}")
+    assert mdev["args"][1] == loop
+    assert json.loads(mdev["args"][2])["kubernetes.io/fsType"] == "ext4"
+    assert mnt["command"] == "mount" and mnt["status"] == "Success", mnt
+    pod = kget(api, "Pod", "writer", k.ns)
+    assert mnt["args"][0].endswith(f"/pods/{pod['metadata']['uid']}/volumes/"
+                                   f"volplane-demo~disk/{pv}")
+    # the kubelet adds the pod's fields (upstream's mounter); no secretRef, no fsGroup here
+    assert json.loads(mnt["args"][1]) == {
+        "kubernetes.io/fsType": "ext4", "kubernetes.io/pod.name": "writer",
+        "kubernetes.io/pod.namespace": k.ns, "kubernetes.io/pod.uid": pod["metadata"]["uid"],
+        "kubernetes.io/pvOrVolumeName": pv, "kubernetes.io/readwrite": "rw",
+        "kubernetes.io/serviceAccount.name": "default", "size": "32Mi"}
+    seen = wait_for(lambda: k.logs("writer").strip(), timeout=30, message="writer's output")
+    assert seen.split()[:3] == [loop, "/data", "ext4"], seen
+    backing = load_kind_module().flex_disk_dir() / f"{pv}.img"
+    assert backing.stat().st_size == 32 << 20, "the disk is the backing file on the host"
+
+    # RWO on a second node: upstream's event, no attach there while a holds it
+    k.pod("reader", "data", b, "cat /data/file && sleep 3600")
+    evs = wait_for(lambda: k.events("reader", "FailedAttachVolume"), timeout=60,
+                   message="FailedAttachVolume on reader")
+    assert evs[0]["message"] == (
+        f'Waiting for detach for volume "{pv}" Volume is already used by pod(s) writer')
+
+    # the writer goes: the kubelet unmounts (mount, then device), volplane detaches from a
+    # once a no longer lists it in volumesInUse, then attaches to b
+    k.delete_pod("writer")
+    wait_for(lambda: unique(pv) not in {e["name"] for e in node_obj(api, a)["status"].get(
+        "volumesAttached") or ()}, timeout=120, message=f"{unique(pv)} detached from {a}")
+    got = wait_for(lambda: (kget(api, "Pod", "reader", k.ns) or {}).get("status", {})
+                   .get("phase") == "Running" and k.logs("reader").strip(),
+                   timeout=180, message="reader read the file")
+    assert got == f"written-on-{a}"
+
+    on_a = [(c["command"], c["status"]) for c in _mounting(k.node_calls(a, pv))]
+    assert on_a == [("waitforattach", "Success"), ("mountdevice", "Success"),
+                    ("mount", "Success"), ("unmount", "Success"),
+                    ("unmountdevice", "Success")], on_a
+    ops = [(c["command"], c["args"][-1], c["status"]) for c in k.operator_calls(pv)
+           if c["command"] in ("attach", "detach")]
+    assert ops == [("attach", a, "Success"), ("detach", a, "Success"),
+                   ("attach", b, "Success")], ops
+    detach = next(c for c in k.operator_calls(pv) if c["command"] == "detach")
+    assert detach["args"] == [pv, a]
+    b_status = node_obj(api, b)["status"]
+    assert {"name": unique(pv), "devicePath": device} in b_status["volumesAttached"]
+    assert unique(pv) in b_status.get("volumesInUse", ())
+
+    # and away from b too
+    k.delete_pod("reader")
+    wait_for(lambda: unique(pv) not in reported(api, b), timeout=120,
+             message=f"{unique(pv)} detached from {b}")
+    on_b = [c["command"] for c in _mounting(k.node_calls(b, pv))]
+    assert on_b == ["waitforattach", "mountdevice", "mount", "unmount", "unmountdevice"], on_b
+    wait_for(lambda: [c for c in k.operator_calls(pv) if c["command"] == "detach"
+                      and c["args"] == [pv, b] and c["status"] == "Success"], timeout=30,
+             message=f"the driver's detach from {b}")
+
+
+@pytest.mark.timeout(600)
+def test_kind_inline_read_only_flex_volume_is_mounted_read_only(kind_flex, api):
+    """An inline `flexVolume` with readOnly: volplane attaches it by its pod volume name
+    with readwrite "ro", the kubelet mounts it read-only, the pod cannot write to it."""
+    k = kind_flex
+    node = k.nodes[2]
+    vol = f"{k.ns}-ro"
+    k.inline.append(vol)
+    create(api, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ro", "namespace": k.ns},
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                 "terminationGracePeriodSeconds": 0, "restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": BUSYBOX, "command": [
+                     "sh", "-c", "grep ' /data ' /proc/mounts; echo x > /data/x || "
+                     "echo write-refused; sleep 3600"],
+                     "volumeMounts": [{"name": vol, "mountPath": "/data"}]}],
+                 "volumes": [{"name": vol, "flexVolume": {
+                     "driver": DRIVER, "fsType": "ext4", "readOnly": True,
+                     "options": {"size": "16Mi"}}}]}})
+    k.running("ro")
+    out = wait_for(lambda: "write-refused" in (s := k.logs("ro")) and s, timeout=30,
+                   message="the pod's write refused")
+    mount_line = out.splitlines()[0].split()
+    assert mount_line[1:3] == ["/data", "ext4"] and "ro" in mount_line[3].split(","), out
+    (attach,) = [c for c in k.operator_calls(vol) if c["command"] == "attach"]
+    assert attach["args"][1] == node
+    assert json.loads(attach["args"][0]) == {
+        "kubernetes.io/fsType": "ext4", "kubernetes.io/pvOrVolumeName": vol,
+        "kubernetes.io/readwrite": "ro", "size": "16Mi"}
+    assert reported(api, node).get(unique(vol)) == f"{NODE_DISKS}/{vol}.img"
+    wfa, mdev, mnt = _mounting(k.node_calls(node, vol))[:3]
+    assert (wfa["command"], mdev["command"], mnt["command"]) == (
+        "waitforattach", "mountdevice", "mount")
+    assert json.loads(mdev["args"][2])["kubernetes.io/readwrite"] == "ro"
+    assert json.loads(mnt["args"][1])["kubernetes.io/readwrite"] == "ro"
+
+    k.delete_pod("ro")
+    wait_for(lambda: unique(vol) not in reported(api, node), timeout=120,
+             message=f"{unique(vol)} detached from {node}")
+    wait_for(lambda: [c for c in k.operator_calls(vol) if c["command"] == "detach"
+                      and c["status"] == "Success"], timeout=30, message="the driver's detach")
+    assert [c["args"] for c in k.operator_calls(vol) if c["command"] == "detach"] == [
+        [vol, node]]
+    assert [c["command"] for c in _mounting(k.node_calls(node, vol))] == [
+        "waitforattach", "mountdevice", "mount", "unmount", "unmountdevice"]

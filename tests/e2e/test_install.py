@@ -86,8 +86,9 @@ def test_apply_is_complete_and_idempotent_and_delete_removes_it(kubeconfig, api,
         # (the tests run their own operators) and restores it at the end. Applied as
         # hack/kind/kind.py installs it: with the image the cluster's nodes have
         # (VOLPLANE_IMAGE), not the kustomization's volplane:dev, which a cluster built
-        # under another tag cannot pull (test_kind's Deployment then never got Ready)
-        load_kind_module()._apply_kustomization(REPO_ROOT / "manifests")
+        # under another tag cannot pull (test_kind's Deployment then never got Ready),
+        # and with manifests/flexvolume/ (the plugin dir's hostPath, its namespace label)
+        load_kind_module().install_operator()
         _scale_in_cluster_operator(Path(kubeconfig), 0)
     if Path(operator_kubeconfig).resolve() != Path(kubeconfig).resolve():
         # The ServiceAccount was re-created: its old token is void. Re-mint it in place so
