@@ -5,7 +5,7 @@
     hack/e2e-upstream/e2e.py images          # the test images e2e.test asks for, loaded into kind
     hack/e2e-upstream/e2e.py run [--focus RE] [--skip RE] [--procs N]
                                              # all of the above, the suites, docs/upstream-e2e.md
-    hack/e2e-upstream/e2e.py report JUNIT    # only rewrite docs/upstream-e2e.md from a JUnit file
+    hack/e2e-upstream/e2e.py report JUNIT... # only rewrite docs/upstream-e2e.md from JUnit files
 
 What runs: `e2e.test -ginkgo.focus='External.Storage.*pool.volplane.io'
 -storage.testdriver=hack/e2e-upstream/driver.yaml` (test/e2e/storage/external: every
@@ -27,7 +27,8 @@ test/utils/image/manifest.go), and `kind load`ed:
   data source"): hack/e2e-upstream/hello-populator, our own Go implementation of it
   (its module is not served by the Go module proxy), under the manifest's image name.
 
-The [Disruptive] suites stop and start a node's kubelet over SSH: the nodes run sshd
+The [Disruptive] suites stop and start a node's kubelet over SSH, so they run after
+the others, one at a time (with --procs > 1); the nodes run sshd
 (kind.enable_ssh) and the suites get our key (KUBE_SSH_KEY_PATH, user root).
 
 Everything is cached: e2e.test and ginkgo by version under ~/.cache/volplane, the
@@ -245,10 +246,25 @@ def prepare_cluster() -> Path:
 
 
 def run_suites(e2e_test: Path, kubeconfig: Path, focus: str, skip: str | None,
-               procs: int, timeout: str) -> Path:
+               procs: int, timeout: str) -> list[Path]:
+    """The suites in two passes when procs > 1: every spec but the [Disruptive] ones on
+    `procs` ginkgo processes, then the [Disruptive] ones alone, one at a time. Upstream's
+    framework marks them Disruptive without ginkgo's Serial decorator (only [Serial] gets
+    that), so ginkgo would run them beside other specs: a kubelet stopped under another
+    spec's pod, two specs restarting kubelets at once. Upstream's CI runs them in a
+    serial job of their own for the same reason."""
+    if procs <= 1:
+        return [_run_pass(e2e_test, kubeconfig, focus, skip, 1, timeout, None, "")]
+    return [_run_pass(e2e_test, kubeconfig, focus, skip, procs, timeout, "!Disruptive", ""),
+            _run_pass(e2e_test, kubeconfig, focus, skip, 1, timeout, "Disruptive",
+                      "-disruptive")]
+
+
+def _run_pass(e2e_test: Path, kubeconfig: Path, focus: str, skip: str | None, procs: int,
+              timeout: str, label_filter: str | None, suffix: str) -> Path:
     out = out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    junit = out / "junit.xml"
+    junit = out / f"junit{suffix}.xml"
     junit.unlink(missing_ok=True)
     suite_args = [
         f"-kubeconfig={kubeconfig}",
@@ -264,6 +280,8 @@ def run_suites(e2e_test: Path, kubeconfig: Path, focus: str, skip: str | None,
                    f"-junit-report={junit.name}", "-v" if procs == 1 else "-succinct"]
     if skip:
         ginkgo_args.append(f"-skip={skip}")
+    if label_filter:
+        ginkgo_args.append(f"-label-filter={label_filter}")
     if procs > 1:
         argv = [str(ginkgo_binary()), f"-procs={procs}", *ginkgo_args,
                 f"-output-dir={out}", str(e2e_test), "--", *suite_args]
@@ -271,7 +289,7 @@ def run_suites(e2e_test: Path, kubeconfig: Path, focus: str, skip: str | None,
         argv = [str(e2e_test), *["-ginkgo." + a.lstrip("-") for a in ginkgo_args], *suite_args]
     log("$ " + " ".join(argv))
     start = time.monotonic()
-    with open(out / "e2e.log", "w") as fh:
+    with open(out / f"e2e{suffix}.log", "w") as fh:
         # [Disruptive] tests stop and start a node's kubelet over SSH (as root, our key)
         env = {**os.environ, "KUBE_SSH_KEY_PATH": str(ssh_key()), "KUBE_SSH_USER": "root"}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -283,9 +301,10 @@ def run_suites(e2e_test: Path, kubeconfig: Path, focus: str, skip: str | None,
                         r"\s*\[FAIL\])", line):
                 sys.stderr.write(line)
         rc = proc.wait()
-    log(f"suites finished in {time.monotonic() - start:.0f} s (exit {rc}); log {out / 'e2e.log'}")
+    log(f"suites ({label_filter or 'all'}) finished in {time.monotonic() - start:.0f} s "
+        f"(exit {rc}); log {out / f'e2e{suffix}.log'}")
     if not junit.exists():
-        raise kind.KindError(f"no JUnit report at {junit}; see {out / 'e2e.log'}")
+        raise kind.KindError(f"no JUnit report at {junit}; see {out / f'e2e{suffix}.log'}")
     return junit
 
 
@@ -398,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-report", action="store_true",
                    help="do not rewrite docs/upstream-e2e.md (a partial run)")
     rep = sub.add_parser("report")
-    rep.add_argument("junit", type=Path)
+    rep.add_argument("junit", type=Path, nargs="+")
     args = p.parse_args(argv)
     try:
         if args.cmd == "build":
@@ -428,24 +447,25 @@ def main(argv: list[str] | None = None) -> int:
             load_images(tags)
             timings["kind cluster with volplane, images loaded"] = f"{time.monotonic() - t0:.0f} s"
             t0 = time.monotonic()
-            junit = run_suites(e2e_test, kubeconfig, args.focus, args.skip, args.procs,
-                               args.timeout)
-            timings[f"the suites ({args.procs} ginkgo processes)"] = \
+            junits = run_suites(e2e_test, kubeconfig, args.focus, args.skip, args.procs,
+                                args.timeout)
+            timings[f"the suites ({args.procs} ginkgo processes, then [Disruptive] alone)"] = \
                 f"{(time.monotonic() - t0) / 60:.0f} min"
-            rows = parse_junit(junit)
+            rows = [row for junit in junits for row in parse_junit(junit)]
             if not args.no_report:
                 cmd = (f"e2e.test -ginkgo.focus='{args.focus}'"
                        + (f" -ginkgo.skip='{args.skip}'" if args.skip else "")
                        + " -storage.testdriver=hack/e2e-upstream/driver.yaml -provider=local"
-                       + f"   # {args.procs} ginkgo processes")
+                       + f"   # {args.procs} ginkgo processes; then [Disruptive] alone")
                 write_report(rows, timings=timings, command=cmd)
             failed = [r for r in rows if r["state"] == "failed"]
             for r in failed:
                 log(f"FAILED: {_short(r['name'])}")
             return 1 if failed else 0
         elif args.cmd == "report":
-            rows = parse_junit(args.junit)
-            write_report(rows, timings={}, command=f"(from {args.junit})")
+            rows = [row for junit in args.junit for row in parse_junit(junit)]
+            write_report(rows, timings={},
+                         command=f"(from {' '.join(str(j) for j in args.junit)})")
     except kind.KindError as e:
         log(f"error: {e}")
         return 1
