@@ -52,7 +52,10 @@ SELECTED_NODE = "volume.kubernetes.io/selected-node"
 HOSTNAME = "kubernetes.io/hostname"
 TAINT_KEY = "volplane.io/e2e"
 RETAINED = "volplane.io/retained"
-OPERATOR_ARGS = ("--bind-address", "127.0.0.1", "--resync-period", "5", "--no-leader-elect")
+# No metrics or health port: nothing here reads them, and a port picked free can be taken
+# by another process before the operator binds it.
+OPERATOR_ARGS = ("--metrics-port", "0", "--health-port", "0", "--bind-address", "127.0.0.1",
+                 "--resync-period", "5", "--no-leader-elect")
 
 
 @pytest.fixture(scope="module", autouse=True)
