@@ -470,6 +470,44 @@ def test_allocations_of_a_deleted_nodes_pool_follow_the_reclaim_policy(api, peer
              message="the pool empty")
 
 
+def test_allocation_of_a_provisioning_cut_short_on_a_deleted_node_is_freed(api, peers):
+    """The same leak, one step earlier: the operator dies between the allocation record
+    and the PV of a WaitForFirstConsumer claim (VOLPLANE_CRASH_AT=provision-1), and the
+    selected node, the pool's only one, is deleted before it comes back. The record
+    names a pool that can no longer place the volume anywhere: the restarted operator
+    frees it (no PV was made from it) and gives the node back to the scheduler, as it
+    does when a node has no room, instead of keeping the capacity and the claim pinned
+    to a node that is gone."""
+    node = peers.node("doomed")
+    pool = peers.pool("doomed", "4Gi", names=[node])
+    wffc = peers.storage_class("wffc", binding="WaitForFirstConsumer",
+                               parameters={"pool": pool})
+    peers.operator.start(*OPERATOR_ARGS, env={"VOLPLANE_CRASH_AT": "provision-1"})
+    claim = peers.claim("w", "3Gi", wffc, annotations={SELECTED_NODE: node})
+    wait_for(lambda: not peers.operator.running, timeout=60,
+             message="operator exits at provision-1")
+    assert peers.operator.returncode == 86
+    name = f"pvc-{claim['metadata']['uid']}"
+    assert kget(api, "StorageAllocation", name)["spec"]["node"] == node
+    assert kget(api, "PersistentVolume", name) is None
+
+    peers.delete_node(node)
+    peers.start()
+
+    def given_back():
+        c = peers.claim_obj("w")
+        return SELECTED_NODE not in (c["metadata"].get("annotations") or {})
+
+    wait_for(given_back, timeout=30, message="the deleted node given back to the scheduler")
+    wait_for(lambda: kget(api, "StorageAllocation", name) is None, timeout=15,
+             message="the record of the unfinished provisioning freed")
+    wait_for(lambda: _ledger(peers, pool) == (0, 0, 0), timeout=15, message="pool empty")
+    assert peers.phase("w") == "Pending"
+    assert kget(api, "PersistentVolume", name) is None
+    events = peers.events("PersistentVolumeClaim", "w", "ProvisioningFailed")
+    assert any(f"removed annotation {SELECTED_NODE}" in e["message"] for e in events), events
+
+
 # ----------------------------------------------------------------------------- 4
 
 
