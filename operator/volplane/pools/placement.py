@@ -222,3 +222,35 @@ def choose_pool(claim_size: int, access_modes: Iterable[str], params: ClassParam
     return Choice(name, f'pool "{name}" chosen ({params.placement}): {_q(free)} free, '
                         f'{_q(claim_size)} requested', nodes=tuple(usable),
                   rejected=tuple(rejected), available=free)
+
+
+# --- an allocation record made before ----------------------------------------------------
+
+
+def stale_record(record: Mapping[str, Any], pools: Mapping[str, Mapping[str, Any]],
+                 nodes: Mapping[str, Mapping[str, Any]], *,
+                 allowed_topologies: Sequence[Mapping[str, Any]] | None = None,
+                 node: str | None = None) -> str | None:
+    """Why the allocation record an earlier attempt made for a claim can no longer give it
+    a volume, or None when its pool still can.
+
+    The provisioner reuses a claim's record rather than choosing again (choosing again
+    could count the claim twice). But when the record's pool is gone, reaches no
+    existing node (in the class's allowedTopologies) any more, or (WaitForFirstConsumer)
+    does not reach the node the scheduler selected now, a PV made from it would be of
+    no use: with no PV made from it yet, the record is freed and the claim is placed
+    afresh. (Typically: the operator died between the record and the PV, and the
+    selected node, the pool's only one, was deleted meanwhile: without this the record
+    held its space and the claim stayed pinned to a node that is gone.)
+    """
+    pool_name = str((record.get("spec") or {}).get("pool") or "")
+    pool = pools.get(pool_name)
+    if pool is None:
+        return f'its StoragePool "{pool_name}" does not exist'
+    usable = topology_nodes(pool_nodes(pool, nodes), nodes, allowed_topologies)
+    if not usable:
+        return (f'its StoragePool "{pool_name}" is attached to no existing node (in the '
+                "class's allowedTopologies)")
+    if node is not None and node not in usable:
+        return f'its StoragePool "{pool_name}" does not reach the selected node "{node}"'
+    return None

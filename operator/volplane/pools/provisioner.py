@@ -9,7 +9,11 @@ before its PV was made, and the last two steps of deleting a PV.
 Provisioning a claim ``C`` (uid ``U``) is two durable writes, both named after ``U``:
 
 1. the StorageAllocation ``pvc-U`` (pool, size, claim). If it already exists, its pool
-   is reused: choosing again could pick another pool and count the claim twice.
+   is reused: choosing again could pick another pool and count the claim twice. Unless
+   that pool can no longer serve the claim (gone, attached to no existing node, or not
+   to the node the scheduler selected now: ``placement.stale_record``): then, the API
+   server confirming no PV was made from it, the record is deleted and the claim is
+   placed afresh (for WaitForFirstConsumer, possibly by giving the node back).
    Otherwise the pool is chosen and the space reserved in the in-memory ledger with no
    ``await`` in between, so concurrent claims in this process never overbook a pool;
    the ledger is rebuilt from the records after a restart (the controller runs only
@@ -57,7 +61,14 @@ from .context import PoolContext
 from .expander import Expander
 from .gc import GarbageCollector
 from .parameters import ClassParams, ParameterError, parse_class_parameters
-from .placement import choose_pool, node_affinity, pool_capacity, pool_nodes, topology_nodes
+from .placement import (
+    choose_pool,
+    node_affinity,
+    pool_capacity,
+    pool_nodes,
+    stale_record,
+    topology_nodes,
+)
 from .publisher import Publisher
 from .records import (
     API_VERSION,
@@ -260,14 +271,12 @@ class PoolProvisioner:
         node = selected_node if wffc else None
         nodes = self.nodes
 
-        record = self.allocations.get(name)
+        record = await self._usable_record(claim, class_name, sc, params, size, node, t0)
         if record is None:
-            record = await self._record(claim, class_name, sc, params, size, node, t0)
-            if record is None:
-                return
+            return
         pool_name = record["spec"]["pool"]
         pool = self.pools.get(pool_name)
-        if pool is None:
+        if pool is None:  # (deleted while the record was written: freed at the next try)
             return self._failed(claim, "pool-gone", f'StoragePool "{pool_name}" of allocation '
                                 f'"{name}" does not exist', t0)
         usable = topology_nodes(pool_nodes(pool, nodes), nodes, sc.get("allowedTopologies"))
@@ -364,6 +373,50 @@ class PoolProvisioner:
         metrics.api_writes.labels(self.name, "storageallocations", "create").inc()
         faults.point("provision-1")
         return record
+
+    async def _usable_record(self, claim: dict, class_name: str, sc: dict,
+                             params: ClassParams, size: int, node: str | None,
+                             t0: float) -> dict | None:
+        """The claim's allocation record: the one an earlier attempt made, if its pool can
+        still serve the claim, else a new one (write 1). None: nothing to do now (no
+        room, reported; or a PV of the record's name exists, which the PV controller
+        binds)."""
+        name = volume_name(claim)
+        record = self.allocations.get(name)
+        if record is not None:
+            stale = stale_record(record, self.pools, self.nodes,
+                                 allowed_topologies=sc.get("allowedTopologies"), node=node)
+            if stale is None:
+                return record
+            if not await self._free_stale_record(claim, name, record, stale):
+                return None
+        return await self._record(claim, class_name, sc, params, size, node, t0)
+
+    async def _free_stale_record(self, claim: dict, name: str, record: dict,
+                                 why: str) -> bool:
+        """Free the record of an earlier attempt whose pool can no longer serve the claim
+        (placement.stale_record), once the API server confirms no PV was made from it.
+        True: freed (or already gone); the claim is placed afresh."""
+        try:
+            await self.kube.get(pv_path(name))
+            return False
+        except ApiError as e:
+            if not e.not_found:
+                raise
+        try:
+            await self.kube.request("DELETE", alloc_path(name), {
+                "kind": "DeleteOptions", "apiVersion": "v1",
+                "preconditions": {"uid": record["metadata"].get("uid")}})
+            metrics.api_writes.labels(self.name, "storageallocations", "delete").inc()
+        except ApiError as e:
+            if not (e.not_found or e.conflict):
+                raise
+        self.pc.released(name)
+        log.info("stale allocation freed", kind="PersistentVolumeClaim",
+                 namespace=claim["metadata"]["namespace"], name=claim["metadata"]["name"],
+                 allocation=name, pool=record["spec"].get("pool"), reason=why,
+                 action="free")
+        return True
 
     def _failed(self, claim: dict, reason: str, message: str, t0: float) -> None:
         provision_failures.labels(reason).inc()
