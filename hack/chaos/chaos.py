@@ -305,7 +305,7 @@ class Replica:
     identity (chaos-r<slot>-<n>), metrics port and log file."""
 
     ARGS = ("--health-port", "0", "--bind-address", "127.0.0.1",
-            "--leader-elect-lease-duration", "3", "--leader-elect-renew-deadline", "2",
+            "--leader-elect-lease-duration", "4", "--leader-elect-renew-deadline", "3",
             "--leader-elect-retry-period", "0.5")
 
     def __init__(self, slot: int, kubeconfig: str, logs: Path):
@@ -496,16 +496,21 @@ class Run:
             self.pauses.append(length)
 
     def writer(self) -> None:
-        """The third writer: label/annotation patches on the operator's objects."""
+        """The third writer: label/annotation patches on the operator's objects, mostly
+        on those it is about to write (claims not Bound, PVs not Bound, attachments not
+        attached or being deleted), so that its conditional writes meet 409s."""
         rng = random.Random(f"{self.seed}/writer")
         api = Api(self.kubeconfig)
-        targets: list[tuple[str, str]] = []
+        busy: list[tuple[str, str]] = []
+        every: list[tuple[str, str]] = []
         refreshed = 0.0
         n = 0
         while not self.stop.is_set():
-            if time.monotonic() - refreshed > 5:
-                targets = sorted(self._writer_targets(api))
+            if time.monotonic() - refreshed > 2:
+                busy, every = self._writer_targets(api)
                 refreshed = time.monotonic()
+            pick_busy = rng.random() < 0.7
+            targets = busy if pick_busy and busy else every
             if targets:
                 kind, name = rng.choice(targets)
                 n += 1
@@ -513,15 +518,23 @@ class Run:
                 code = api.patch(kind, name, {"metadata": {"labels": {POKE: value},
                                                            "annotations": {POKE: value}}})
                 self.counts[f"writer:{code}"] += 1
-            self.stop.wait(rng.uniform(0.05, 0.4))
+            self.stop.wait(rng.uniform(0.02, 0.1))
 
-    def _writer_targets(self, api: Api) -> list[tuple[str, str]]:
-        out = [("claim", c["metadata"]["name"]) for c in api.items("claim")]
-        out += [("pv", p["metadata"]["name"]) for p in _our_pvs(api)]
-        out += [("va", v["metadata"]["name"]) for v in api.items("va")]
-        out += [("pool", p) for p in POOLS]
-        out += [("node", n["metadata"]["name"]) for n in api.items("node")]
-        return out
+    def _writer_targets(self, api: Api) -> tuple[list, list]:
+        busy, every = [], []
+        for kind, objs in (("claim", api.items("claim")), ("pv", _our_pvs(api)),
+                           ("va", api.items("va"))):
+            for obj in objs:
+                key = (kind, obj["metadata"]["name"])
+                every.append(key)
+                status = obj.get("status") or {}
+                settled = status.get("attached") if kind == "va" else \
+                    status.get("phase") in ("Bound", "Available")
+                if obj["metadata"].get("deletionTimestamp") or not settled:
+                    busy.append(key)
+        every += [("pool", p) for p in POOLS]
+        every += [("node", n["metadata"]["name"]) for n in api.items("node")]
+        return sorted(busy), sorted(every)
 
     def sampler(self) -> None:
         """The backlog as a user sees it: claims not Bound, pods not Running."""
