@@ -556,7 +556,7 @@ class Run:
             now = time.monotonic()
             if now - start >= duration and self.targets_met(duration):
                 return
-            if now - start >= duration * 2:
+            if now - start >= duration * 3:
                 return  # bounded: the targets check reports what fell short
             for op in self.planner.next_ops():
                 self.apply(op)
