@@ -302,14 +302,15 @@ def scrape(port: int) -> dict[str, float] | None:
 
 class Replica:
     """One `volplane run` slot: started again whenever it exits. Each start has its own
-    identity (chaos-r<slot>-<n>), metrics port and log file."""
+    identity (chaos-<run>-r<slot>-<n>), metrics port and log file."""
 
     ARGS = ("--health-port", "0", "--bind-address", "127.0.0.1",
             "--leader-elect-lease-duration", "4", "--leader-elect-renew-deadline", "3",
             "--leader-elect-retry-period", "0.5")
 
-    def __init__(self, slot: int, kubeconfig: str, logs: Path):
+    def __init__(self, slot: int, kubeconfig: str, logs: Path, run_id: str):
         self.slot = slot
+        self.run_id = run_id
         self.kubeconfig = kubeconfig
         self.logs = logs
         self.proc: subprocess.Popen | None = None
@@ -324,7 +325,7 @@ class Replica:
     def start(self) -> None:
         self.starts += 1
         self.port = free_port()
-        self.identity = f"chaos-r{self.slot}-{self.starts}"
+        self.identity = f"chaos-{self.run_id}-r{self.slot}-{self.starts}"
         self.log_path = self.logs / f"operator-r{self.slot}-{self.starts:03d}.log"
         argv = [str(REPO / ".venv" / "bin" / "volplane"), "run", "--kubeconfig",
                 self.kubeconfig, "--metrics-port", str(self.port),
@@ -399,7 +400,8 @@ class Run:
         self.logs = self.work / f"logs-seed{self.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.api = Api(self.kubeconfig)
-        self.replicas = [Replica(i, self.kubeconfig, self.logs) for i in (0, 1)]
+        run_id = time.strftime("%H%M%S")
+        self.replicas = [Replica(i, self.kubeconfig, self.logs, run_id) for i in (0, 1)]
         self.planner = Planner(self.seed, list(POOLS))
         self.stop = threading.Event()       # the chaos actors
         self.stop_supervisor = threading.Event()
@@ -703,22 +705,42 @@ class Run:
             report = {}
         return out.returncode, report, out.stderr
 
-    def audit_409s(self, since: float, until: float) -> Counter[str]:
-        """The operator's writes the API server answered 409, by resource (audit log)."""
+    def audit(self, since: float, until: float) -> tuple[Counter[str], dict]:
+        """From the API server's audit log (writes to PVs, claims, attachments, records):
+        the operator's writes answered 409, by resource; and whether two replicas ever
+        wrote in the same span of time: each identity's first..last successful write
+        (the user agent carries it), and the pairs of identities whose spans overlap."""
         found: Counter[str] = Counter()
+        spans: dict[str, list[float]] = {}
         for f in sorted(self.layout.logs.glob("audit*.log")):
             with open(f, errors="replace") as fh:
                 for line in fh:
-                    if '"code":409' not in line.replace(" ", "") or "volplane/" not in line:
+                    if "volplane/" not in line:
                         continue
                     e = json.loads(line)
+                    ua = e.get("userAgent", "")
                     t = datetime.fromisoformat(
                         e["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
-                    if since <= t <= until and e.get("userAgent", "").startswith("volplane/"):
+                    if not (ua.startswith("volplane/") and since <= t <= until):
+                        continue
+                    code = (e.get("responseStatus") or {}).get("code", 0)
+                    if code == 409:
                         ref = e.get("objectRef") or {}
                         sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
                         found[f"{ref.get('resource')}{sub}"] += 1
-        return found
+                    elif 200 <= code < 300:
+                        who = ua.rsplit("(", 1)[-1].rstrip(")")
+                        span = spans.setdefault(who, [t, t])
+                        span[0], span[1] = min(span[0], t), max(span[1], t)
+        overlaps = []
+        latest = ("", 0.0)  # the identity whose writes ended last so far, and when
+        for who, (start, end) in sorted(spans.items(), key=lambda kv: kv[1][0]):
+            if start < latest[1]:
+                overlaps.append(f"{latest[0]} until +{latest[1] - start:.2f} s after "
+                                f"{who} began")
+            if end > latest[1]:
+                latest = (who, end)
+        return found, {"writers": len(spans), "overlaps": overlaps}
 
     # -- main
 
@@ -833,7 +855,7 @@ class Run:
         exits: Counter[int] = Counter()
         for r in self.replicas:
             exits.update(r.exits)
-        audit = self.audit_409s(t_wall0, time.time())
+        audit, writers = self.audit(t_wall0, time.time())
         return {
             "operations": dict(sorted(self.planner.counts.items())),
             "applied": dict(sorted(self.counts.items())),
@@ -846,6 +868,7 @@ class Run:
             "api_paused_seconds": round(sum(self.pauses), 1),
             "conflicts_operator_syncs": dict(by_ctl),
             "conflicts_audit": dict(sorted(audit.items())),
+            "writer_spans": writers,
             "max_workqueue_depth": dict(sorted(self.max_depth.items())),
             "max_claims_not_bound": self.max_pending,
             "actor_errors": self.errors,
@@ -923,6 +946,10 @@ def render(s: dict, repro: str, markdown: bool = False) -> str:
                                     + ", ".join(f"code {k}: {v}" for k, v in
                                                 s.get("operator_exits", {}).items())),
         ("two leaders seen (0.5 s samples)", str(s.get("two_leaders_samples"))),
+        ("replicas that wrote / write spans overlapping (audit log)",
+         f"{s.get('writer_spans', {}).get('writers')} / "
+         f"{len(s.get('writer_spans', {}).get('overlaps', []))}"
+         + "".join(f"; {o}" for o in s.get("writer_spans", {}).get("overlaps", [])[:5])),
         ("API server pauses", f"{s.get('api_pauses')} ({s.get('api_paused_seconds')} s stopped)"),
         ("409s on the operator's writes (audit log)", _kv(s.get("conflicts_audit", {}))),
         ("409s that ended an operator sync (metrics)",
