@@ -954,7 +954,8 @@ def render(s: dict, repro: str, markdown: bool = False) -> str:
         ("409s on the operator's writes (audit log)", _kv(s.get("conflicts_audit", {}))),
         ("409s that ended an operator sync (metrics)",
          _kv(s.get("conflicts_operator_syncs", {}))),
-        ("max work-queue depth (metrics)", _kv(s.get("max_workqueue_depth", {}))),
+        ("max work-queue depth (metrics, per queue)",
+         ", ".join(f"{k} {v:g}" for k, v in s.get("max_workqueue_depth", {}).items()) or "0"),
         ("max claims not Bound (2 s samples)", str(s.get("max_claims_not_bound"))),
         ("time to converge", "-" if s["converge_seconds"] is None
          else f"{s['converge_seconds']} s"),
