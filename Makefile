@@ -6,8 +6,8 @@ VPY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
 .PHONY: setup tools venv csi-stubs node-test controlplane cluster cluster-down cluster-status crds \
-	run test unit e2e lint types contracts check bench image kind kind-down kind-status e2e-kind \
-	e2e-upstream e2e-upstream-build
+	run test unit e2e lint types contracts check bench chaos image kind kind-down kind-status \
+	e2e-kind e2e-upstream e2e-upstream-build
 
 setup: venv controlplane tools
 
@@ -116,6 +116,14 @@ check: lint types contracts unit
 
 bench: setup
 	$(VPY) hack/bench/run.py $(if $(QUICK),--quick,)
+
+# A seeded churn run against the local control plane with the leader SIGKILLed every
+# 1-10 s, two replicas, a conflicting writer and API server pauses; then `volplane check`
+# (hack/chaos/chaos.py, docs/reliability.md). Not part of `make test` (>= 10 minutes).
+CHAOS_SEED ?= 1
+CHAOS_MINUTES ?= 10
+chaos: setup
+	$(VPY) hack/chaos/chaos.py --seed $(CHAOS_SEED) --minutes $(CHAOS_MINUTES)
 
 # volplane's image (operator + CSI node plugin), built with no pull and no network
 # (hack/kind/kind.py: debootstrap root + Debian's python3 + the venv's pinned wheels).

@@ -23,6 +23,14 @@ Two clocks, never mixed:
   all: expiry is "we have seen the same (holder, renewTime) for a full duration";
 - the wall clock is used only to write the renewTime/acquireTime strings.
 
+A candidate takes the Lease only once `ready()` (the runtime: caches synced). Before,
+it still watches the holder's renewals, so a warm candidate takes an expired Lease at
+once. A cold one must not: its initial listing, run on the event loop that also renews,
+kept a fresh leader from renewing within the deadline: with the restarted replica
+always the cold one, each new leader lost the Lease seconds after taking it and the two
+replicas took turns doing nothing (`make chaos`, issue 15). A cold leader cannot act
+before its caches sync anyway.
+
 The decision part (`decide`) is pure and takes the (monotonic) clock as an argument.
 """
 
@@ -110,8 +118,10 @@ def decide(lease: dict | None, identity: str, now: float, observed: dict) -> str
 
 
 class LeaderElector:
-    def __init__(self, kube: Kube, cfg: LeaseConfig, clock=time.monotonic, wall=None):
+    def __init__(self, kube: Kube, cfg: LeaseConfig, clock=time.monotonic, wall=None,
+                 ready=None):
         self.cfg = cfg
+        self.ready = ready or (lambda: True)  # may we take the Lease (caches synced)?
         self.clock = clock  # durations: lease expiry, renew deadline (monotonic)
         self.wall = wall or _wall  # only for the renewTime / acquireTime strings
         self.leading = asyncio.Event()
@@ -140,6 +150,8 @@ class LeaderElector:
         action = decide(lease, self.cfg.identity, now, self._observed)
         if action == "wait":
             return False
+        if not self.leading.is_set() and not self.ready():
+            return False  # observed (expiry runs on), but a cold candidate never takes it
         spec = {
             "holderIdentity": self.cfg.identity,
             "leaseDurationSeconds": int(self.cfg.lease_duration),

@@ -35,7 +35,8 @@ api_writes = Counter(
 conflicts = Counter(
     "volplane_api_conflicts_total", "Optimistic-concurrency conflicts (re-read and re-decide)",
     ["controller", "resource"])
-queue_depth = Gauge("volplane_workqueue_depth", "Keys waiting in a controller's queue",
+queue_depth = Gauge("volplane_workqueue_depth",
+                    "Unfinished keys of a controller's queue (waiting or being synced)",
                     ["controller"])
 events_posted = Counter("volplane_events_total", "Kubernetes Events posted",
                         ["type", "reason"])

@@ -130,6 +130,7 @@ def _start_when_synced(ctx: Context, enabled: list[str], controllers: list, elec
         readiness.controllers = {c.name: False for c in controllers}
         if elector is not None:
             await elector.ensure_namespace()
+            elector.ready = ctx.synced.is_set  # only a warm replica takes the Lease
             tasks.append(_guarded(elector.run(), "leader-election"))
         await ctx.synced.wait()
         readiness.synced = True

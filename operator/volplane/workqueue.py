@@ -5,6 +5,10 @@
   being processed is parked and queued again when the worker calls done().
 - add_after() delays a key (resync, conflicts); add_rate_limited() backs off
   exponentially per key until forget() is called.
+- `depth` (optional) is told the number of unfinished keys (waiting or being
+  processed) whenever it changes, on every add, get and done, as client-go's
+  workqueue updates its metrics (a gauge set only at resync read 0 for a leader
+  killed every few seconds: the chaos run).
 The clock is injected so tests need no sleeps.
 """
 
@@ -14,13 +18,15 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 
 class WorkQueue:
     def __init__(self, name: str, *, base_delay: float = 0.05, max_delay: float = 30.0,
-                 clock=time.monotonic, resource: str | None = None):
+                 clock=time.monotonic, resource: str | None = None,
+                 depth: Callable[[int], object] | None = None):
         self.name = name
+        self._depth = depth
         # The API resource (plural) its keys name, e.g. "persistentvolumeclaims": a 404
         # about that object means it was deleted, which ends its work (see `process`).
         self.resource = resource
@@ -30,6 +36,7 @@ class WorkQueue:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
+        self._both = 0  # keys re-added while being processed (in both sets)
         self._failures: dict[Hashable, int] = {}
         self._delayed: list[tuple[float, int, Hashable]] = []
         self._seq = itertools.count()
@@ -45,17 +52,27 @@ class WorkQueue:
         self._dirty.add(key)
         if key not in self._processing:
             self._queue.put_nowait(key)
+        else:
+            self._both += 1
+        self._report()
 
     async def get(self) -> Hashable:
         key = await self._queue.get()
         self._dirty.discard(key)
         self._processing.add(key)
+        self._report()
         return key
+
+    def _report(self) -> None:
+        if self._depth is not None:
+            self._depth(len(self._dirty) + len(self._processing) - self._both)
 
     def done(self, key: Hashable) -> None:
         self._processing.discard(key)
         if key in self._dirty:
+            self._both -= 1
             self._queue.put_nowait(key)
+        self._report()
 
     def idle(self) -> bool:
         """Nothing queued and nothing being processed (delayed keys do not count)."""

@@ -347,7 +347,10 @@ def test_a_replica_that_lost_the_lease_stops_at_once(api, kubeconfig, cluster, n
     b = operator.another("b").start(*lease, "--leader-elect-identity", idb)
     wait_for(lambda: _readyz(b.metrics_port)[0] == 200, timeout=60, message="b standby")
     backlog = f"backlog-{namespace}"
-    for i in range(30):
+    # 60 status writes at 5 QPS: ~12 s of work, enough for "busy" to hold 4 s once seen
+    # (the depth gauge is live since the chaos run; it used to be a resync-time sample,
+    # which read "busy" even after the writes were done)
+    for i in range(60):
         create(api, _pv(f"{namespace}-bl{i:02d}", backlog))
 
     def busy():

@@ -190,3 +190,29 @@ def test_the_write_guard_stops_a_leader_past_its_renew_deadline(monkeypatch):
     mono.t += 10.5
     a.check()
     assert stopped == [True]
+
+
+def test_a_cold_candidate_waits_for_its_caches_but_keeps_the_expiry_clock_running():
+    server = LeaseServer()
+    a = elector(server, "a", Clock(), Clock(1_700_000_000.0))
+    assert run(a._try()) is True
+    synced = False
+    mono_b = Clock(7.0)
+    b = LeaderElector(server, LeaseConfig(identity="b", lease_duration=15, renew_deadline=10,
+                                          retry_period=2),
+                      clock=mono_b, wall=Clock(1_700_000_000.0), ready=lambda: synced)
+    assert run(b._try()) is False                    # b sees a for the first time
+    mono_b.t += 20                                   # a stopped renewing long ago,
+    assert run(b._try()) is False                    # but b's caches are not synced
+    assert server.lease["spec"]["holderIdentity"] == "a"
+    synced = True                                    # warm: b takes it at once
+    assert run(b._try()) is True
+    assert server.lease["spec"]["holderIdentity"] == "b"
+
+
+def test_a_cold_candidate_does_not_create_a_missing_lease():
+    server = LeaseServer()
+    a = LeaderElector(server, LeaseConfig(identity="a"), clock=Clock(),
+                      wall=Clock(1_700_000_000.0), ready=lambda: False)
+    assert run(a._try()) is False
+    assert server.lease is None

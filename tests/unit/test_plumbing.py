@@ -172,3 +172,25 @@ def test_a_404_about_another_object_is_still_a_failure_and_retried():
     log = _run_one(sync, "ns/c1", q)
     assert [(line[0], line[1]) for line in log.lines] == [("warning", "sync failed")]
     assert q.failures("ns/c1") == 1 and q._delayed
+
+
+def test_queue_reports_its_unfinished_keys_on_every_add_take_and_done():
+    """The depth gauge follows the queue as it changes (waiting or being processed),
+    not only at resync."""
+    async def main():
+        seen: list[int] = []
+        q = WorkQueue("t", depth=seen.append)
+        q.add("a")
+        q.add("b")
+        q.add("a")  # already waiting: unchanged
+        assert seen[-1] == 2
+        key = await q.get()
+        assert seen[-1] == 2  # one waiting, one being processed
+        q.add(key)  # re-added while processing: still one key, not two
+        assert seen[-1] == 2
+        q.done(key)  # back in the queue
+        assert seen[-1] == 2
+        for _ in range(2):
+            q.done(await q.get())
+        assert seen[-1] == 0
+    asyncio.run(main())

@@ -145,7 +145,8 @@ class AttachDetachController:
         self.node_reports = R.NodeReportSchedule(NODE_STATUS_DEBOUNCE,
                                                  NODE_STATUS_MIN_INTERVAL)
 
-        self.volumes = WorkQueue("attachdetach-volumes")
+        self.volumes = WorkQueue("attachdetach-volumes",
+                                 depth=metrics.queue_depth.labels("attachdetach-volumes").set)
         self.flex = FlexAttacher(self)   # FlexVolume drivers (flexvolumes.py)
         self.node_queue = WorkQueue("attachdetach-nodes")
         self.running = False
@@ -398,7 +399,6 @@ class AttachDetachController:
             for pv in (self._volumes_with_pods() | set(self.vas_by_pv.keys())
                        | self.flex.all_keys()):
                 self.volumes.add(pv)
-            metrics.queue_depth.labels("attachdetach-volumes").set(len(self.volumes))
 
     # -- act: one volume ------------------------------------------------------------------
     def plan(self, vid: str, dsw: D.DSW, asw: A.ASW, now: float) -> list[RC.Op]:

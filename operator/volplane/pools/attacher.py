@@ -82,7 +82,8 @@ class PoolAttacher:
         self.pvs = inf.lister(PVS)
         self.vas_by_node = inf.index(ATTACHMENTS_BY_NODE)
         self.vas_by_pv = inf.index(ATTACHMENTS_BY_PV)
-        self.queue = WorkQueue("pool-attacher", resource="volumeattachments")
+        self.queue = WorkQueue("pool-attacher", resource="volumeattachments",
+                               depth=metrics.queue_depth.labels("pool-attacher").set)
         # (node, pool) -> slot -> attachment: slots being written right now
         self.reserved: dict[tuple[str, str], dict[int, str]] = {}
         inf.listen(VOLUME_ATTACHMENTS, self._on_attachment)

@@ -93,8 +93,10 @@ class PVController:
         # whose lister entry changed since the index last looked.
         self.index = VolumeIndex()
         self._stale: set[str] = set()
-        self.claims = WorkQueue("claims", resource="persistentvolumeclaims")
-        self.volumes = WorkQueue("volumes", resource="persistentvolumes")
+        self.claims = WorkQueue("claims", resource="persistentvolumeclaims",
+                                depth=metrics.queue_depth.labels("pv-binder-claims").set)
+        self.volumes = WorkQueue("volumes", resource="persistentvolumes",
+                                 depth=metrics.queue_depth.labels("pv-binder-volumes").set)
         self.expansions = WorkQueue("expansions",  # bound claims asking for more space
                                     resource="persistentvolumeclaims")
         # Volume plugins by provisioner / driver name (pv/plugins.py), given by the wiring.
@@ -232,8 +234,6 @@ class PVController:
             for name, pv in list(self.pvs.items()):
                 if (pv.get("status") or {}).get("phase") != "Bound":
                     self.volumes.add(name)
-            metrics.queue_depth.labels("pv-binder-claims").set(len(self.claims))
-            metrics.queue_depth.labels("pv-binder-volumes").set(len(self.volumes))
 
     # -- claims ------------------------------------------------------------------------------
     async def _sync_claim_key(self, key: str) -> float | None:
