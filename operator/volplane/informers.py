@@ -441,5 +441,7 @@ def _register_kind(registry: Any, informers: Informers, kind: Kind,
 
     @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry,
                    id=handler_id(f"{kind.plural}.events"))
-    async def events(type: str | None, body: Any, memo: Any, **_: Any) -> None:  # noqa: A002
-        informers.on_event(kind, type, body, memo)
+    async def events(type: str | None, event: Any, memo: Any, **_: Any) -> None:  # noqa: A002
+        # The raw event's object (a plain dict), not Kopf's ``body`` view: every key read
+        # through a view resolves a path.
+        informers.on_event(kind, type, event["object"], memo)

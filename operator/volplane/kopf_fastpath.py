@@ -240,10 +240,11 @@ class FastWatcher:
         self.finalizer = settings.persistence.finalizer
         self.memos: dict[str, Any] = {}
         # what each handler is called with, worked out once (handler id -> names)
-        self._call_names = {h.id: self._names(h, RESOURCE_KWARGS) for h in indexing_handlers}
-        self._call_names.update({h.id: self._names(h, WATCHING_KWARGS)
-                                 for h in watching_handlers})
-        self.needs_memo = any("memo" in n for n in self._call_names.values())
+        # what each handler is called with, worked out once
+        self._indexers = [(h, self._getters(h, RESOURCE_KWARGS)) for h in indexing_handlers]
+        self._watchers = [(h, self._getters(h, WATCHING_KWARGS)) for h in watching_handlers]
+        self.needs_memo = any(n == "memo" for _, g in self._indexers + self._watchers
+                              for n, _ in g)
         # events waiting for the barrier: (raw event, indexed already, its memo if so)
         self._held: list[tuple[dict, bool, Any]] | None = None
         self._held_uids: set[str] = set()
@@ -364,8 +365,8 @@ class FastWatcher:
         ev = _Event(raw_event, memo if indexed else self._memo(raw_event))
         if not indexed and self.indexing_handlers:
             await self._index_async(ev)
-        for h in self.watching_handlers:
-            await self._watch(h, ev)
+        for h, getters in self._watchers:
+            await self._watch(h, getters, ev)
         if ev.type != "DELETED":
             await self._housekeeping(ev)
 
@@ -373,9 +374,9 @@ class FastWatcher:
         if ev.type == "DELETED":
             self._discard(ev.obj)
             return
-        for h in self.indexing_handlers:
+        for h, getters in self._indexers:
             try:
-                result = await h.fn(**self._kwargs(h, ev, RESOURCE_KWARGS))
+                result = await h.fn(**{n: g(ev) for n, g in getters})
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - a handler's error: Kopf logs it
@@ -401,9 +402,9 @@ class FastWatcher:
         elif not isinstance(error, Exception):
             raise error
 
-    async def _watch(self, h: Any, ev: _Event) -> None:
+    async def _watch(self, h: Any, getters: tuple, ev: _Event) -> None:
         try:
-            result = await h.fn(**self._kwargs(h, ev, WATCHING_KWARGS))
+            result = await h.fn(**{n: g(ev) for n, g in getters})
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a handler's error: Kopf logs it, goes on
@@ -459,47 +460,49 @@ class FastWatcher:
     def _names(self, h: Any, known: frozenset[str]) -> tuple[str, ...]:
         names, wants_all, _ = _signature(h.fn)
         if wants_all:
-            return tuple(known | set(self.indexers.indices))
+            return tuple(sorted(known | set(self.indexers.indices)))
         return names
 
-    def _kwargs(self, h: Any, ev: _Event, known: frozenset[str]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        indices = self.indexers.indices
-        for name in self._call_names[h.id]:
-            if name in indices:  # Kopf: indexes override any other argument
-                out[name] = indices[name]
+    def _getters(self, h: Any, known: frozenset[str]) -> tuple[tuple[str, Getter], ...]:
+        """(name, how to get its value from an _Event) for every argument `h` names
+        that Kopf would give it; worked out once per handler."""
+        indexing_call = known is RESOURCE_KWARGS
+        out: list[tuple[str, Getter]] = []
+        for name in self._names(h, known):
+            if name in self.indexers.indices:  # Kopf: indexes override any other argument
+                out.append((name, _const(self.indexers.indices[name])))
             elif name in known:
-                out[name] = self._value(name, h, ev, known is RESOURCE_KWARGS)
-        return out
+                out.append((name, self._getter(name, h, indexing_call)))
+        return tuple(out)
 
-    def _value(self, name: str, h: Any, ev: _Event, indexing_call: bool) -> Any:
-        # Ordered by how often volplane's handlers name them.
-        if name == "body":
-            return ev.body
-        if name == "type":
-            return ev.type
-        if name == "memo":
-            return ev.memo
-        if name == "event":
-            return ev.raw
-        if name in ("spec", "status"):
-            return getattr(ev.body, name)
-        if name == "meta":
-            return ev.body.metadata
-        if name in ("uid", "name", "namespace", "labels", "annotations"):
-            return getattr(ev.body.metadata, name)
-        if name == "logger":
-            return self._logger(ev, indexing_call)
-        if name == "patch":  # an indexer's patch is thrown away, as in Kopf
-            return patches.Patch() if indexing_call else ev.patch
-        if name == "resource":
-            return self.resource
-        if name == "param":
-            return h.param
-        if name == "retry":
-            return 0
-        if name == "started":
-            return datetime.datetime.now(datetime.UTC)
-        if name == "runtime":
-            return datetime.timedelta(0)
-        raise KeyError(name)
+    def _getter(self, name: str, h: Any, indexing_call: bool) -> Getter:
+        simple: dict[str, Getter] = {
+            "body": _Event.body.fget,  # type: ignore[dict-item]
+            "type": lambda ev: ev.type,
+            "memo": lambda ev: ev.memo,
+            "event": lambda ev: ev.raw,
+            "spec": lambda ev: ev.body.spec,
+            "status": lambda ev: ev.body.status,
+            "meta": lambda ev: ev.body.metadata,
+            "uid": lambda ev: ev.body.metadata.uid,
+            "name": lambda ev: ev.body.metadata.name,
+            "namespace": lambda ev: ev.body.metadata.namespace,
+            "labels": lambda ev: ev.body.metadata.labels,
+            "annotations": lambda ev: ev.body.metadata.annotations,
+            "logger": lambda ev: self._logger(ev, indexing_call),
+            # an indexer's patch is thrown away, as in Kopf
+            "patch": (lambda ev: patches.Patch()) if indexing_call else (lambda ev: ev.patch),
+            "resource": _const(self.resource),
+            "param": _const(h.param),
+            "retry": _const(0),
+            "started": lambda ev: datetime.datetime.now(datetime.UTC),
+            "runtime": _const(datetime.timedelta(0)),
+        }
+        return simple[name]
+
+
+Getter = Callable[[_Event], Any]
+
+
+def _const(value: Any) -> Getter:
+    return lambda ev: value
