@@ -74,7 +74,8 @@ from kopf._cogs.clients import watching
 from kopf._cogs.structs import bodies, finalizers, patches
 from kopf._core.actions import application, execution, invocation, loggers, progression
 from kopf._core.engines import indexing, posting
-from kopf._core.intents import causes, handlers as khandlers
+from kopf._core.intents import causes
+from kopf._core.intents import handlers as khandlers
 from kopf._core.reactor import inventory, processing, queueing
 
 from .kopf_patches import kopf_version
@@ -142,7 +143,7 @@ RESOURCE_KWARGS = frozenset({
 WATCHING_KWARGS = RESOURCE_KWARGS | {"type", "event"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(fn: Callable[..., Any]) -> tuple[tuple[str, ...], bool, bool]:
     """(the keyword arguments `fn` names, whether it has a catch-all that wants
     everything, whether it can be called with keywords only)."""
@@ -292,14 +293,9 @@ class FastWatcher:
                     continue
                 if raw_event.get("type") == "BOOKMARK":
                     continue
-                if self._held is not None:
-                    async with self._lock:
-                        if self._held is not None:
-                            if operator_indexed is None or not operator_indexed.is_on():
-                                await self._hold(raw_event)
-                                continue
-                            await self._release()
-                await self.handle(raw_event)
+                if self._held is None or not await self._held_back(raw_event,
+                                                                   operator_indexed):
+                    await self.handle(raw_event)
         except asyncio.CancelledError:
             if self._error is None:
                 raise
@@ -309,6 +305,19 @@ class FastWatcher:
         finally:
             if opener is not None:
                 opener.cancel()
+
+    async def _held_back(self, raw_event: dict,
+                         operator_indexed: aiotoggles.ToggleSet | None) -> bool:
+        """Before the barrier opens: hold the event (True); once it is open, handle what
+        was held and let the event through (False)."""
+        async with self._lock:
+            if self._held is None:
+                return False
+            if operator_indexed is None or not operator_indexed.is_on():
+                await self._hold(raw_event)
+                return True
+            await self._release()
+            return False
 
     async def _open_when_indexed(self, operator_indexed: aiotoggles.ToggleSet,
                                  watcher_task: asyncio.Task | None) -> None:

@@ -189,7 +189,8 @@ def both(streams: dict[str, list], expected: int, gated: bool = False) -> tuple:
         rec = Recorder()
         gate = asyncio.Event() if gated else None
 
-        async def go(rec: Recorder = rec, gate: asyncio.Event | None = gate) -> Any:
+        async def go(rec: Recorder = rec, gate: asyncio.Event | None = gate,
+                     fast: bool = fast) -> Any:
             return await run(streams, fast, rec, expected, gate)
 
         indexers = asyncio.run(go())
