@@ -59,12 +59,12 @@ at start. ``tests/unit/test_kopf_fastpath.py`` fails when the pinned Kopf change
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import datetime
 import functools
 import hashlib
 import inspect
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +78,7 @@ from kopf._core.intents import causes
 from kopf._core.intents import handlers as khandlers
 from kopf._core.reactor import inventory, processing, queueing
 
+from . import logs
 from .kopf_patches import kopf_version
 
 PATCHED_VERSION = "1.45.2"
@@ -98,7 +99,8 @@ _PINNED: tuple[Any, ...] = (
     progression.HandlerState.from_scratch, progression.deliver_results,
 )
 
-log = logging.getLogger("volplane.kopf_fastpath")
+log = logs.get("kopf_fastpath")
+RELEASE_BATCH = 500  # held events handled between two yields to the event loop
 
 
 def original_source_digest() -> str:
@@ -247,7 +249,7 @@ class FastWatcher:
         self.needs_memo = any(n == "memo" for _, g in self._indexers + self._watchers
                               for n, _ in g)
         # events waiting for the barrier: (raw event, indexed already, its memo if so)
-        self._held: list[tuple[dict, bool, Any]] | None = None
+        self._held: collections.deque[tuple[dict, bool, Any]] | None = None
         self._held_uids: set[str] = set()
         self._lock = asyncio.Lock()
         self._error: BaseException | None = None
@@ -264,9 +266,11 @@ class FastWatcher:
             return None
         plan = plan_for(kw["registry"], resource)
         if plan is None:
-            log.debug("Kopf's own event path for %s: it has handlers the fast path "
-                      "does not take", resource)
+            log.info("Kopf's own event path: the kind has handlers the fast path does not take",
+                     resource=str(resource))
             return None
+        log.info("Kopf event fast path", resource=str(resource),
+                 indexers=[h.id for h in plan[0]], handlers=[h.id for h in plan[1]])
         return cls(registry=kw["registry"], settings=settings, indexers=kw["indexers"],
                    memobase=kw["memobase"], event_queue=kw["event_queue"], resource=resource,
                    indexing_handlers=plan[0], watching_handlers=plan[1])
@@ -280,7 +284,7 @@ class FastWatcher:
         this = asyncio.current_task()
         opener: asyncio.Task | None = None
         if operator_indexed is not None and not operator_indexed.is_on():
-            self._held = []
+            self._held = collections.deque()
             opener = asyncio.create_task(self._open_when_indexed(operator_indexed, this))
         try:
             stream = watching.infinite_watch(settings=settings, resource=resource,
@@ -330,8 +334,8 @@ class FastWatcher:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug here: stop the watcher as a failed worker would
-            log.exception("Event processing has failed with an unrecoverable error for %s.",
-                          self.resource)
+            log.exception("event processing failed with an unrecoverable error",
+                          resource=str(self.resource))
             self._error = e
             if watcher_task is not None:
                 watcher_task.cancel()
@@ -354,9 +358,16 @@ class FastWatcher:
             await self._index_async(_Event(raw_event, memo))
 
     async def _release(self) -> None:
-        held, self._held, self._held_uids = self._held or [], None, set()
-        for raw_event, indexed, memo in held:
+        """Handle what was held, in arrival order (under the lock: a new event waits)."""
+        held = self._held or collections.deque()
+        done = 0
+        while held:
+            raw_event, indexed, memo = held.popleft()
             await self.handle(raw_event, indexed=indexed, memo=memo)
+            done += 1
+            if done % RELEASE_BATCH == 0:
+                await asyncio.sleep(0)  # probes and other kinds' streams go on meanwhile
+        self._held, self._held_uids = None, set()
 
     # -- one event --
     def _memo(self, raw_event: dict) -> Any:
@@ -486,7 +497,7 @@ class FastWatcher:
 
     def _getter(self, name: str, h: Any, indexing_call: bool) -> Getter:
         simple: dict[str, Getter] = {
-            "body": _Event.body.fget,  # type: ignore[dict-item]
+            "body": _Event.body.fget,  # type: ignore[attr-defined]
             "type": lambda ev: ev.type,
             "memo": lambda ev: ev.memo,
             "event": lambda ev: ev.raw,
