@@ -7,8 +7,9 @@ For every kind a controller watches (``kinds.Kind``) the wiring registers:
   ``(index name, key)`` for every derived index of the kind (``kinds.IndexSpec``: PVs by
   claim, pods by node and by claim, attachments by node and by PV, unbound claims by
   class). Kopf keeps them and updates them on every event. One handler per kind, not
-  one per index: Kopf's cost per handler call (its keyword arguments, its bookkeeping)
-  is most of its cost per event (docs/benchmarks.md);
+  one per index: a handler call is most of the cost per event (docs/benchmarks.md),
+  in Kopf's own path (all its keyword arguments, its bookkeeping) and, less so, in the
+  fast path (kopf_fastpath.py: inline in the watcher, only the arguments named);
 - one ``@kopf.on.event`` that only enqueues: it hands ``(key, old, new)`` to the
   controllers' listeners, which put keys on their work queues. ``old`` is the slim
   object the previous event of the same object left in Kopf's per-object ``memo``
