@@ -352,7 +352,8 @@ class Informers:
 
     def on_event(self, kind: Kind, type_: str | None, body: Mapping[str, Any],
                  memo: Any) -> None:
-        """One watch event, after Kopf has indexed it: run the listeners."""
+        """One watch event, after Kopf has indexed it: run the listeners. Reads only
+        the object's name, namespace, uid and resourceVersion (``held_event``)."""
         key = key_of(body)
         lister = self.listers[kind.plural]
         old = memo.get(MEMO_KEY)
@@ -429,9 +430,26 @@ def index_object(body: Mapping[str, Any], kind: Kind, specs: list[IndexSpec]) ->
     return out
 
 
+HELD_METADATA = ("name", "namespace", "uid", "resourceVersion")
+
+
+def held_event(raw_event: Mapping[str, Any]) -> dict:
+    """What ``Informers.on_event`` reads of a watch event: its type and the object's
+    name, namespace, uid and resourceVersion (everything else comes from the lister).
+    The fast path keeps only this of an event held until the barrier opens
+    (kopf_fastpath.reads_when_held), so the initial listing's bodies are not all held."""
+    obj = raw_event["object"]
+    meta = obj.get("metadata") or {}
+    return {"type": raw_event["type"],
+            "object": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+                       "metadata": {k: meta[k] for k in HELD_METADATA if k in meta}}}
+
+
 def _register_kind(registry: Any, informers: Informers, kind: Kind,
                    specs: list[IndexSpec]) -> None:
     import kopf
+
+    from .kopf_fastpath import reads_when_held
 
     @kopf.index(kind.group, kind.version, kind.plural, registry=registry,
                 id=handler_id(kind.plural))
@@ -442,6 +460,7 @@ def _register_kind(registry: Any, informers: Informers, kind: Kind,
 
     @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry,
                    id=handler_id(f"{kind.plural}.events"))
+    @reads_when_held(held_event)
     async def events(type: str | None, event: Any, memo: Any, **_: Any) -> None:  # noqa: A002
         # The raw event's object (a plain dict), not Kopf's ``body`` view: every key read
         # through a view resolves a path.

@@ -135,6 +135,25 @@ def apply_unless_disabled(log: Any) -> None:
                     expected=PATCHED_VERSION)
 
 
+# --- what a held event keeps -------------------------------------------------------------
+
+HELD_ATTR = "_volplane_reads_when_held"
+
+
+def reads_when_held(trim: Callable[[dict], dict]) -> Callable[[Any], Any]:
+    """Declare, on an event handler, what it reads of an event held until the barrier
+    opens: ``trim(raw_event)`` returns a raw event with just that. Every event of the
+    initial listing is held (it is indexed at once, its handlers wait for every kind's
+    listing); without the declaration each holds its whole body, so the peak memory of a
+    start-up holds every object of the cluster. With it (on every event handler of the
+    kind, the same function) a held event keeps what `trim` returns. The handler must
+    then read nothing else of ``event``/``body`` (its unit test says so)."""
+    def mark(fn: Any) -> Any:
+        setattr(fn, HELD_ATTR, trim)
+        return fn
+    return mark
+
+
 # --- which resources take the fast path ------------------------------------------------
 
 # The keyword arguments Kopf gives an indexer (IndexingCause) and an event handler
@@ -248,6 +267,9 @@ class FastWatcher:
         self._watchers = [(h, self._getters(h, WATCHING_KWARGS)) for h in watching_handlers]
         self.needs_memo = any(n == "memo" for _, g in self._indexers + self._watchers
                               for n, _ in g)
+        trims = {getattr(h.fn, HELD_ATTR, None) for h in watching_handlers}
+        self._trim: Callable[[dict], dict] | None = (
+            trims.pop() if len(trims) == 1 and watching_handlers else None)
         # events waiting for the barrier: (raw event, indexed already, its memo if so)
         self._held: collections.deque[tuple[dict, bool, Any]] | None = None
         self._held_uids: set[str] = set()
@@ -354,8 +376,19 @@ class FastWatcher:
         else:
             self._held_uids.add(uid)
             memo = self._memo(raw_event)
-            self._held.append((raw_event, True, memo))
             await self._index_async(_Event(raw_event, memo))
+            self._held.append((self._trimmed(raw_event), True, memo))
+
+    def _trimmed(self, raw_event: dict) -> dict:
+        """What an indexed event keeps while it waits: all of it, unless every event
+        handler of the kind declared what it reads (``reads_when_held``). Never trimmed:
+        an object that carries Kopf's finalizer (the housekeeping reads it)."""
+        if self._trim is None:
+            return raw_event
+        fins = raw_event["object"].get("metadata", {}).get("finalizers")
+        if fins and self.finalizer in fins:
+            return raw_event
+        return self._trim(raw_event)
 
     async def _release(self) -> None:
         """Handle what was held, in arrival order (under the lock: a new event waits)."""

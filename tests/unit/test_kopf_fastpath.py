@@ -304,3 +304,73 @@ def test_volplanes_own_handlers_take_the_fast_path():
     for res in (pvs, pods):
         plan = kopf_fastpath.plan_for(reg, res)
         assert plan is not None and len(plan[0]) == 1 and len(plan[1]) == 1
+
+
+def test_volplanes_event_handlers_read_only_what_a_held_event_keeps():
+    """The fast path keeps only informers.held_event of an event held until the barrier
+    opens: Informers.on_event must do exactly the same with it as with the whole body."""
+    from volplane import kinds as K
+    from volplane.informers import MEMO_KEY, Informers, held_event, index_object
+
+    def world() -> tuple[Informers, list]:
+        inf = Informers(clock=lambda: 100.0)
+        inf.index(K.PVS_BY_CLAIM)
+        calls: list = []
+        inf.listen(K.PVS, lambda key, old, new: calls.append((key, old, new)))
+        return inf, calls
+
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume",
+          "metadata": {"name": "pv-1", "uid": "u-1", "resourceVersion": "7",
+                       "managedFields": [{"manager": "x"}], "labels": {"a": "b"}},
+          "spec": {"capacity": {"storage": "1Gi"},
+                   "claimRef": {"namespace": "ns", "name": "c", "uid": "cu"}},
+          "status": {"phase": "Bound"}}
+    results = []
+    for trim in (False, True):
+        inf, calls = world()
+        memo: dict = {}
+        inf.listers["persistentvolumes"].put({**pv, "metadata": {**pv["metadata"],
+                                                                 "resourceVersion": "6"}})
+        src = inf._source(K.PVS)
+        for type_, rv in ((None, "7"), ("MODIFIED", "8"), ("DELETED", "9")):
+            body = {**pv, "metadata": {**pv["metadata"], "resourceVersion": rv}}
+            if type_ == "DELETED":
+                src.discard("u-1")
+            else:
+                src.replace("u-1", index_object(body, K.PVS, inf.specs_of(K.PVS)))
+            raw = {"type": type_, "object": body}
+            seen = held_event(raw) if trim else raw
+            inf.on_event(K.PVS, seen["type"], seen["object"], memo)
+        lister = inf.listers["persistentvolumes"]
+        results.append((calls, dict(lister._deleted), dict(lister._overlay), MEMO_KEY in memo))
+    assert results[0] == results[1]
+    calls = results[0][0]
+    assert [c[0] for c in calls] == ["pv-1"] * 3 and calls[-1][2] is None
+    assert results[0][1] == {"pv-1": (9, 100.0)}   # the deletion's tombstone, at its rv
+
+
+def test_the_fast_path_keeps_a_held_event_trimmed_when_its_handlers_say_so():
+    from volplane import kinds as K
+    from volplane.informers import Informers, held_event
+
+    inf = Informers()
+    inf.listen(K.PVS, lambda *_: None)
+    reg = kopf.OperatorRegistry()
+    inf.register(reg)
+    pvs = references.Resource("", "v1", "persistentvolumes", namespaced=False)
+    plan = kopf_fastpath.plan_for(reg, pvs)
+    assert plan is not None
+    indexers = indexing.OperatorIndexers()
+    indexers.ensure(reg._indexing.get_all_handlers())
+    settings = kopf.OperatorSettings()
+    fw = kopf_fastpath.FastWatcher(
+        registry=reg, settings=settings, indexers=indexers, memobase=kopf.Memo(),
+        event_queue=None, resource=pvs, indexing_handlers=plan[0],
+        watching_handlers=plan[1])
+    raw = {"type": None, "object": {"metadata": {"name": "a", "uid": "u", "resourceVersion": "1",
+                                                 "managedFields": [{}]}, "spec": {}}}
+    assert fw._trimmed(raw) == held_event(raw)
+    assert "managedFields" not in fw._trimmed(raw)["object"]["metadata"]
+    fin = {"type": None, "object": {"metadata": {
+        "name": "a", "uid": "u", "finalizers": [settings.persistence.finalizer]}}}
+    assert fw._trimmed(fin) is fin        # Kopf's finalizer: kept whole (housekeeping)
