@@ -30,7 +30,11 @@ watcher itself (no per-object task):
   toggles: every kind's LISTED bookmark) events are held in arrival order. As in Kopf,
   an object's first held event is indexed at once and its later ones only when their
   turn comes after the barrier opens (Kopf's per-object worker indexes the next event
-  only after the handlers of the previous one ran). Errors are logged, the stream goes on;
+  only after the handlers of the previous one ran). A held event keeps its whole raw
+  body, unless every event handler of the kind declared what it reads of it
+  (``reads_when_held``: volplane's read name, namespace, uid and resourceVersion); then
+  the initial listing's bodies are not all alive at once. Errors are logged, the stream
+  goes on;
 - removes Kopf's finalizer from an object that carries it, and stores a handler's
   non-None result into the object's status, through Kopf's own patching (as
   ``process_resource_causes`` / ``application.apply`` do). volplane does neither.
