@@ -118,7 +118,8 @@ def table(results: dict) -> str:
         objs = f"W5 {w5.get('objects', '')}"
         up = s.get("upstream-default") or {}
         v02 = s.get("volplane-0.2") or {}
-        for variant, note in (("volplane", ""), ("volplane-nopatch", " [Kopf barrier unpatched]"),
+        for variant, note in (("volplane", ""), ("volplane-nofast", " [Kopf's event path]"),
+                              ("volplane-nopatch", " [Kopf barrier unpatched]"),
                               ("volplane-list", " [paginated LIST]")):
             vp = s.get(variant)
             if vp is None:
@@ -223,7 +224,8 @@ def main() -> int:
     p.add_argument("--sides", default=",".join(ALL_SIDES),
                    help="subset of " + ",".join(ALL_SIDES) + ",volplane-unthrottled,"
                         "volplane-w32,floor-32 (32 workers / 32 concurrent claims: W1),"
-                        "volplane-nopatch (Kopf's barrier unpatched: W5),volplane-list "
+                        "volplane-nofast (Kopf's per-object event path, kopf_fastpath off: "
+                        "W1, W5),volplane-nopatch (Kopf's barrier unpatched: W5),volplane-list "
                         "(paginated LIST instead of a streamed initial listing: W5); "
                         "volplane-0.2 is commit " + lib.V02_COMMIT + ", built on first use")
     p.add_argument("--n", type=int, default=0, help="override the size of W1/W2/W3/W5")

@@ -258,6 +258,8 @@ def sides(env: lib.Env, include: set[str]) -> list[tuple[str, lib.Controller]]:
         ("volplane-unthrottled", lambda: lib.volplane(
             env, "pv-binder", tag="-w1-unthrottled",
             extra=["--kube-api-qps", "10000", "--kube-api-burst", "10000"])),
+        ("volplane-nofast", lambda: lib.volplane(env, "pv-binder", tag="-w1-nofast",
+                                                 env_extra={"VOLPLANE_KOPF_FASTPATH": "0"})),
         ("volplane-0.2", lambda: lib.volplane(env, "pv-binder", tag="-w1-0.2",
                                               executable=lib.ensure_volplane_02())),
         ("volplane-w32", lambda: lib.volplane(env, "pv-binder", tag="-w1-w32",

@@ -194,6 +194,10 @@ async def run(env: lib.Env, n: int, include: set[str], quick: bool = False) -> d
             sides.append(("volplane-nopatch", lambda: lib.volplane(
                 env, "pv-binder,attachdetach", tag="-w5-nopatch",
                 env_extra={"VOLPLANE_KOPF_BARRIER_PATCH": "0"})))
+        if "volplane-nofast" in include:  # Kopf's per-object event path (kopf_fastpath.py off)
+            sides.append(("volplane-nofast", lambda: lib.volplane(
+                env, "pv-binder,attachdetach", tag="-w5-nofast",
+                env_extra={"VOLPLANE_KOPF_FASTPATH": "0"})))
         if "volplane-list" in include:  # a paginated LIST instead of the streamed one
             sides.append(("volplane-list", lambda: lib.volplane(
                 env, "pv-binder,attachdetach", tag="-w5-list", extra=["--watch-initial", "list"])))

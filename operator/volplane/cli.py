@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
     faults.install_clock_hook()  # e2e only: VOLPLANE_WALL_CLOCK_OFFSET_FILE
     import kopf
 
-    from . import kopf_patches, logs, runtime, serving
+    from . import kopf_fastpath, kopf_patches, logs, runtime, serving
     from .context import Context, Options
     from .events import EventRecorder
     from .informers import Informers
@@ -33,6 +33,7 @@ def _run(args: argparse.Namespace) -> int:
         log.warning("test hook: the wall clock follows VOLPLANE_WALL_CLOCK_OFFSET_FILE",
                     offset=faults.wall_clock_offset())
     kopf_patches.apply_unless_disabled(log)
+    kopf_fastpath.apply_unless_disabled(log)
     try:
         enabled = runtime.parse_controllers(args.controllers)
     except ValueError as e:

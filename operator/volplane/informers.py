@@ -7,8 +7,9 @@ For every kind a controller watches (``kinds.Kind``) the wiring registers:
   ``(index name, key)`` for every derived index of the kind (``kinds.IndexSpec``: PVs by
   claim, pods by node and by claim, attachments by node and by PV, unbound claims by
   class). Kopf keeps them and updates them on every event. One handler per kind, not
-  one per index: Kopf's cost per handler call (its keyword arguments, its bookkeeping)
-  is most of its cost per event (docs/benchmarks.md);
+  one per index: a handler call is most of the cost per event (docs/benchmarks.md),
+  in Kopf's own path (all its keyword arguments, its bookkeeping) and, less so, in the
+  fast path (kopf_fastpath.py: inline in the watcher, only the arguments named);
 - one ``@kopf.on.event`` that only enqueues: it hands ``(key, old, new)`` to the
   controllers' listeners, which put keys on their work queues. ``old`` is the slim
   object the previous event of the same object left in Kopf's per-object ``memo``
@@ -351,7 +352,8 @@ class Informers:
 
     def on_event(self, kind: Kind, type_: str | None, body: Mapping[str, Any],
                  memo: Any) -> None:
-        """One watch event, after Kopf has indexed it: run the listeners."""
+        """One watch event, after Kopf has indexed it: run the listeners. Reads only
+        the object's name, namespace, uid and resourceVersion (``held_event``)."""
         key = key_of(body)
         lister = self.listers[kind.plural]
         old = memo.get(MEMO_KEY)
@@ -428,9 +430,26 @@ def index_object(body: Mapping[str, Any], kind: Kind, specs: list[IndexSpec]) ->
     return out
 
 
+HELD_METADATA = ("name", "namespace", "uid", "resourceVersion")
+
+
+def held_event(raw_event: Mapping[str, Any]) -> dict:
+    """What ``Informers.on_event`` reads of a watch event: its type and the object's
+    name, namespace, uid and resourceVersion (everything else comes from the lister).
+    The fast path keeps only this of an event held until the barrier opens
+    (kopf_fastpath.reads_when_held), so the initial listing's bodies are not all held."""
+    obj = raw_event["object"]
+    meta = obj.get("metadata") or {}
+    return {"type": raw_event["type"],
+            "object": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+                       "metadata": {k: meta[k] for k in HELD_METADATA if k in meta}}}
+
+
 def _register_kind(registry: Any, informers: Informers, kind: Kind,
                    specs: list[IndexSpec]) -> None:
     import kopf
+
+    from .kopf_fastpath import reads_when_held
 
     @kopf.index(kind.group, kind.version, kind.plural, registry=registry,
                 id=handler_id(kind.plural))
@@ -441,5 +460,8 @@ def _register_kind(registry: Any, informers: Informers, kind: Kind,
 
     @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry,
                    id=handler_id(f"{kind.plural}.events"))
-    async def events(type: str | None, body: Any, memo: Any, **_: Any) -> None:  # noqa: A002
-        informers.on_event(kind, type, body, memo)
+    @reads_when_held(held_event)
+    async def events(type: str | None, event: Any, memo: Any, **_: Any) -> None:  # noqa: A002
+        # The raw event's object (a plain dict), not Kopf's ``body`` view: every key read
+        # through a view resolves a path.
+        informers.on_event(kind, type, event["object"], memo)

@@ -186,7 +186,8 @@ def _configure(s: kopf.OperatorSettings, kinds, streaming: bool, watch_timeout: 
 
 async def _release_memory_later(idle_timeout: float) -> None:
     """Once Kopf's per-object workers of the initial listing have ended (idle_timeout
-    after their last event), give the memory they held back to the OS (glibc only:
+    after their last event; none with the fast path, whose held initial events are
+    released when the barrier opens), give the memory they held back to the OS (glibc only:
     malloc_trim returns freed heap pages; a no-op elsewhere)."""
     await asyncio.sleep(idle_timeout + 2.0)
     try:

@@ -1,8 +1,9 @@
 """Every Kopf setting volplane uses, in one place, each with what it buys.
 
 Kopf is the watch layer (informers.py): per watched kind it lists, watches, and runs
-volplane's indexers and event handlers in one worker task per object. Its costs per
-object are what these settings keep down; docs/benchmarks.md measures them.
+volplane's indexers and event handlers, inline in its watcher (kopf_fastpath.py) or,
+with VOLPLANE_KOPF_FASTPATH=0, in one worker task per object. Its costs per object are
+what these settings and that patch keep down; docs/benchmarks.md measures them.
 
 What Kopf writes: nothing. volplane registers no on.create/update/delete, daemon or
 timer handler, so Kopf never puts its progress or diff-base annotations or its
@@ -91,7 +92,8 @@ def configure(settings: kopf.OperatorSettings, kinds: list[Kind], *,
             settings.watching.field_selectors[(kind.group, kind.version, kind.plural)] = (
                 kind.field_selector)
 
-    # queueing: Kopf runs one worker task per object that has events to process; it
+    # queueing (Kopf's own event path only: the fast path, kopf_fastpath.py, runs no
+    # per-object worker): Kopf runs one worker task per object that has events to process; it
     # ends idle_timeout seconds after the object's last event. Kopf's default is 5 s;
     # volplane's handlers only index and enqueue, so a worker has nothing to wait for:
     # ending it after 1 s frees its task, queue and the last full body it holds much

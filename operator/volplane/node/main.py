@@ -189,11 +189,12 @@ def _serve_registration(path: str, registration, log):
 
 
 def _start_agent(args, system, log):
-    from .. import kopf_patches
+    from .. import kopf_fastpath, kopf_patches
     from ..kube import Kube
     from .agent import Agent
 
     kopf_patches.apply_unless_disabled(log)  # as the operator: Kopf's start-up with many PVs
+    kopf_fastpath.apply_unless_disabled(log)  # and its per-event cost
     holder: dict = {}
     ready = threading.Event()
     stopping = threading.Event()
