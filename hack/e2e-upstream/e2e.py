@@ -332,6 +332,22 @@ def parse_junit(path: Path) -> list[dict]:
     return rows
 
 
+def merge_passes(rows: list[dict]) -> list[dict]:
+    """One row per spec over the passes: each pass skips the specs the other runs (by
+    label), so a spec counts as skipped only when no pass ran it. A JUnit file can also
+    list a skipped spec twice (the label filter's bare "skipped", then the framework's
+    skip with its reason): the reason is kept."""
+    def rank(row: dict) -> int:
+        return 2 if row["state"] != "skipped" else 1 if _skip_reason(row["message"]) else 0
+
+    merged: dict[str, dict] = {}
+    for row in rows:
+        kept = merged.get(row["name"])
+        if kept is None or rank(row) > rank(kept):
+            merged[row["name"]] = row
+    return list(merged.values())
+
+
 def _short(name: str) -> str:
     """The spec's text without the node type ("[It] "), the driver prefix and the label
     list ginkgo appends ("[Disruptive, LinuxOnly]": the tags are in the text already)."""
@@ -451,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.timeout)
             timings[f"the suites ({args.procs} ginkgo processes, then [Disruptive] alone)"] = \
                 f"{(time.monotonic() - t0) / 60:.0f} min"
-            rows = [row for junit in junits for row in parse_junit(junit)]
+            rows = merge_passes([row for junit in junits for row in parse_junit(junit)])
             if not args.no_report:
                 cmd = (f"e2e.test -ginkgo.focus='{args.focus}'"
                        + (f" -ginkgo.skip='{args.skip}'" if args.skip else "")
@@ -463,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"FAILED: {_short(r['name'])}")
             return 1 if failed else 0
         elif args.cmd == "report":
-            rows = [row for junit in args.junit for row in parse_junit(junit)]
+            rows = merge_passes([row for junit in args.junit for row in parse_junit(junit)])
             write_report(rows, timings={},
                          command=f"(from {' '.join(str(j) for j in args.junit)})")
     except kind.KindError as e:
