@@ -246,6 +246,17 @@ def _ssl_context(cfg) -> ssl.SSLContext:
     return ctx
 
 
+async def get_or_none(kube: Any, path: str) -> Any:
+    """The object at path, or None when the API server says it does not exist (kube: the
+    Kube door, or anything with its async get)."""
+    try:
+        return await kube.get(path)
+    except ApiError as e:
+        if e.not_found:
+            return None
+        raise
+
+
 def pv_path(name: str, sub: str = "") -> str:
     return f"/api/v1/persistentvolumes/{name}" + (f"/{sub}" if sub else "")
 

@@ -16,7 +16,7 @@ import asyncio
 import time
 
 from .. import logs
-from ..kube import ApiError, pv_path, pvc_path
+from ..kube import ApiError, get_or_none, pv_path, pvc_path
 from ..node import backing
 from .context import PoolContext
 from .records import ORPHAN_GRACE, alloc_path, orphan_due
@@ -69,18 +69,11 @@ class GarbageCollector:
     async def _confirmed(self, name: str, record: dict) -> bool:
         """The listers may lag: ask the API server that the PV is gone and the claim is
         gone, re-created, or bound to another volume."""
-        try:
-            await self.kube.get(pv_path(name))
+        if await get_or_none(self.kube, pv_path(name)) is not None:
             return False
-        except ApiError as e:
-            if not e.not_found:
-                raise
         ref = record["spec"]["claim"]
-        try:
-            live = await self.kube.get(pvc_path(ref["namespace"], ref["name"]))
-        except ApiError as e:
-            if not e.not_found:
-                raise
+        live = await get_or_none(self.kube, pvc_path(ref["namespace"], ref["name"]))
+        if live is None:
             return True
         mine = live["metadata"].get("uid") == ref["uid"]
         return not (mine and (live.get("spec") or {}).get("volumeName") in (None, "", name))

@@ -49,7 +49,7 @@ from prometheus_client import Counter, Histogram
 from .. import faults, logs, metrics
 from ..context import Context
 from ..kinds import ALLOCATIONS, CLASSES, NODES, POOLS, PVCS, PVS
-from ..kube import ApiError, pv_path, pvc_path
+from ..kube import ApiError, get_or_none, pv_path, pvc_path
 from ..node import backing
 from ..objects import key_of
 from ..pv import constants as C
@@ -397,12 +397,8 @@ class PoolProvisioner:
         """Free the record of an earlier attempt whose pool can no longer serve the claim
         (placement.stale_record), once the API server confirms no PV was made from it.
         True: freed (or already gone); the claim is placed afresh."""
-        try:
-            await self.kube.get(pv_path(name))
+        if await get_or_none(self.kube, pv_path(name)) is not None:
             return False
-        except ApiError as e:
-            if not e.not_found:
-                raise
         try:
             await self.kube.request("DELETE", alloc_path(name), {
                 "kind": "DeleteOptions", "apiVersion": "v1",
